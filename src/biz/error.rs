@@ -1,0 +1,166 @@
+//! Named errors of the business layer and the failures repositories may report.
+
+use std::collections::BTreeMap;
+
+use super::instance::InstanceStatus;
+
+/// A boxed cause, kept for the log and never shown to a client.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Every error a use case can return. Each variant has a kind (how transports answer),
+/// a stable reason (a value name of `resource.v1.ErrorReason`) and metadata.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field is malformed or out of range.
+    #[error("invalid {field}: {message}")]
+    InvalidArgument { field: &'static str, message: String },
+    /// `page_size` is negative or above the maximum.
+    #[error("invalid page_size {page_size}: must be between 0 and {max}")]
+    InvalidPageSize { page_size: i64, max: u32 },
+    /// `page_token` is not one this service issued for these filters.
+    #[error("invalid page_token: {message}")]
+    InvalidPageToken { message: &'static str },
+    /// The instance does not exist (or is not visible to the caller).
+    #[error("instance {instance_id} not found")]
+    InstanceNotFound { instance_id: i64 },
+    /// The lifecycle move is not allowed from the current status.
+    #[error("instance {instance_id} cannot go from {from} to {to}")]
+    IllegalTransition { instance_id: i64, from: InstanceStatus, to: InstanceStatus },
+    /// The instance moved on between read and write.
+    #[error("instance {instance_id} was changed concurrently")]
+    VersionConflict { instance_id: i64 },
+    /// The request ran out of time.
+    #[error("the request did not finish within {timeout_ms} ms")]
+    Timeout { timeout_ms: u64 },
+    /// A dependency is down; retrying later may succeed.
+    #[error("service unavailable")]
+    Unavailable(#[source] BoxError),
+    /// A bug or an unexpected state.
+    #[error("internal error")]
+    Internal(#[source] BoxError),
+}
+
+/// How an error is answered, independent of the transport (see `server::status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// 400 / INVALID_ARGUMENT.
+    InvalidArgument,
+    /// 401 / UNAUTHENTICATED.
+    Unauthenticated,
+    /// 403 / PERMISSION_DENIED.
+    PermissionDenied,
+    /// 404 / NOT_FOUND.
+    NotFound,
+    /// 405 / UNIMPLEMENTED.
+    MethodNotAllowed,
+    /// 409 / ALREADY_EXISTS.
+    AlreadyExists,
+    /// 409 / ABORTED.
+    Conflict,
+    /// 409 / FAILED_PRECONDITION.
+    FailedPrecondition,
+    /// 413 / RESOURCE_EXHAUSTED.
+    PayloadTooLarge,
+    /// 504 / DEADLINE_EXCEEDED.
+    DeadlineExceeded,
+    /// 503 / UNAVAILABLE.
+    Unavailable,
+    /// 500 / INTERNAL.
+    Internal,
+}
+
+impl Error {
+    /// How transports answer this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidArgument { .. }
+            | Error::InvalidPageSize { .. }
+            | Error::InvalidPageToken { .. } => ErrorKind::InvalidArgument,
+            Error::InstanceNotFound { .. } => ErrorKind::NotFound,
+            Error::IllegalTransition { .. } => ErrorKind::FailedPrecondition,
+            Error::VersionConflict { .. } => ErrorKind::Conflict,
+            Error::Timeout { .. } => ErrorKind::DeadlineExceeded,
+            Error::Unavailable(_) => ErrorKind::Unavailable,
+            Error::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// Stable, machine-readable; equals a value name of `resource.v1.ErrorReason`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument { .. } => "INVALID_ARGUMENT",
+            Error::InvalidPageSize { .. } => "INVALID_PAGE_SIZE",
+            Error::InvalidPageToken { .. } => "INVALID_PAGE_TOKEN",
+            Error::InstanceNotFound { .. } => "INSTANCE_NOT_FOUND",
+            Error::IllegalTransition { .. } => "ILLEGAL_TRANSITION",
+            Error::VersionConflict { .. } => "VERSION_CONFLICT",
+            Error::Timeout { .. } => "TIMEOUT",
+            Error::Unavailable(_) => "SERVICE_UNAVAILABLE",
+            Error::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// Key facts of the error, for clients (`ErrorInfo.metadata`, JSON `metadata`).
+    pub fn metadata(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        match self {
+            Error::InvalidArgument { field, .. } => {
+                m.insert("field".into(), (*field).into());
+            }
+            Error::InvalidPageSize { page_size, max } => {
+                m.insert("field".into(), "page_size".into());
+                m.insert("max".into(), max.to_string());
+                m.insert("page_size".into(), page_size.to_string());
+            }
+            Error::InvalidPageToken { .. } => {
+                m.insert("field".into(), "page_token".into());
+            }
+            Error::InstanceNotFound { instance_id } | Error::VersionConflict { instance_id } => {
+                m.insert("instance_id".into(), instance_id.to_string());
+            }
+            Error::IllegalTransition { instance_id, from, to } => {
+                m.insert("instance_id".into(), instance_id.to_string());
+                m.insert("from".into(), from.as_str().into());
+                m.insert("to".into(), to.as_str().into());
+            }
+            Error::Timeout { timeout_ms } => {
+                m.insert("timeout_ms".into(), timeout_ms.to_string());
+            }
+            Error::Unavailable(_) | Error::Internal(_) => {}
+        }
+        m
+    }
+
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Error::InvalidArgument { field, message: message.into() }
+    }
+}
+
+/// What a repository can report; use cases give it meaning.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    /// No such row or object.
+    #[error("not found")]
+    NotFound,
+    /// A uniqueness or version check failed.
+    #[error("conflict")]
+    Conflict,
+    /// The backing service cannot be reached or refuses work for now.
+    #[error("backend unavailable: {0}")]
+    Unavailable(#[source] BoxError),
+    /// Anything else.
+    #[error("backend error: {0}")]
+    Internal(#[source] BoxError),
+}
+
+impl From<RepoError> for Error {
+    /// The context-free mapping; use cases map `NotFound` and `Conflict` themselves first.
+    fn from(e: RepoError) -> Self {
+        match e {
+            RepoError::Unavailable(source) => Error::Unavailable(source),
+            RepoError::Internal(source) => Error::Internal(source),
+            other @ (RepoError::NotFound | RepoError::Conflict) => Error::Internal(other.into()),
+        }
+    }
+}

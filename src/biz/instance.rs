@@ -1,0 +1,543 @@
+//! Instances: the entity, its lifecycle and the use cases that drive it.
+//!
+//! Nothing here knows about PostgreSQL, Kubernetes or a transport; those are reached
+//! through the traits declared in this module.
+
+use std::{fmt, str::FromStr, sync::Arc};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::{Error, RepoError};
+
+/// Page size when the request names none.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// Largest page a client may ask for.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// Snowflake id of an instance; always positive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InstanceId(i64);
+
+impl InstanceId {
+    /// The raw id.
+    pub fn get(self) -> i64 {
+        self.0
+    }
+}
+
+impl TryFrom<i64> for InstanceId {
+    type Error = Error;
+
+    /// # Errors
+    /// `InvalidArgument` unless `id > 0`.
+    fn try_from(id: i64) -> Result<Self, Error> {
+        if id > 0 {
+            Ok(InstanceId(id))
+        } else {
+            Err(Error::invalid("instance_id", format!("must be a positive integer, got {id}")))
+        }
+    }
+}
+
+impl fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Lifecycle status of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InstanceStatus {
+    /// Accepted; its workload is being created.
+    Creating,
+    /// Its workload runs.
+    Running,
+    /// Its workload is being removed before it counts as stopped.
+    Stopping,
+    /// Stopped; can be started again.
+    Stopped,
+    /// Its workload is being removed before it counts as deleted.
+    Deleting,
+    /// Gone for good; kept for its audit trail.
+    Deleted,
+    /// Its workload could not run.
+    Failed,
+}
+
+impl InstanceStatus {
+    /// Every status, in lifecycle order.
+    pub const ALL: [InstanceStatus; 7] = [
+        InstanceStatus::Creating,
+        InstanceStatus::Running,
+        InstanceStatus::Stopping,
+        InstanceStatus::Stopped,
+        InstanceStatus::Deleting,
+        InstanceStatus::Deleted,
+        InstanceStatus::Failed,
+    ];
+
+    /// The stored and wire name (`"RUNNING"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceStatus::Creating => "CREATING",
+            InstanceStatus::Running => "RUNNING",
+            InstanceStatus::Stopping => "STOPPING",
+            InstanceStatus::Stopped => "STOPPED",
+            InstanceStatus::Deleting => "DELETING",
+            InstanceStatus::Deleted => "DELETED",
+            InstanceStatus::Failed => "FAILED",
+        }
+    }
+
+    /// Whether the transition table allows moving from `self` to `to`.
+    pub fn can_become(self, to: InstanceStatus) -> bool {
+        use InstanceStatus::*;
+        matches!(
+            (self, to),
+            (Creating, Running | Failed | Stopping | Deleting)
+                | (Running, Stopping | Deleting | Failed | Creating)
+                | (Stopping, Stopped)
+                | (Stopped, Creating | Deleting)
+                | (Failed, Creating | Deleting)
+                | (Deleting, Deleted)
+        )
+    }
+
+    /// Whether nothing can follow.
+    pub fn is_terminal(self) -> bool {
+        self == InstanceStatus::Deleted
+    }
+}
+
+impl fmt::Display for InstanceStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for InstanceStatus {
+    type Err = Error;
+
+    /// Accepts the name in any case.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        InstanceStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "status",
+                    format!(
+                        "unknown status {s:?}; expected one of CREATING, RUNNING, STOPPING, STOPPED, DELETING, DELETED, FAILED"
+                    ),
+                )
+            })
+    }
+}
+
+/// GPU type, by the codes of the original service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum GpuType {
+    /// No GPU (code 0).
+    #[default]
+    None,
+    /// Tesla V100 (1).
+    TeslaV100,
+    /// Tesla A100 (2).
+    TeslaA100,
+    /// Tesla H100 (3).
+    TeslaH100,
+    /// Tesla T4 (4).
+    TeslaT4,
+    /// RTX 3090 (5).
+    Rtx3090,
+    /// RTX 4060 Mobile (6).
+    Rtx4060Mobile,
+}
+
+impl GpuType {
+    /// Every type, by code.
+    pub const ALL: [GpuType; 7] = [
+        GpuType::None,
+        GpuType::TeslaV100,
+        GpuType::TeslaA100,
+        GpuType::TeslaH100,
+        GpuType::TeslaT4,
+        GpuType::Rtx3090,
+        GpuType::Rtx4060Mobile,
+    ];
+
+    /// The stored code.
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+
+    /// The type with `code`, if any.
+    pub fn from_code(code: i32) -> Option<GpuType> {
+        usize::try_from(code).ok().and_then(|i| GpuType::ALL.get(i).copied())
+    }
+
+    /// Full model name (`"Tesla A100"`); empty for none.
+    pub fn model(self) -> &'static str {
+        match self {
+            GpuType::None => "",
+            GpuType::TeslaV100 => "Tesla V100",
+            GpuType::TeslaA100 => "Tesla A100",
+            GpuType::TeslaH100 => "Tesla H100",
+            GpuType::TeslaT4 => "Tesla T4",
+            GpuType::Rtx3090 => "RTX 3090",
+            GpuType::Rtx4060Mobile => "RTX 4060 Mobile",
+        }
+    }
+
+    /// Short model name as producers send it (`"A100"`).
+    pub fn short(self) -> &'static str {
+        match self {
+            GpuType::None => "",
+            GpuType::TeslaV100 => "V100",
+            GpuType::TeslaA100 => "A100",
+            GpuType::TeslaH100 => "H100",
+            GpuType::TeslaT4 => "T4",
+            GpuType::Rtx3090 => "3090",
+            GpuType::Rtx4060Mobile => "4060 Mobile",
+        }
+    }
+
+    /// Parses a model as events carry it: the short model, the full name, any case, or
+    /// the code as digits. Empty means none.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for anything else.
+    pub fn parse(raw: &str) -> Result<GpuType, Error> {
+        let s = raw.trim();
+        if s.is_empty() || s.eq_ignore_ascii_case("none") {
+            return Ok(GpuType::None);
+        }
+        if s.bytes().all(|b| b.is_ascii_digit()) {
+            if let Some(gpu) = s.parse().ok().and_then(GpuType::from_code) {
+                return Ok(gpu);
+            }
+        }
+        let wanted = normalize_model(s);
+        GpuType::ALL
+            .into_iter()
+            .skip(1)
+            .find(|gpu| {
+                wanted == normalize_model(gpu.model())
+                    || wanted == normalize_model(gpu.short())
+                    || wanted == format!("RTX{}", normalize_model(gpu.short()))
+            })
+            .ok_or_else(|| Error::invalid("gpu", format!("unknown GPU type {raw:?}")))
+    }
+}
+
+fn normalize_model(s: &str) -> String {
+    s.chars().filter(|c| !c.is_whitespace() && *c != '-').flat_map(char::to_uppercase).collect()
+}
+
+/// What an instance runs on and what it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceSpec {
+    /// CPU cores, at least 1.
+    pub cpu: i32,
+    /// Memory in MB, at least 1.
+    pub memory_mb: i32,
+    /// GPU type.
+    pub gpu: GpuType,
+    /// Container image reference.
+    pub image: String,
+    /// Free-form container configuration (a JSON object).
+    pub config: serde_json::Value,
+}
+
+/// Where a running instance can be reached.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Endpoint {
+    /// Name of the Pod, once created.
+    pub pod_name: String,
+    /// IP of the Pod, once scheduled.
+    pub pod_ip: String,
+    /// In-cluster DNS name of the Service.
+    pub service_host: String,
+    /// Exposed ports.
+    pub ports: Vec<Port>,
+}
+
+/// One exposed port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Port {
+    /// Port name.
+    pub name: String,
+    /// Port number.
+    pub port: i32,
+    /// `TCP` or `UDP`.
+    pub protocol: String,
+}
+
+/// A compute instance: the aggregate root.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    /// Snowflake id.
+    pub id: InstanceId,
+    /// Opaque owner id.
+    pub user_id: String,
+    /// Display name.
+    pub name: String,
+    /// Lifecycle status.
+    pub status: InstanceStatus,
+    /// Why it is in its status, or empty.
+    pub status_reason: String,
+    /// What it runs.
+    pub spec: InstanceSpec,
+    /// Where it can be reached.
+    pub endpoint: Endpoint,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+    /// When it was deleted.
+    pub deleted_at: Option<DateTime<Utc>>,
+    /// Optimistic-concurrency version, bumped by every change.
+    pub version: i64,
+}
+
+impl Instance {
+    /// Moves the instance to `to`, or says why it cannot.
+    ///
+    /// # Errors
+    /// `IllegalTransition` when the table forbids the move.
+    pub fn transition(
+        &mut self,
+        to: InstanceStatus,
+        reason: impl Into<String>,
+    ) -> Result<(), Error> {
+        if !self.status.can_become(to) {
+            return Err(Error::IllegalTransition {
+                instance_id: self.id.get(),
+                from: self.status,
+                to,
+            });
+        }
+        self.status = to;
+        self.status_reason = reason.into();
+        Ok(())
+    }
+}
+
+/// Which instances a list returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct ListFilter {
+    /// Only this owner's.
+    pub user_id: Option<String>,
+    /// Only in this status; `None` means every status but `DELETED`.
+    pub status: Option<InstanceStatus>,
+    /// Only with exactly this name.
+    pub name: Option<String>,
+}
+
+/// One keyset-paginated read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Which instances.
+    pub filter: ListFilter,
+    /// Only ids strictly below this one (the last id of the previous page).
+    pub before: Option<InstanceId>,
+    /// Most rows to return.
+    pub limit: u32,
+}
+
+/// One page of a list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    /// The items, newest first.
+    pub items: Vec<T>,
+    /// Where the next page starts, if there is one.
+    pub next: Option<InstanceId>,
+}
+
+/// Persistence of instances.
+#[async_trait]
+pub trait InstanceRepo: Send + Sync {
+    /// Loads one instance, deleted or not.
+    ///
+    /// # Errors
+    /// Implementations MUST return `RepoError::NotFound` when no row has `id`.
+    async fn get(&self, id: InstanceId) -> Result<Instance, RepoError>;
+
+    /// Loads at most `query.limit` instances matching the filter with ids below
+    /// `query.before`, in descending id order. Implementations MUST NOT skip rows with an
+    /// offset: the cost of a page must not depend on its depth.
+    ///
+    /// # Errors
+    /// `RepoError::Unavailable` when the store does not answer.
+    async fn list(&self, query: &ListQuery) -> Result<Vec<Instance>, RepoError>;
+}
+
+/// Reads and lifecycle of instances.
+pub struct InstanceUsecase {
+    repo: Arc<dyn InstanceRepo>,
+}
+
+impl InstanceUsecase {
+    /// Use cases over `repo`.
+    pub fn new(repo: Arc<dyn InstanceRepo>) -> Self {
+        Self { repo }
+    }
+
+    /// Loads one instance, deleted or not.
+    ///
+    /// # Errors
+    /// `InstanceNotFound`, `Unavailable`.
+    pub async fn get(&self, id: InstanceId) -> Result<Instance, Error> {
+        self.repo.get(id).await.map_err(|e| match e {
+            RepoError::NotFound => Error::InstanceNotFound { instance_id: id.get() },
+            other => other.into(),
+        })
+    }
+
+    /// Loads one page, newest first. `page_size` 0 means [`DEFAULT_PAGE_SIZE`].
+    ///
+    /// # Errors
+    /// `InvalidPageSize` outside `0..=MAX_PAGE_SIZE`; `Unavailable`.
+    pub async fn list(
+        &self,
+        filter: ListFilter,
+        page_size: i64,
+        before: Option<InstanceId>,
+    ) -> Result<Page<Instance>, Error> {
+        let size = match u32::try_from(page_size) {
+            Ok(0) => DEFAULT_PAGE_SIZE,
+            Ok(n) if n <= MAX_PAGE_SIZE => n,
+            _ => return Err(Error::InvalidPageSize { page_size, max: MAX_PAGE_SIZE }),
+        };
+        // One extra row tells whether another page follows without a second query.
+        let query = ListQuery { filter, before, limit: size + 1 };
+        let mut items = self.repo.list(&query).await?;
+        let next = if items.len() > size as usize {
+            items.truncate(size as usize);
+            items.last().map(|i| i.id)
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use InstanceStatus::*;
+
+    #[test]
+    fn the_transition_table_allows_exactly_the_documented_moves() {
+        let allowed = [
+            (Creating, Running),
+            (Creating, Failed),
+            (Creating, Stopping),
+            (Creating, Deleting),
+            (Running, Stopping),
+            (Running, Deleting),
+            (Running, Failed),
+            (Running, Creating),
+            (Stopping, Stopped),
+            (Stopped, Creating),
+            (Stopped, Deleting),
+            (Failed, Creating),
+            (Failed, Deleting),
+            (Deleting, Deleted),
+        ];
+        for from in InstanceStatus::ALL {
+            for to in InstanceStatus::ALL {
+                let want = allowed.contains(&(from, to));
+                assert_eq!(from.can_become(to), want, "{from} -> {to}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_deleted_instance_cannot_be_started() {
+        let mut instance = fixture();
+        instance.status = Deleted;
+
+        let result = instance.transition(Creating, "start");
+
+        assert!(matches!(
+            result,
+            Err(Error::IllegalTransition { from: Deleted, to: Creating, .. })
+        ));
+        assert_eq!(instance.status, Deleted);
+    }
+
+    #[test]
+    fn status_names_round_trip_in_any_case() {
+        for status in InstanceStatus::ALL {
+            assert_eq!(status.as_str().parse::<InstanceStatus>().unwrap(), status);
+            assert_eq!(status.as_str().to_lowercase().parse::<InstanceStatus>().unwrap(), status);
+        }
+        assert!("PAUSED".parse::<InstanceStatus>().is_err());
+    }
+
+    #[test]
+    fn gpu_models_parse_from_every_accepted_spelling() {
+        let cases = [
+            ("A100", GpuType::TeslaA100),
+            ("a100", GpuType::TeslaA100),
+            ("Tesla A100", GpuType::TeslaA100),
+            ("tesla-a100", GpuType::TeslaA100),
+            ("2", GpuType::TeslaA100),
+            ("", GpuType::None),
+            ("0", GpuType::None),
+            ("V100", GpuType::TeslaV100),
+            ("H100", GpuType::TeslaH100),
+            ("t4", GpuType::TeslaT4),
+            ("RTX 3090", GpuType::Rtx3090),
+            ("3090", GpuType::Rtx3090),
+            ("RTX 4060 Mobile", GpuType::Rtx4060Mobile),
+            ("6", GpuType::Rtx4060Mobile),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(GpuType::parse(raw).unwrap(), want, "{raw}");
+        }
+        for raw in ["B200", "7", "-1", "A1000", "Tesla"] {
+            assert!(GpuType::parse(raw).is_err(), "{raw} should be rejected");
+        }
+    }
+
+    #[test]
+    fn gpu_codes_round_trip() {
+        for gpu in GpuType::ALL {
+            assert_eq!(GpuType::from_code(gpu.code()), Some(gpu));
+        }
+        assert_eq!(GpuType::from_code(7), None);
+        assert_eq!(GpuType::from_code(-1), None);
+    }
+
+    #[test]
+    fn instance_ids_must_be_positive() {
+        assert!(InstanceId::try_from(1).is_ok());
+        assert!(InstanceId::try_from(0).is_err());
+        assert!(InstanceId::try_from(-5).is_err());
+    }
+
+    fn fixture() -> Instance {
+        Instance {
+            id: InstanceId(42),
+            user_id: "u1".into(),
+            name: "demo".into(),
+            status: Creating,
+            status_reason: String::new(),
+            spec: InstanceSpec {
+                cpu: 2,
+                memory_mb: 4096,
+                gpu: GpuType::None,
+                image: "ubuntu:22.04".into(),
+                config: serde_json::json!({}),
+            },
+            endpoint: Endpoint::default(),
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+            deleted_at: None,
+            version: 1,
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Business layer: domain entities, their rules, the use cases that drive them, the
+//! repository traits they need and the named errors they return.
+//!
+//! Depends on std, thiserror, async-trait, tracing, chrono and serde_json value types only:
+//! nothing here knows about PostgreSQL, a transport, RabbitMQ or Kubernetes.
+
+pub mod error;
+pub mod greeter;
+pub mod health;
+pub mod instance;
+
+pub use error::{BoxError, Error, ErrorKind, RepoError};
+pub use greeter::GreeterUsecase;
+pub use health::{HealthUsecase, Probe, ProbeStatus};
+pub use instance::{
+    GpuType, Instance, InstanceId, InstanceRepo, InstanceSpec, InstanceStatus, InstanceUsecase,
+    ListFilter, ListQuery, Page,
+};

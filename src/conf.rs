@@ -1,0 +1,507 @@
+//! Configuration: serde structs mirroring the YAML tree of `configs/config.yaml`, and
+//! `load(dir)`, which merges every `*.yaml` in a directory, applies `RESOURCE_…__…`
+//! environment overrides and validates the result.
+//!
+//! Depends on nothing else in the crate; each constructor receives only its sub-tree.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Bootstrap {
+    /// Listeners.
+    pub server: Server,
+    /// Backing services.
+    pub data: Data,
+    /// Caller authentication.
+    pub auth: Auth,
+    /// Instance id generation.
+    #[serde(default)]
+    pub snowflake: Snowflake,
+    /// Logging.
+    #[serde(default)]
+    pub log: Log,
+}
+
+/// Listeners of the two API transports.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Server {
+    /// REST (axum).
+    pub http: HttpServer,
+    /// gRPC (tonic).
+    pub grpc: GrpcServer,
+}
+
+/// REST listener.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpServer {
+    /// Listen address; `:8000` means all interfaces, as in Go.
+    #[serde(deserialize_with = "de_addr")]
+    pub addr: SocketAddr,
+    /// Longest a request may take before it is answered 504.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Largest accepted request body, in bytes.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+/// gRPC listener.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GrpcServer {
+    /// Listen address; `:9000` means all interfaces, as in Go.
+    #[serde(deserialize_with = "de_addr")]
+    pub addr: SocketAddr,
+    /// Longest a call may take (a shorter `grpc-timeout` from the client wins).
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+}
+
+/// Backing services.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Data {
+    /// PostgreSQL, the source of truth.
+    pub database: Database,
+    /// RabbitMQ, for lifecycle events in and status events out.
+    #[serde(default)]
+    pub rabbitmq: RabbitMq,
+    /// The cluster that runs instances.
+    #[serde(default)]
+    pub kubernetes: Kubernetes,
+}
+
+/// PostgreSQL connection pool.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Database {
+    /// `postgres` or `postgresql`.
+    pub driver: String,
+    /// Connection URL; may carry a password, so it is never logged.
+    pub source: SecretString,
+    /// Pool size.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Apply pending migrations when `serve` starts.
+    #[serde(default = "default_true")]
+    pub migrate: bool,
+    /// Longest a request waits for a pooled connection before it is answered 503.
+    #[serde(default = "default_acquire_timeout", deserialize_with = "de_duration")]
+    pub acquire_timeout: Duration,
+    /// Longest start-up waits for the database to answer before giving up.
+    #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+}
+
+/// RabbitMQ topology and consumer settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RabbitMq {
+    /// AMQP URL; may carry a password, so it is never logged.
+    pub url: SecretString,
+    /// Topic exchange producers publish to.
+    pub exchange: String,
+    /// Queue this service consumes.
+    pub queue: String,
+    /// Binding of `queue` to `exchange`.
+    pub binding_key: String,
+    /// Unacknowledged deliveries in flight per consumer.
+    pub prefetch: u16,
+    /// Routing key of the status events this service publishes; must not match `binding_key`.
+    pub status_routing_key: String,
+    /// Fanout exchange of rejected events.
+    pub dead_letter_exchange: String,
+    /// Queue of rejected events.
+    pub dead_letter_queue: String,
+}
+
+impl Default for RabbitMq {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            exchange: "resource.events".into(),
+            queue: "resource.instance-events".into(),
+            binding_key: "instance.*".into(),
+            prefetch: 256,
+            status_routing_key: "instance.status.changed".into(),
+            dead_letter_exchange: "resource.events.dlx".into(),
+            dead_letter_queue: "resource.instance-events.dead".into(),
+        }
+    }
+}
+
+/// The cluster that runs instances.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Kubernetes {
+    /// `false`: no cluster is contacted and status lives in the database only.
+    pub enabled: bool,
+    /// Kubeconfig file; empty means in-cluster configuration.
+    pub kubeconfig: String,
+    /// Namespace of the instances' Pods and Services.
+    pub namespace: String,
+}
+
+impl Default for Kubernetes {
+    fn default() -> Self {
+        Self { enabled: false, kubeconfig: String::new(), namespace: "resource-instances".into() }
+    }
+}
+
+/// Caller authentication.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Auth {
+    /// Must be set explicitly.
+    pub mode: AuthMode,
+}
+
+/// How callers authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// No authentication: every caller is trusted. Logged as a warning at start-up.
+    None,
+    /// Bearer JWTs.
+    Jwt,
+}
+
+/// Instance id generation.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Snowflake {
+    /// `auto` or a fixed node id.
+    #[serde(default)]
+    pub node_id: NodeId,
+}
+
+/// Snowflake node id: leased automatically or fixed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NodeId {
+    /// Leased from PostgreSQL, unique per running replica.
+    #[default]
+    Auto,
+    /// Fixed, 0..=1023.
+    Fixed(u16),
+}
+
+impl<'de> Deserialize<'de> for NodeId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = StringOrInt::deserialize(d)?.0;
+        if raw.eq_ignore_ascii_case("auto") {
+            return Ok(NodeId::Auto);
+        }
+        match raw.parse::<u16>() {
+            Ok(n) if n < 1024 => Ok(NodeId::Fixed(n)),
+            _ => Err(serde::de::Error::custom(format!(
+                "expected \"auto\" or a node id in 0..=1023, got {raw:?}"
+            ))),
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Log {
+    /// `tracing` filter directives (overridden by `RUST_LOG`).
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Why the configuration could not be loaded; displayed as one line.
+#[derive(Debug)]
+pub struct ConfigError(String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Loads `dir/*.yaml` (in name order, later files override earlier ones) and the
+/// process environment's `RESOURCE_…` overrides.
+///
+/// # Errors
+/// `ConfigError` naming the file or key at fault.
+pub fn load(dir: &Path) -> Result<Bootstrap, ConfigError> {
+    load_with_env(dir, std::env::vars().collect())
+}
+
+/// [`load`] with an explicit environment, so tests need not touch the process's.
+///
+/// # Errors
+/// `ConfigError` naming the file or key at fault.
+pub fn load_with_env(dir: &Path, env: HashMap<String, String>) -> Result<Bootstrap, ConfigError> {
+    let files = yaml_files(dir)?;
+    let mut builder = config::Config::builder();
+    for file in &files {
+        // Parse each file on its own first, so a syntax error names its file.
+        config::Config::builder()
+            .add_source(config::File::from(file.as_path()).format(config::FileFormat::Yaml))
+            .build()
+            .map_err(|e| ConfigError(format!("{}: {}", file.display(), one_line(&e))))?;
+        builder =
+            builder.add_source(config::File::from(file.as_path()).format(config::FileFormat::Yaml));
+    }
+    let env_source = config::Environment::with_prefix("RESOURCE")
+        .prefix_separator("_")
+        .separator("__")
+        .try_parsing(true)
+        .source(Some(env.into_iter().collect()));
+    let merged = builder
+        .add_source(env_source)
+        .build()
+        .map_err(|e| ConfigError(format!("{}: {}", dir.display(), one_line(&e))))?;
+    let conf: Bootstrap = merged.try_deserialize().map_err(|e| {
+        ConfigError(format!(
+            "{} (in {}/*.yaml or RESOURCE_* environment)",
+            one_line(&e),
+            dir.display()
+        ))
+    })?;
+    conf.validate().map_err(|e| ConfigError(format!("{e} (in {}/*.yaml)", dir.display())))?;
+    Ok(conf)
+}
+
+fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| ConfigError(format!("config directory {}: {e}", dir.display())))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ConfigError(format!("config directory {}: no *.yaml file", dir.display())));
+    }
+    Ok(files)
+}
+
+fn one_line(e: &dyn fmt::Display) -> String {
+    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl Bootstrap {
+    /// Checks the rules serde cannot express.
+    ///
+    /// # Errors
+    /// A message naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let db = &self.data.database;
+        if !matches!(db.driver.as_str(), "postgres" | "postgresql") {
+            return Err(format!(
+                "data.database.driver: expected \"postgres\" or \"postgresql\", got {:?}",
+                db.driver
+            ));
+        }
+        let source = db.source.expose_secret();
+        if !(source.starts_with("postgres://") || source.starts_with("postgresql://")) {
+            return Err("data.database.source: expected a postgres:// URL".into());
+        }
+        if db.max_connections == 0 {
+            return Err("data.database.max_connections: must be at least 1".into());
+        }
+        if self.server.http.timeout.is_zero() {
+            return Err("server.http.timeout: must be greater than zero".into());
+        }
+        if self.server.grpc.timeout.is_zero() {
+            return Err("server.grpc.timeout: must be greater than zero".into());
+        }
+        let mq = &self.data.rabbitmq;
+        if topic_matches(&mq.binding_key, &mq.status_routing_key) {
+            return Err(format!(
+                "data.rabbitmq.status_routing_key: {:?} matches binding_key {:?}, so the service would consume its own status events",
+                mq.status_routing_key, mq.binding_key
+            ));
+        }
+        if mq.prefetch == 0 {
+            return Err("data.rabbitmq.prefetch: must be at least 1".into());
+        }
+        if self.auth.mode == AuthMode::Jwt {
+            // TODO(#6): JWT authentication.
+            return Err(
+                "auth.mode: \"jwt\" is not supported by this version yet; use \"none\"".into()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// AMQP topic matching: `*` is one word, `#` zero or more.
+pub fn topic_matches(pattern: &str, key: &str) -> bool {
+    fn go(p: &[&str], k: &[&str]) -> bool {
+        match (p.first(), k.first()) {
+            (None, None) => true,
+            (Some(&"#"), _) => go(&p[1..], k) || (!k.is_empty() && go(p, &k[1..])),
+            (Some(&"*"), Some(_)) => go(&p[1..], &k[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &k[1..]),
+            _ => false,
+        }
+    }
+    let p: Vec<&str> = pattern.split('.').collect();
+    let k: Vec<&str> = key.split('.').collect();
+    go(&p, &k)
+}
+
+fn default_max_body_bytes() -> usize {
+    1 << 20
+}
+fn default_max_connections() -> u32 {
+    16
+}
+fn default_true() -> bool {
+    true
+}
+fn default_acquire_timeout() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// A scalar read as a string (env overrides may arrive parsed as numbers).
+struct StringOrInt(String);
+
+impl<'de> Deserialize<'de> for StringOrInt {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = StringOrInt;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a number")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StringOrInt, E> {
+                Ok(StringOrInt(v.to_owned()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<StringOrInt, E> {
+                Ok(StringOrInt(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<StringOrInt, E> {
+                Ok(StringOrInt(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<StringOrInt, E> {
+                Ok(StringOrInt(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn de_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let raw = StringOrInt::deserialize(d)?.0;
+    parse_addr(&raw).map_err(serde::de::Error::custom)
+}
+
+/// Parses `host:port`, accepting Go's `:port` for all interfaces.
+pub fn parse_addr(raw: &str) -> Result<SocketAddr, String> {
+    let full = if raw.starts_with(':') { format!("0.0.0.0{raw}") } else { raw.to_owned() };
+    full.parse().map_err(|_| format!("expected an address like 0.0.0.0:8000, got {raw:?}"))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let raw = StringOrInt::deserialize(d)?.0;
+    parse_duration(&raw).map_err(serde::de::Error::custom)
+}
+
+/// Parses a Go-style duration: `1s`, `500ms`, `0.2s`, `1m30s`, `2h`.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let bad = || format!("expected a duration like 1s, 500ms or 1m30s, got {raw:?}");
+    let s = raw.trim();
+    if s.is_empty() {
+        return Err(bad());
+    }
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+        if num_len == 0 {
+            return Err(bad());
+        }
+        let value: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+        rest = &rest[num_len..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += value * scale;
+        rest = &rest[unit_len..];
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations_parse() {
+        let cases = [
+            ("1s", Duration::from_secs(1)),
+            ("500ms", Duration::from_millis(500)),
+            ("0.2s", Duration::from_millis(200)),
+            ("1m30s", Duration::from_secs(90)),
+            ("2h", Duration::from_secs(7200)),
+            ("0", Duration::ZERO),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(parse_duration(raw), Ok(want), "{raw}");
+        }
+        for raw in ["", "1", "s", "1x", "1.2.3s", "-1s"] {
+            assert!(parse_duration(raw).is_err(), "{raw} should be rejected");
+        }
+    }
+
+    #[test]
+    fn go_style_addresses_parse() {
+        assert_eq!(parse_addr(":8000").unwrap(), "0.0.0.0:8000".parse().unwrap());
+        assert_eq!(parse_addr("127.0.0.1:9").unwrap(), "127.0.0.1:9".parse().unwrap());
+        assert!(parse_addr("localhost").is_err());
+    }
+
+    #[test]
+    fn topic_patterns_match_like_rabbitmq() {
+        assert!(topic_matches("instance.*", "instance.created"));
+        assert!(!topic_matches("instance.*", "instance.status.changed"));
+        assert!(topic_matches("instance.#", "instance.status.changed"));
+        assert!(topic_matches("#", "anything.at.all"));
+        assert!(!topic_matches("instance.*", "instance"));
+    }
+}

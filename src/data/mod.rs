@@ -1,0 +1,158 @@
+//! Data layer: PostgreSQL implementations of the `biz` repository traits.
+//!
+//! Depends on `biz` and `conf`; every backend error is mapped to `biz::RepoError` here
+//! and never crosses into the layers above.
+
+mod instance;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use secrecy::ExposeSecret;
+use sqlx::{
+    ConnectOptions,
+    postgres::{PgConnectOptions, PgPool, PgPoolOptions},
+};
+
+use crate::{
+    biz::{Probe, RepoError},
+    conf,
+};
+
+pub use instance::PgInstanceRepo;
+
+/// Migrations embedded in the binary, so the image needs no `migrations/` directory.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Shared handles to the backing services.
+#[derive(Clone)]
+pub struct Data {
+    pool: PgPool,
+}
+
+/// Why start-up could not reach or prepare the database.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// `data.database.source` cannot be parsed.
+    #[error("data.database.source: {0}")]
+    InvalidSource(String),
+    /// The database did not answer within `data.database.connect_timeout`.
+    #[error("database unreachable after {waited:?}: {last}")]
+    Unreachable { waited: Duration, last: String },
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migrate(String),
+}
+
+impl Data {
+    /// Builds the pool and waits (with backoff, up to `connect_timeout`) until the
+    /// database answers.
+    ///
+    /// # Errors
+    /// `ConnectError::InvalidSource`, `ConnectError::Unreachable`.
+    pub async fn connect(conf: &conf::Database) -> Result<Self, ConnectError> {
+        let options: PgConnectOptions = conf
+            .source
+            .expose_secret()
+            .parse::<PgConnectOptions>()
+            // The parse error can quote the URL, password included: say only what failed.
+            .map_err(|_| ConnectError::InvalidSource("not a valid PostgreSQL URL".into()))?
+            .application_name("resource")
+            .log_statements(tracing::log::LevelFilter::Trace)
+            .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
+        let pool = PgPoolOptions::new()
+            .max_connections(conf.max_connections)
+            .min_connections(1.min(conf.max_connections))
+            .acquire_timeout(conf.acquire_timeout)
+            .connect_lazy_with(options);
+
+        let started = tokio::time::Instant::now();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match sqlx::query("SELECT 1").execute(&pool).await {
+                Ok(_) => break,
+                Err(e) if started.elapsed() + delay < conf.connect_timeout => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "database not reachable yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    return Err(ConnectError::Unreachable {
+                        waited: started.elapsed(),
+                        last: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(Self { pool })
+    }
+
+    /// Wraps an existing pool (tests, tools).
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Applies pending migrations; concurrent replicas serialise on the migrator's lock.
+    ///
+    /// # Errors
+    /// `ConnectError::Migrate`.
+    pub async fn migrate(&self) -> Result<(), ConnectError> {
+        MIGRATOR.run(&self.pool).await.map_err(|e| ConnectError::Migrate(e.to_string()))
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// Readiness of PostgreSQL.
+pub struct PgProbe {
+    pool: PgPool,
+}
+
+impl PgProbe {
+    /// A probe over `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+#[async_trait]
+impl Probe for PgProbe {
+    fn name(&self) -> &'static str {
+        "database"
+    }
+
+    async fn check(&self) -> Result<(), RepoError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ()).map_err(map_sqlx)
+    }
+}
+
+/// Maps a sqlx error onto the repository error space.
+pub(crate) fn map_sqlx(err: sqlx::Error) -> RepoError {
+    if let sqlx::Error::Database(db) = &err {
+        if db.is_unique_violation() {
+            return RepoError::Conflict;
+        }
+        // Connection exceptions (08), insufficient resources (53) and operator
+        // intervention such as a shutdown (57) are outages, not bugs.
+        if db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("53") || c.starts_with("57"))
+        {
+            return RepoError::Unavailable(err.into());
+        }
+    }
+    match err {
+        sqlx::Error::RowNotFound => RepoError::NotFound,
+        e @ (sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed) => RepoError::Unavailable(e.into()),
+        e => RepoError::Internal(e.into()),
+    }
+}

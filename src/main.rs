@@ -1,0 +1,205 @@
+//! The `resource` binary: command line, configuration, logging, and the wiring of
+//! data → repositories → use cases → services → servers, by hand, in that order.
+
+use std::{ffi::OsString, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use clap::{Parser, Subcommand};
+use resource::{
+    biz::{GreeterUsecase, HealthUsecase, InstanceRepo, InstanceUsecase, Probe},
+    conf::{self, AuthMode, LogFormat},
+    data::{Data, PgInstanceRepo, PgProbe},
+    server::{Servers, Services},
+    service::{GreeterService, HealthService, ResourceService},
+};
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+/// Exit status for bad usage or configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+/// Exit status when a dependency cannot be reached at start-up (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
+
+/// Manages cloud compute instances over gRPC, REST and RabbitMQ events.
+#[derive(Debug, Parser)]
+#[command(name = "resource", version, about)]
+struct Cli {
+    /// Directory of *.yaml configuration files (also `-conf DIR`, as the Go service took).
+    #[arg(
+        short = 'c',
+        long = "conf",
+        value_name = "DIR",
+        default_value = "./configs",
+        global = true
+    )]
+    conf: PathBuf,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gRPC and REST servers (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print the version and exit.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse_from(go_style_args(std::env::args_os())) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(EXIT_CONFIG) } else { ExitCode::SUCCESS };
+        }
+    };
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::Version = command {
+        println!("resource {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let conf = match conf::load(&cli.conf) {
+        Ok(conf) => conf,
+        Err(e) => {
+            eprintln!("resource: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_tracing(&conf.log);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("resource: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match command {
+            Command::Migrate => migrate(&conf).await,
+            Command::Serve => serve(conf).await,
+            Command::Version => unreachable!("handled above"),
+        }
+    })
+}
+
+/// Rewrites the Go flag spelling `-conf DIR` / `-conf=DIR` to `--conf`, so operators'
+/// scripts and the old Dockerfile keep working.
+fn go_style_args(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
+    args.map(|arg| match arg.to_str() {
+        Some("-conf") => OsString::from("--conf"),
+        Some(s) if s.starts_with("-conf=") => OsString::from(format!("-{s}")),
+        _ => arg,
+    })
+    .collect()
+}
+
+fn init_tracing(conf: &conf::Log) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&conf.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    match conf.format {
+        LogFormat::Json => registry.with(fmt::layer().json().flatten_event(true)).init(),
+        LogFormat::Text => registry.with(fmt::layer()).init(),
+    }
+}
+
+async fn connect(conf: &conf::Bootstrap) -> Result<Data, ExitCode> {
+    Data::connect(&conf.data.database).await.map_err(|e| {
+        tracing::error!(error = %e, "cannot reach the database");
+        ExitCode::from(EXIT_UNAVAILABLE)
+    })
+}
+
+async fn migrate(conf: &conf::Bootstrap) -> ExitCode {
+    let data = match connect(conf).await {
+        Ok(data) => data,
+        Err(code) => return code,
+    };
+    match data.migrate().await {
+        Ok(()) => {
+            tracing::info!("migrations applied");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "migration failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(conf: conf::Bootstrap) -> ExitCode {
+    if conf.auth.mode == AuthMode::None {
+        tracing::warn!("auth.mode is none: every caller is trusted and sees every instance");
+    }
+
+    // data
+    let data = match connect(&conf).await {
+        Ok(data) => data,
+        Err(code) => return code,
+    };
+    if conf.data.database.migrate {
+        if let Err(e) = data.migrate().await {
+            tracing::error!(error = %e, "migration failed");
+            return ExitCode::FAILURE;
+        }
+    }
+
+    // repositories
+    let instances: Arc<dyn InstanceRepo> = Arc::new(PgInstanceRepo::new(data.pool().clone()));
+    let probes: Vec<Arc<dyn Probe>> = vec![Arc::new(PgProbe::new(data.pool().clone()))];
+
+    // use cases
+    let instance_uc = Arc::new(InstanceUsecase::new(instances));
+    let health_uc = Arc::new(HealthUsecase::new(probes, Duration::from_secs(1)));
+
+    // services
+    let services = Services {
+        resource: Arc::new(ResourceService::new(instance_uc)),
+        greeter: Arc::new(GreeterService::new(GreeterUsecase)),
+        health: HealthService::new(health_uc),
+    };
+
+    // servers
+    let servers = match Servers::bind(&conf.server, services).await {
+        Ok(servers) => servers,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot bind the listeners");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    match servers.serve(shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "server failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

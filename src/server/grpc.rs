@@ -1,0 +1,131 @@
+//! gRPC transport (tonic): the greeter and `resource.v1.resourceService` over the service
+//! layer, with per-call deadlines and errors mapped once, through `status`.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tonic::{Request, Response, Status, metadata::MetadataMap};
+
+use super::status::to_status;
+use crate::{
+    biz,
+    pb::{helloworld::v1 as hello, resource::v1 as pb},
+    service::{GreeterService, ResourceService},
+};
+
+/// `resource.v1.resourceService`.
+pub struct ResourceApi {
+    svc: Arc<ResourceService>,
+    timeout: Duration,
+}
+
+impl ResourceApi {
+    /// The gRPC face of `svc`; every call is bounded by `timeout` (or the client's shorter
+    /// `grpc-timeout`).
+    pub fn new(svc: Arc<ResourceService>, timeout: Duration) -> Self {
+        Self { svc, timeout }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::resource_service_server::ResourceService for ResourceApi {
+    async fn list_resources(
+        &self,
+        req: Request<pb::ListResourcesRequest>,
+    ) -> Result<Response<pb::ListResourcesReply>, Status> {
+        let timeout = deadline(self.timeout, req.metadata());
+        let reply = within(timeout, self.svc.list_resources(req.into_inner())).await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn get_resource(
+        &self,
+        req: Request<pb::GetResourceRequest>,
+    ) -> Result<Response<pb::Resource>, Status> {
+        let timeout = deadline(self.timeout, req.metadata());
+        let reply = within(timeout, self.svc.get_resource(req.into_inner())).await?;
+        Ok(Response::new(reply))
+    }
+}
+
+/// `helloworld.v1.Greeter`.
+pub struct GreeterApi {
+    svc: Arc<GreeterService>,
+}
+
+impl GreeterApi {
+    /// The gRPC face of `svc`.
+    pub fn new(svc: Arc<GreeterService>) -> Self {
+        Self { svc }
+    }
+}
+
+#[tonic::async_trait]
+impl hello::greeter_server::Greeter for GreeterApi {
+    async fn say_hello(
+        &self,
+        req: Request<hello::HelloRequest>,
+    ) -> Result<Response<hello::HelloReply>, Status> {
+        Ok(Response::new(self.svc.say_hello(req.into_inner())))
+    }
+}
+
+/// Runs `call` within `timeout`, answering DEADLINE_EXCEEDED (reason `TIMEOUT`) after it.
+async fn within<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, biz::Error>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result.map_err(to_status),
+        Err(_) => {
+            let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+            Err(to_status(biz::Error::Timeout { timeout_ms }))
+        }
+    }
+}
+
+/// The server's timeout, or the client's `grpc-timeout` when that is shorter.
+fn deadline(server: Duration, metadata: &MetadataMap) -> Duration {
+    metadata
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map_or(server, |client| client.min(server))
+}
+
+/// Parses the `grpc-timeout` header: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(raw: &str) -> Option<Duration> {
+    if raw.len() < 2 || raw.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = raw.split_at(raw.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_and_the_shorter_deadline_wins() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+
+        let mut md = MetadataMap::new();
+        md.insert("grpc-timeout", "100m".parse().unwrap());
+        assert_eq!(deadline(Duration::from_secs(1), &md), Duration::from_millis(100));
+        md.insert("grpc-timeout", "5S".parse().unwrap());
+        assert_eq!(deadline(Duration::from_secs(1), &md), Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,242 @@
+//! REST transport (axum): turns HTTP requests into the same `pb` requests the gRPC server
+//! builds, calls the same service methods and maps errors once, through `status`.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State},
+    http::{HeaderName, StatusCode, header, request::Parts},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::Deserialize;
+use tower::ServiceBuilder;
+use tower_http::{
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::{DefaultOnResponse, TraceLayer},
+};
+use tracing::Level;
+
+use super::status::{ApiError, HttpError};
+use crate::{
+    biz::{self, ErrorKind},
+    conf,
+    pb::{helloworld::v1 as hello, resource::v1 as pb},
+    service::{GreeterService, HealthService, ResourceService},
+};
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The instance API.
+    pub resource: Arc<ResourceService>,
+    /// The greeter.
+    pub greeter: Arc<GreeterService>,
+    /// Readiness.
+    pub health: HealthService,
+}
+
+/// The REST API with its middleware: request ids, tracing, per-request timeout and the
+/// body size limit from `conf`.
+pub fn router(state: AppState, conf: &conf::HttpServer) -> Router {
+    let limits = Limits { timeout: conf.timeout, max_body_bytes: conf.max_body_bytes };
+    Router::new()
+        .route("/helloworld/{name}", get(say_hello))
+        .route("/v1/resources", get(list_resources))
+        .route("/v1/resources/{instance_id}", get(get_resource))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(conf.max_body_bytes))
+        .layer(middleware::from_fn_with_state(limits, enforce_limits))
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(|req: &Request| {
+                            let request_id = req
+                                .headers()
+                                .get(REQUEST_ID)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("");
+                            tracing::info_span!(
+                                "http",
+                                method = %req.method(),
+                                path = %req.uri().path(),
+                                request_id = %request_id,
+                            )
+                        })
+                        .on_response(DefaultOnResponse::new().level(Level::INFO)),
+                )
+                .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
+        )
+        .with_state(state)
+}
+
+#[derive(Clone, Copy)]
+struct Limits {
+    timeout: Duration,
+    max_body_bytes: usize,
+}
+
+/// Refuses a declared oversized body before reading it (a body without a length is cut
+/// by `DefaultBodyLimit` where it is read), and answers 504 when the handler outlives
+/// `server.http.timeout`.
+async fn enforce_limits(State(limits): State<Limits>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limits.max_body_bytes as u64) {
+        return HttpError(ApiError::new(
+            ErrorKind::PayloadTooLarge,
+            "PAYLOAD_TOO_LARGE",
+            format!("request body exceeds {} bytes", limits.max_body_bytes),
+        ))
+        .into_response();
+    }
+    match tokio::time::timeout(limits.timeout, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let timeout_ms = u64::try_from(limits.timeout.as_millis()).unwrap_or(u64::MAX);
+            HttpError::from(biz::Error::Timeout { timeout_ms }).into_response()
+        }
+    }
+}
+
+/// `Query<T>` whose rejection is an `INVALID_ARGUMENT` error body.
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, HttpError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| ApiQuery(v))
+            .map_err(|rejection| biz::Error::invalid("query", rejection.body_text()).into())
+    }
+}
+
+/// The `instance_id` path segment, parsed with a clear error.
+pub struct InstanceIdPath(pub i64);
+
+impl<S: Send + Sync> FromRequestParts<S> for InstanceIdPath {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, HttpError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|r| HttpError::from(biz::Error::invalid("instance_id", r.body_text())))?;
+        raw.parse::<i64>().map(InstanceIdPath).map_err(|_| {
+            biz::Error::invalid("instance_id", format!("expected a positive integer, got {raw:?}"))
+                .into()
+        })
+    }
+}
+
+async fn say_hello(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> Json<hello::HelloReply> {
+    Json(app.greeter.say_hello(hello::HelloRequest { name }))
+}
+
+/// Query parameters of `GET /v1/resources`; unknown ones are ignored.
+#[derive(Debug, Default, Deserialize)]
+struct ListParams {
+    page_size: Option<String>,
+    page_token: Option<String>,
+    user_id: Option<String>,
+    status: Option<String>,
+    name: Option<String>,
+}
+
+impl TryFrom<ListParams> for pb::ListResourcesRequest {
+    type Error = biz::Error;
+
+    fn try_from(p: ListParams) -> Result<Self, biz::Error> {
+        let page_size = match p.page_size.as_deref().map(str::trim) {
+            None | Some("") => 0,
+            Some(raw) => raw.parse::<i32>().map_err(|_| {
+                biz::Error::invalid("page_size", format!("expected an integer, got {raw:?}"))
+            })?,
+        };
+        let status = match p.status.as_deref() {
+            None | Some("") => pb::Status::Unspecified,
+            Some(raw) => {
+                let status: biz::InstanceStatus = raw.parse()?;
+                pb::Status::from(status)
+            }
+        };
+        Ok(pb::ListResourcesRequest {
+            page_size,
+            page_token: p.page_token.unwrap_or_default(),
+            user_id: p.user_id.unwrap_or_default(),
+            status: status as i32,
+            name: p.name.unwrap_or_default(),
+        })
+    }
+}
+
+async fn list_resources(
+    State(app): State<AppState>,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> Result<Json<pb::ListResourcesReply>, HttpError> {
+    let req = pb::ListResourcesRequest::try_from(params)?;
+    Ok(Json(app.resource.list_resources(req).await?))
+}
+
+async fn get_resource(
+    State(app): State<AppState>,
+    InstanceIdPath(instance_id): InstanceIdPath,
+) -> Result<Json<pb::Resource>, HttpError> {
+    let req = pb::GetResourceRequest { instance_id };
+    Ok(Json(app.resource.get_resource(req).await?))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(State(app): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+    let readiness = app.health.readiness().await;
+    let checks: serde_json::Map<String, serde_json::Value> = readiness
+        .checks
+        .iter()
+        .map(|c| (c.name.to_owned(), (if c.ok { "ok" } else { "unavailable" }).into()))
+        .collect();
+    let (status, word) = if readiness.ready {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    };
+    (status, Json(serde_json::json!({ "status": word, "checks": checks })))
+}
+
+async fn not_found(req: Request) -> HttpError {
+    HttpError(ApiError::new(
+        ErrorKind::NotFound,
+        "NOT_FOUND",
+        format!("no route for {} {}", req.method(), req.uri().path()),
+    ))
+}
+
+async fn method_not_allowed(req: Request) -> HttpError {
+    HttpError(ApiError::new(
+        ErrorKind::MethodNotAllowed,
+        "METHOD_NOT_ALLOWED",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    ))
+}

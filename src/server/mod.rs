@@ -1,0 +1,170 @@
+//! Transports: the gRPC and REST servers over one service layer, started and stopped
+//! together.
+//!
+//! Depends on `service`, `pb`, `conf` and `biz::Error`; never on repositories or `data`.
+
+pub mod grpc;
+pub mod http;
+pub mod status;
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tower_http::{
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::{DefaultOnResponse, TraceLayer},
+};
+use tracing::Level;
+
+use crate::{
+    biz::BoxError,
+    conf,
+    pb::{self, helloworld::v1 as hello, resource::v1 as res},
+    service::{GreeterService, HealthService, ResourceService},
+};
+
+/// How often gRPC health follows readiness.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The services the transports expose.
+#[derive(Clone)]
+pub struct Services {
+    /// The instance API.
+    pub resource: Arc<ResourceService>,
+    /// The greeter.
+    pub greeter: Arc<GreeterService>,
+    /// Readiness.
+    pub health: HealthService,
+}
+
+/// Both listeners, bound and ready to serve.
+pub struct Servers {
+    conf: conf::Server,
+    services: Services,
+    http: TcpListener,
+    grpc: TcpListener,
+}
+
+impl Servers {
+    /// Binds `server.http.addr` and `server.grpc.addr` (port 0 picks a free port).
+    ///
+    /// # Errors
+    /// The address cannot be bound.
+    pub async fn bind(conf: &conf::Server, services: Services) -> std::io::Result<Self> {
+        let http = TcpListener::bind(conf.http.addr).await?;
+        let grpc = TcpListener::bind(conf.grpc.addr).await?;
+        Ok(Self { conf: conf.clone(), services, http, grpc })
+    }
+
+    /// Where the REST server listens.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.local_addr().expect("bound listener has an address")
+    }
+
+    /// Where the gRPC server listens.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().expect("bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests
+    /// finish and returns.
+    ///
+    /// # Errors
+    /// A server failed.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), BoxError> {
+        let (http_addr, grpc_addr) = (self.http_addr(), self.grpc_addr());
+        let token = CancellationToken::new();
+        let on_shutdown = token.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new requests, finishing in-flight ones");
+            on_shutdown.cancel();
+        });
+
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        tokio::spawn(follow_readiness(self.services.health.clone(), reporter, token.clone()));
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let request_id = axum::http::HeaderName::from_static("x-request-id");
+        let grpc = tonic::transport::Server::builder()
+            .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+            .layer(TraceLayer::new_for_grpc().make_span_with(|req: &axum::http::Request<_>| {
+                let request_id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!("grpc", path = %req.uri().path(), request_id = %request_id)
+            }).on_response(DefaultOnResponse::new().level(Level::INFO)))
+            .layer(PropagateRequestIdLayer::new(request_id))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(hello::greeter_server::GreeterServer::new(grpc::GreeterApi::new(
+                self.services.greeter.clone(),
+            )))
+            .add_service(res::resource_service_server::ResourceServiceServer::new(
+                grpc::ResourceApi::new(self.services.resource.clone(), self.conf.grpc.timeout),
+            ))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(self.grpc),
+                token.clone().cancelled_owned(),
+            );
+
+        let state = http::AppState {
+            resource: self.services.resource.clone(),
+            greeter: self.services.greeter.clone(),
+            health: self.services.health.clone(),
+        };
+        let app = http::router(state, &self.conf.http);
+        let rest =
+            axum::serve(self.http, app).with_graceful_shutdown(token.clone().cancelled_owned());
+
+        tracing::info!(http = %http_addr, grpc = %grpc_addr, "serving");
+        let (grpc_result, http_result) = tokio::join!(grpc, async { rest.await });
+        token.cancel();
+        grpc_result?;
+        http_result?;
+        Ok(())
+    }
+}
+
+/// Keeps `grpc.health.v1` in step with readiness until `token` is cancelled.
+async fn follow_readiness(
+    health: HealthService,
+    reporter: HealthReporter,
+    token: CancellationToken,
+) {
+    let services = ["", "resource.v1.resourceService"];
+    loop {
+        let status = if health.readiness().await.ready {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for name in services {
+            reporter.set_service_status(name, status).await;
+        }
+        tokio::select! {
+            _ = token.cancelled() => break,
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+        }
+    }
+    for name in services {
+        reporter.set_service_status(name, ServingStatus::NotServing).await;
+    }
+}

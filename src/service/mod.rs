@@ -1,0 +1,13 @@
+//! Service layer: implements the API messages of `pb` over the `biz` use cases, for every
+//! transport alike. It maps messages and nothing else.
+//!
+//! Depends on `biz` and `pb`; never on sqlx, tonic status types or axum.
+
+pub mod greeter;
+pub mod health;
+mod page_token;
+pub mod resource;
+
+pub use greeter::GreeterService;
+pub use health::{HealthService, Readiness};
+pub use resource::ResourceService;

@@ -1,0 +1,285 @@
+//! Test harness: a database of its own per test, the real `resource` binary started
+//! against it on free ports, and helpers to seed rows and call both transports.
+//!
+//! `TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) names a
+//! server and a database to connect to for creating the per-test databases.
+//! `TEST_LOG=1` forwards the service's log lines to the test output.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use sqlx::{Connection, Executor, PgConnection, PgPool, postgres::PgPoolOptions};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::oneshot,
+};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_resource");
+
+/// The admin URL used to create and drop per-test databases.
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// `admin_url` with its database replaced by `name`.
+fn url_for(name: &str) -> String {
+    let admin = admin_url();
+    let (base, query) = admin.split_once('?').map_or((admin.as_str(), None), |(b, q)| (b, Some(q)));
+    let root = match base.rfind('/') {
+        Some(i) if i > "postgres://".len() => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{root}/{name}?{q}"),
+        None => format!("{root}/{name}"),
+    }
+}
+
+/// A database of its own, dropped when the value is.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> Self {
+        let name = format!("resource_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&admin_url()).await.unwrap_or_else(|e| {
+            panic!(
+                "cannot reach PostgreSQL at {} ({e}); start it (see README: make test prepares it) \
+                 or set TEST_DATABASE_URL",
+                admin_url()
+            )
+        });
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
+            .await
+            .expect("create test database");
+        let url = url_for(&name);
+        Self { name, url }
+    }
+
+    pub async fn pool(&self) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&self.url)
+            .await
+            .expect("connect test database")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside any runtime guarantee: use a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
+                    let _ = admin
+                        .execute(sqlx::AssertSqlSafe(format!(
+                            r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#
+                        )))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The `resource` binary running against a test database.
+pub struct TestApp {
+    pub http: String,
+    pub grpc: String,
+    _db: TestDb,
+    pub pool: PgPool,
+    pub client: reqwest::Client,
+    pub logs: Arc<Mutex<Vec<String>>>,
+    child: Child,
+    _conf_dir: tempfile::TempDir,
+}
+
+/// Options for [`spawn_app_with`].
+#[derive(Default)]
+pub struct AppOptions {
+    /// Extra `RESOURCE_…` environment overrides.
+    pub env: Vec<(String, String)>,
+    /// Reach the test database through this address (a test-controlled proxy).
+    pub database_via: Option<std::net::SocketAddr>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(AppOptions::default()).await
+}
+
+pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
+    let db = TestDb::create().await;
+    let conf_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(repo_path("configs/config.yaml"), conf_dir.path().join("config.yaml")).unwrap();
+
+    let mut env: HashMap<String, String> = HashMap::from([
+        (
+            "RESOURCE_DATA__DATABASE__SOURCE".into(),
+            opts.database_via.map_or(db.url.clone(), |addr| crate::proxy::via(&db.url, addr)),
+        ),
+        ("RESOURCE_SERVER__HTTP__ADDR".into(), "127.0.0.1:0".into()),
+        ("RESOURCE_SERVER__GRPC__ADDR".into(), "127.0.0.1:0".into()),
+        ("RESOURCE_LOG__FORMAT".into(), "json".into()),
+        ("RESOURCE_LOG__LEVEL".into(), "info,resource=debug".into()),
+    ]);
+    env.extend(opts.env);
+
+    let mut child = Command::new(BIN)
+        .arg("-conf")
+        .arg(conf_dir.path())
+        .envs(env)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the resource binary");
+
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    tokio::spawn(collect_logs(BufReader::new(stderr), logs.clone(), None));
+    tokio::spawn(collect_logs(BufReader::new(stdout), logs.clone(), Some(ready_tx)));
+
+    let (http, grpc) = match tokio::time::timeout(Duration::from_secs(30), ready_rx).await {
+        Ok(Ok(addrs)) => addrs,
+        _ => panic!("the service did not start; its log:\n{}", logs.lock().unwrap().join("\n")),
+    };
+    let pool = db.pool().await;
+    TestApp {
+        http: format!("http://{http}"),
+        grpc: format!("http://{grpc}"),
+        _db: db,
+        pool,
+        client: reqwest::Client::new(),
+        logs,
+        child,
+        _conf_dir: conf_dir,
+    }
+}
+
+async fn collect_logs<R: tokio::io::AsyncRead + Unpin>(
+    reader: BufReader<R>,
+    logs: Arc<Mutex<Vec<String>>>,
+    mut ready: Option<oneshot::Sender<(String, String)>>,
+) {
+    let echo = std::env::var("TEST_LOG").is_ok_and(|v| v == "1");
+    let mut lines = reader.lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if echo {
+            eprintln!("[resource] {line}");
+        }
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            if v["message"] == "serving" {
+                if let Some(tx) = ready.take() {
+                    let addr = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+                    let _ = tx.send((addr("http"), addr("grpc")));
+                }
+            }
+        }
+        logs.lock().unwrap().push(line);
+    }
+}
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+impl TestApp {
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(format!("{}{path}", self.http)).send().await.expect("GET")
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = self.get(path).await;
+        let status = response.status().as_u16();
+        let body = response.json().await.expect("a JSON body");
+        (status, body)
+    }
+
+    pub async fn grpc_channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(self.grpc.clone())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect gRPC")
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("running") as i32;
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+            .await
+            .expect("exits within 15 s")
+            .expect("exit status")
+    }
+}
+
+/// One row to seed.
+#[derive(Clone, Debug)]
+pub struct Seed {
+    pub id: i64,
+    pub user_id: String,
+    pub name: String,
+    pub status: &'static str,
+}
+
+impl Seed {
+    pub fn new(id: i64) -> Self {
+        Self { id, user_id: "u1".into(), name: format!("inst-{id}"), status: "RUNNING" }
+    }
+    pub fn owner(mut self, user: &str) -> Self {
+        self.user_id = user.into();
+        self
+    }
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = name.into();
+        self
+    }
+    pub fn status(mut self, status: &'static str) -> Self {
+        self.status = status;
+        self
+    }
+}
+
+/// Inserts instances with their specs directly (the write API comes with later issues).
+pub async fn seed(pool: &PgPool, rows: &[Seed]) {
+    let mut tx = pool.begin().await.unwrap();
+    for r in rows {
+        let deleted_at = (r.status == "DELETED").then(chrono::Utc::now);
+        sqlx::query(
+            "INSERT INTO instances (instance_id, user_id, name, status, deleted_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(r.id)
+        .bind(&r.user_id)
+        .bind(&r.name)
+        .bind(r.status)
+        .bind(deleted_at)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO instance_specs (instance_id, cpu, memory, gpu, image) VALUES ($1, 2, 4096, 0, 'ubuntu:22.04')",
+        )
+        .bind(r.id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the real binary against real PostgreSQL, one database per test.
+
+mod config;
+mod grpc;
+mod helpers;
+mod http;
+mod postgres;
+mod proxy;
