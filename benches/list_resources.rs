@@ -1,1 +1,344 @@
-fn main() {}
+//! ListResources throughput over REST and gRPC on 1,000,000 instances, page_size 50, next
+//! to the rate PostgreSQL itself achieves for the same query (pgbench, same run).
+//!
+//! `make bench` runs it. Environment: `BENCH_DATABASE_URL` (admin URL, default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), `BENCH_SECONDS` per measurement
+//! (default 10), `BENCH_ROWS` (default 1,000,000), `BENCH_CLIENTS` (default 2).
+//! The database `resource_bench` is created and loaded once and reused by later runs.
+
+use std::{
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use resource::{
+    biz::{InstanceId, ListFilter},
+    pb::resource::v1::{ListResourcesRequest, resource_service_client::ResourceServiceClient},
+    service::page_token,
+};
+use sqlx::{Connection, Executor, PgConnection};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Instance ids are spread like snowflakes: BASE + n * STEP.
+const BASE: i64 = 400_000_000_000_000_000;
+const STEP: i64 = 4096;
+const PAGE_SIZE: i32 = 50;
+
+/// The exact statement `PgInstanceRepo::list` prepares for an unfiltered page after a token.
+const LIST_SQL: &str = "SELECT i.instance_id, i.user_id, i.name, i.status, i.status_reason, \
+     i.pod_name, i.pod_ip, i.service_host, i.ports, i.created_at, i.updated_at, i.deleted_at, \
+     i.version, s.cpu, s.memory, s.gpu, s.image, s.config_json \
+     FROM instances i JOIN instance_specs s ON s.instance_id = i.instance_id \
+     WHERE i.deleted_at IS NULL AND i.instance_id < :bound AND s.instance_id < :bound \
+     ORDER BY i.instance_id DESC LIMIT 51";
+
+struct Settings {
+    admin_url: String,
+    seconds: u64,
+    rows: i64,
+    clients: usize,
+}
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn db_url(admin: &str, name: &str) -> String {
+    let i = admin.rfind('/').expect("URL with a database");
+    format!("{}/{name}", &admin[..i])
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let s = Settings {
+        admin_url: std::env::var("BENCH_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
+        seconds: env_or("BENCH_SECONDS", 10),
+        rows: env_or("BENCH_ROWS", 1_000_000),
+        clients: env_or("BENCH_CLIENTS", 2),
+    };
+    let url = db_url(&s.admin_url, "resource_bench");
+    prepare(&s, &url).await;
+    let (mut child, http, grpc) = start_service(&url).await;
+
+    println!(
+        "\n== ListResources: {} rows, page_size {PAGE_SIZE}, {} clients, {} s per run ==",
+        s.rows, s.clients, s.seconds
+    );
+    let pg_before = pgbench(&s, &url);
+    let rest = run_load(&s, Transport::Rest(http.clone())).await;
+    let grpc_stats = run_load(&s, Transport::Grpc(grpc)).await;
+    let pg_after = pgbench(&s, &url);
+    let pg = (pg_before + pg_after) / 2.0;
+
+    println!("{:<28} {:>10} {:>9} {:>9} {:>9}", "", "pages/s", "p50 ms", "p99 ms", "vs PG");
+    println!(
+        "{:<28} {:>10.0} {:>9} {:>9} {:>9}",
+        "PostgreSQL (pgbench) before", pg_before, "-", "-", "-"
+    );
+    println!(
+        "{:<28} {:>10.0} {:>9} {:>9} {:>9}",
+        "PostgreSQL (pgbench) after", pg_after, "-", "-", "-"
+    );
+    for (name, st) in [("REST GET /v1/resources", &rest), ("gRPC ListResources", &grpc_stats)] {
+        println!(
+            "{:<28} {:>10.0} {:>9.3} {:>9.3} {:>8.0}%",
+            name,
+            st.rate,
+            st.p50_ms,
+            st.p99_ms,
+            100.0 * st.rate / pg
+        );
+    }
+    println!("errors: REST {}, gRPC {}", rest.errors, grpc_stats.errors);
+
+    // Depth does not matter: page 1 and page 10,000 cost the same.
+    let first = depth_latency(&http, None).await;
+    let deep = depth_latency(&http, Some(s.rows - 10_000 * i64::from(PAGE_SIZE))).await;
+    println!("REST mean latency: page 1 {first:.3} ms, page 10,000 {deep:.3} ms");
+
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
+
+async fn prepare(s: &Settings, url: &str) {
+    let mut admin = PgConnection::connect(&s.admin_url).await.expect("reach PostgreSQL");
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'resource_bench')",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    if !exists {
+        admin.execute("CREATE DATABASE resource_bench").await.unwrap();
+    }
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    resource::data::MIGRATOR.run(&pool).await.expect("migrate the bench database");
+    let count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM instances").fetch_one(&pool).await.unwrap();
+    if count != s.rows {
+        println!("loading {} instances into resource_bench (once) ...", s.rows);
+        let started = Instant::now();
+        pool.execute("TRUNCATE instance_specs, instances").await.unwrap();
+        sqlx::query(
+            "INSERT INTO instances (instance_id, user_id, name, status, status_reason)
+             SELECT $1 + g * $2, 'user-' || (g % 1000), 'instance-' || g,
+                    CASE WHEN g % 10 = 0 THEN 'STOPPED' ELSE 'RUNNING' END, ''
+             FROM generate_series(1, $3) g",
+        )
+        .bind(BASE)
+        .bind(STEP)
+        .bind(s.rows)
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO instance_specs (instance_id, cpu, memory, gpu, image, config_json)
+             SELECT $1 + g * $2, 1 + g % 16, 1024 * (1 + g % 64), g % 7, 'ubuntu:22.04',
+                    '{\"env\": {\"MODE\": \"bench\"}}'
+             FROM generate_series(1, $3) g",
+        )
+        .bind(BASE)
+        .bind(STEP)
+        .bind(s.rows)
+        .execute(&pool)
+        .await
+        .unwrap();
+        println!("loaded in {:.1} s", started.elapsed().as_secs_f64());
+    }
+    // Fresh statistics, and the table in the OS cache for every contender alike.
+    pool.execute("ANALYZE").await.unwrap();
+    pool.execute("SELECT count(*) FROM instances JOIN instance_specs USING (instance_id)")
+        .await
+        .unwrap();
+    pool.close().await;
+}
+
+async fn start_service(url: &str) -> (tokio::process::Child, String, String) {
+    let conf = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_resource"))
+        .arg("-conf")
+        .arg(conf)
+        .env("RESOURCE_DATA__DATABASE__SOURCE", url)
+        .env("RESOURCE_SERVER__HTTP__ADDR", "127.0.0.1:0")
+        .env("RESOURCE_SERVER__GRPC__ADDR", "127.0.0.1:0")
+        .env("RESOURCE_SERVER__HTTP__TIMEOUT", "10s")
+        .env("RESOURCE_SERVER__GRPC__TIMEOUT", "10s")
+        .env("RESOURCE_LOG__FORMAT", "json")
+        .env("RESOURCE_LOG__LEVEL", "warn,resource::server=info")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the service");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "serving" {
+            let http = format!("http://{}", v["http"].as_str().unwrap());
+            let grpc = format!("http://{}", v["grpc"].as_str().unwrap());
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            return (child, http, grpc);
+        }
+    }
+    panic!("the service did not start");
+}
+
+/// pgbench over the same statement at random depths; returns transactions per second.
+fn pgbench(s: &Settings, url: &str) -> f64 {
+    let script = std::env::temp_dir().join(format!("resource-bench-{}.sql", std::process::id()));
+    let body =
+        format!("\\set n random(2, {})\n\\set bound {BASE} + :n * {STEP}\n{};\n", s.rows, LIST_SQL);
+    std::fs::write(&script, body).unwrap();
+    let out = std::process::Command::new("pgbench")
+        .args(["-n", "-M", "prepared", "-T"])
+        .arg(s.seconds.to_string())
+        .arg("-c")
+        .arg(s.clients.to_string())
+        .arg("-j")
+        .arg(s.clients.to_string())
+        .arg("-f")
+        .arg(&script)
+        .arg(url)
+        .output()
+        .expect("pgbench (Debian: postgresql-client) is on PATH");
+    let _ = std::fs::remove_file(&script);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pgbench failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("pgbench prints tps")
+}
+
+#[derive(Clone)]
+enum Transport {
+    Rest(String),
+    Grpc(String),
+}
+
+struct Stats {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: usize,
+}
+
+/// A token positioned after a random row, as a client deep in a walk would hold.
+fn random_token(rows: i64, seed: &mut u64) -> String {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    let n = 2 + (*seed % (rows as u64 - 1)) as i64;
+    page_token::encode(InstanceId::try_from(BASE + n * STEP).unwrap(), &ListFilter::default())
+}
+
+async fn run_load(s: &Settings, transport: Transport) -> Stats {
+    let deadline = Instant::now() + Duration::from_secs(s.seconds);
+    let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..s.clients {
+        let transport = transport.clone();
+        let errors = errors.clone();
+        let rows = s.rows;
+        tasks.push(tokio::spawn(async move {
+            let mut seed = 0x9E37_79B9_7F4A_7C15_u64 ^ (c as u64 + 1);
+            let mut latencies = Vec::with_capacity(200_000);
+            match transport {
+                Transport::Rest(base) => {
+                    // One keep-alive connection per client.
+                    let client =
+                        reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+                    while Instant::now() < deadline {
+                        let url = format!(
+                            "{base}/v1/resources?page_size={PAGE_SIZE}&page_token={}",
+                            random_token(rows, &mut seed)
+                        );
+                        let t = Instant::now();
+                        let ok = match client.get(&url).send().await {
+                            Ok(r) if r.status() == 200 => {
+                                r.bytes().await.is_ok_and(|b| b.len() > 1000)
+                            }
+                            _ => false,
+                        };
+                        latencies.push(t.elapsed());
+                        if !ok {
+                            errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
+                Transport::Grpc(addr) => {
+                    // One HTTP/2 connection per client.
+                    let channel = tonic::transport::Endpoint::from_shared(addr)
+                        .unwrap()
+                        .connect()
+                        .await
+                        .unwrap();
+                    let mut client = ResourceServiceClient::new(channel);
+                    while Instant::now() < deadline {
+                        let req = ListResourcesRequest {
+                            page_size: PAGE_SIZE,
+                            page_token: random_token(rows, &mut seed),
+                            ..Default::default()
+                        };
+                        let t = Instant::now();
+                        let ok = client
+                            .list_resources(req)
+                            .await
+                            .is_ok_and(|r| r.get_ref().resources.len() == PAGE_SIZE as usize);
+                        latencies.push(t.elapsed());
+                        if !ok {
+                            errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            latencies
+        }));
+    }
+    let started = Instant::now();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct =
+        |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1e3;
+    Stats {
+        rate: all.len() as f64 / elapsed,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        errors: errors.load(std::sync::atomic::Ordering::Relaxed),
+    }
+}
+
+/// Mean latency of 1,000 sequential REST requests for the page after row `depth_row`
+/// (`None`: the first page).
+async fn depth_latency(base: &str, depth_row: Option<i64>) -> f64 {
+    let client = reqwest::Client::new();
+    let token = depth_row
+        .map(|n| {
+            page_token::encode(
+                InstanceId::try_from(BASE + n * STEP).unwrap(),
+                &ListFilter::default(),
+            )
+        })
+        .unwrap_or_default();
+    let url = format!("{base}/v1/resources?page_size={PAGE_SIZE}&page_token={token}");
+    let started = Instant::now();
+    for _ in 0..1000 {
+        let r = client.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    // Seconds for 1,000 requests equals milliseconds per request.
+    started.elapsed().as_secs_f64()
+}

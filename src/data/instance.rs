@@ -139,7 +139,10 @@ impl InstanceRepo for PgInstanceRepo {
         if let Some(name) = &query.filter.name {
             qb.push(" AND i.name = ").push_bind(name.as_str());
         }
-        qb.push(" ORDER BY i.instance_id DESC LIMIT ").push_bind(i64::from(query.limit));
+        // NOTE: LIMIT is a literal, not a parameter: with `LIMIT $n` PostgreSQL's generic
+        // plan assumes a large result, loses to the custom plan, and so re-plans on every
+        // execution. The limit is a validated integer, so this is injection-free.
+        qb.push(" ORDER BY i.instance_id DESC LIMIT ").push(query.limit);
         let rows: Vec<InstanceRow> =
             qb.build_query_as().fetch_all(&self.pool).await.map_err(map_sqlx)?;
         rows.into_iter().map(Instance::try_from).collect()

@@ -64,6 +64,9 @@ impl Data {
             .max_connections(conf.max_connections)
             .min_connections(1.min(conf.max_connections))
             .acquire_timeout(conf.acquire_timeout)
+            // A ping before every checkout doubles the round trips of a read; a dead
+            // connection surfaces as an I/O error (503) on first use and is replaced.
+            .test_before_acquire(false)
             .connect_lazy_with(options);
 
         let started = tokio::time::Instant::now();

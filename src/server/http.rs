@@ -14,6 +14,7 @@ use axum::{
 use serde::Deserialize;
 use tower::ServiceBuilder;
 use tower_http::{
+    LatencyUnit,
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
     trace::{DefaultOnResponse, TraceLayer},
 };
@@ -72,7 +73,11 @@ pub fn router(state: AppState, conf: &conf::HttpServer) -> Router {
                                 request_id = %request_id,
                             )
                         })
-                        .on_response(DefaultOnResponse::new().level(Level::INFO)),
+                        .on_response(
+                            DefaultOnResponse::new()
+                                .level(Level::INFO)
+                                .latency_unit(LatencyUnit::Micros),
+                        ),
                 )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
         )

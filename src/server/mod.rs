@@ -10,10 +10,11 @@ pub mod status;
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tower_http::{
+    LatencyUnit,
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
     trace::{DefaultOnResponse, TraceLayer},
 };
@@ -109,7 +110,7 @@ impl Servers {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
                 tracing::info_span!("grpc", path = %req.uri().path(), request_id = %request_id)
-            }).on_response(DefaultOnResponse::new().level(Level::INFO)))
+            }).on_response(DefaultOnResponse::new().level(Level::INFO).latency_unit(LatencyUnit::Micros)))
             .layer(PropagateRequestIdLayer::new(request_id))
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -121,7 +122,7 @@ impl Servers {
                 grpc::ResourceApi::new(self.services.resource.clone(), self.conf.grpc.timeout),
             ))
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(self.grpc),
+                TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
                 token.clone().cancelled_owned(),
             );
 

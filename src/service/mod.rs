@@ -5,7 +5,7 @@
 
 pub mod greeter;
 pub mod health;
-mod page_token;
+pub mod page_token;
 pub mod resource;
 
 pub use greeter::GreeterService;

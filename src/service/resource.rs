@@ -41,7 +41,7 @@ impl ResourceService {
         let before = page_token::decode(&req.page_token, &filter)?;
         let page = self.instances.list(filter.clone(), i64::from(req.page_size), before).await?;
         Ok(pb::ListResourcesReply {
-            resources: page.items.iter().map(pb::Resource::from).collect(),
+            resources: page.items.into_iter().map(pb::Resource::from).collect(),
             next_page_token: page
                 .next
                 .map(|id| page_token::encode(id, &filter))
@@ -56,7 +56,7 @@ impl ResourceService {
     pub async fn get_resource(&self, req: pb::GetResourceRequest) -> Result<pb::Resource, Error> {
         let id = InstanceId::try_from(req.instance_id)?;
         let instance = self.instances.get(id).await?;
-        Ok(pb::Resource::from(&instance))
+        Ok(pb::Resource::from(instance))
     }
 }
 
@@ -68,23 +68,23 @@ fn timestamp(t: DateTime<Utc>) -> pbjson_types::Timestamp {
     pbjson_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
 }
 
-impl From<&Instance> for pb::Resource {
-    fn from(i: &Instance) -> Self {
+impl From<Instance> for pb::Resource {
+    fn from(i: Instance) -> Self {
         pb::Resource {
             instance_id: i.id.get(),
-            user_id: i.user_id.clone(),
-            name: i.name.clone(),
             status: pb::Status::from(i.status) as i32,
-            status_reason: i.status_reason.clone(),
             spec: Some(pb::ResourceSpec {
                 cpu: i.spec.cpu,
                 memory: i.spec.memory_mb,
                 gpu: i.spec.gpu.code(),
                 gpu_model: i.spec.gpu.model().to_owned(),
-                image: i.spec.image.clone(),
                 config_json: Some(to_struct(&i.spec.config)),
+                image: i.spec.image,
             }),
-            endpoint: Some(pb::Endpoint::from(&i.endpoint)),
+            endpoint: Some(pb::Endpoint::from(i.endpoint)),
+            user_id: i.user_id,
+            name: i.name,
+            status_reason: i.status_reason,
             created_at: Some(timestamp(i.created_at)),
             updated_at: Some(timestamp(i.updated_at)),
             deleted_at: i.deleted_at.map(timestamp),
@@ -92,20 +92,16 @@ impl From<&Instance> for pb::Resource {
     }
 }
 
-impl From<&Endpoint> for pb::Endpoint {
-    fn from(e: &Endpoint) -> Self {
+impl From<Endpoint> for pb::Endpoint {
+    fn from(e: Endpoint) -> Self {
         pb::Endpoint {
-            pod_name: e.pod_name.clone(),
-            pod_ip: e.pod_ip.clone(),
-            service_host: e.service_host.clone(),
+            pod_name: e.pod_name,
+            pod_ip: e.pod_ip,
+            service_host: e.service_host,
             ports: e
                 .ports
-                .iter()
-                .map(|p| pb::Port {
-                    name: p.name.clone(),
-                    port: p.port,
-                    protocol: p.protocol.clone(),
-                })
+                .into_iter()
+                .map(|p| pb::Port { name: p.name, port: p.port, protocol: p.protocol })
                 .collect(),
         }
     }
@@ -114,10 +110,28 @@ impl From<&Endpoint> for pb::Endpoint {
 /// A JSON object as a `google.protobuf.Struct` (the database guarantees an object).
 fn to_struct(value: &serde_json::Value) -> pbjson_types::Struct {
     match value {
-        serde_json::Value::Object(map) if map.is_empty() => pbjson_types::Struct::default(),
-        serde_json::Value::Object(_) => serde_json::from_value(value.clone()).unwrap_or_default(),
+        serde_json::Value::Object(map) => pbjson_types::Struct {
+            fields: map.iter().map(|(k, v)| (k.clone(), to_value(v))).collect(),
+        },
         _ => pbjson_types::Struct::default(),
     }
+}
+
+/// A JSON value as a `google.protobuf.Value`, without a serde round trip.
+fn to_value(value: &serde_json::Value) -> pbjson_types::Value {
+    use pbjson_types::value::Kind;
+    use serde_json::Value as J;
+    let kind = match value {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(*b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        J::String(s) => Kind::StringValue(s.clone()),
+        J::Array(items) => Kind::ListValue(pbjson_types::ListValue {
+            values: items.iter().map(to_value).collect(),
+        }),
+        J::Object(_) => Kind::StructValue(to_struct(value)),
+    };
+    pbjson_types::Value { kind: Some(kind) }
 }
 
 impl From<InstanceStatus> for pb::Status {

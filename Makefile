@@ -1,0 +1,51 @@
+# `make help` lists the targets. `make run` and `make test` work on a fresh machine:
+# both prepare PostgreSQL and RabbitMQ first (scripts/deps.sh).
+
+CONF ?= ./configs
+CARGO ?= cargo
+
+.PHONY: help build test test-it lint fmt proto migrate run bench docker deps
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+deps: ## make sure PostgreSQL and RabbitMQ answer (install or start them if not)
+	@scripts/deps.sh
+
+build: ## release build (the Dockerfile runs exactly this)
+	$(CARGO) build --release --locked
+
+test: deps ## every test: unit and integration, against the local PostgreSQL and RabbitMQ
+	@if command -v cargo-nextest >/dev/null; then \
+		$(CARGO) nextest run --locked --no-fail-fast; \
+	else \
+		$(CARGO) test --locked --no-fail-fast; \
+	fi
+
+test-it: deps ## integration tests only
+	$(CARGO) test --locked --test it
+
+lint: ## formatting and clippy, as CI checks them
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+proto: ## regenerate the protobuf code (build.rs does it on every build)
+	$(CARGO) build --locked
+
+migrate: ## apply database migrations to the configured database
+	@scripts/deps.sh --create-db
+	$(CARGO) run --release --locked -- -conf $(CONF) migrate
+
+run: ## start the service (PostgreSQL and RabbitMQ prepared, database created and migrated)
+	@scripts/deps.sh --create-db
+	$(CARGO) run --release --locked -- -conf $(CONF) migrate
+	$(CARGO) run --release --locked -- -conf $(CONF) serve
+
+bench: deps ## benchmarks with printed figures (ListResources vs pgbench, ...)
+	$(CARGO) bench --locked
+
+docker: ## build the container image
+	docker build -t resource:latest .
