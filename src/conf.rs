@@ -24,6 +24,9 @@ pub struct Bootstrap {
     pub data: Data,
     /// Caller authentication.
     pub auth: Auth,
+    /// Bounds of instance specs.
+    #[serde(default)]
+    pub limits: Limits,
     /// Instance id generation.
     #[serde(default)]
     pub snowflake: Snowflake,
@@ -120,6 +123,28 @@ pub struct RabbitMq {
     pub dead_letter_exchange: String,
     /// Queue of rejected events.
     pub dead_letter_queue: String,
+    /// Queue holding events for instances not created yet, for `retry_delay`, before
+    /// they return to `queue`.
+    pub retry_queue: String,
+    /// How long such an event waits before it is tried again.
+    #[serde(deserialize_with = "de_duration")]
+    pub retry_delay: Duration,
+    /// How often such an event is tried again before it is dead-lettered.
+    pub max_retries: u32,
+    /// Durable queue bound to `status_routing_key`, so status events are kept until
+    /// someone reads them (and an unroutable publish is never mistaken for a sent one).
+    pub status_queue: String,
+    /// Most deliveries applied in one database transaction.
+    pub batch_size: usize,
+    /// Bound on connecting and on every declaration (a broker that does not answer must
+    /// not hang the service).
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    /// How long processed event keys are remembered for de-duplication.
+    #[serde(deserialize_with = "de_duration")]
+    pub dedup_window: Duration,
+    /// Start the consumer with `serve` (false: API only).
+    pub consume: bool,
 }
 
 impl Default for RabbitMq {
@@ -133,6 +158,14 @@ impl Default for RabbitMq {
             status_routing_key: "instance.status.changed".into(),
             dead_letter_exchange: "resource.events.dlx".into(),
             dead_letter_queue: "resource.instance-events.dead".into(),
+            retry_queue: "resource.instance-events.retry".into(),
+            retry_delay: Duration::from_secs(2),
+            max_retries: 5,
+            status_queue: "resource.instance-status".into(),
+            batch_size: 256,
+            connect_timeout: Duration::from_secs(5),
+            dedup_window: Duration::from_secs(7 * 24 * 3600),
+            consume: true,
         }
     }
 }
@@ -152,6 +185,24 @@ pub struct Kubernetes {
 impl Default for Kubernetes {
     fn default() -> Self {
         Self { enabled: false, kubeconfig: String::new(), namespace: "resource-instances".into() }
+    }
+}
+
+/// Bounds of instance specs and names.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    /// Most CPU cores per instance.
+    pub max_cpu: i32,
+    /// Most memory per instance, in MB.
+    pub max_memory_mb: i32,
+    /// Longest instance name, in characters.
+    pub max_name_length: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_cpu: 128, max_memory_mb: 1_048_576, max_name_length: 128 }
     }
 }
 
@@ -345,6 +396,25 @@ impl Bootstrap {
         }
         if mq.prefetch == 0 {
             return Err("data.rabbitmq.prefetch: must be at least 1".into());
+        }
+        if mq.batch_size == 0 {
+            return Err("data.rabbitmq.batch_size: must be at least 1".into());
+        }
+        let names = [&mq.queue, &mq.dead_letter_queue, &mq.retry_queue, &mq.status_queue];
+        for (i, a) in names.iter().enumerate() {
+            if a.is_empty() || names[i + 1..].contains(a) {
+                return Err(format!(
+                    "data.rabbitmq: queue names must be set and distinct (queue, dead_letter_queue, retry_queue, status_queue), got {a:?} twice or empty"
+                ));
+            }
+        }
+        if self.limits.max_cpu < 1
+            || self.limits.max_memory_mb < 1
+            || self.limits.max_name_length < 1
+        {
+            return Err(
+                "limits: max_cpu, max_memory_mb and max_name_length must be at least 1".into()
+            );
         }
         if self.auth.mode == AuthMode::Jwt {
             // TODO(#6): JWT authentication.

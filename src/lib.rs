@@ -4,6 +4,7 @@
 //! (domain and use cases) ← `data` (PostgreSQL). `main.rs` wires them by hand.
 #![forbid(unsafe_code)]
 
+pub mod amqp;
 pub mod biz;
 pub mod conf;
 pub mod data;

@@ -5,12 +5,16 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode, sync::Arc, time::Dura
 
 use clap::{Parser, Subcommand};
 use resource::{
-    biz::{GreeterUsecase, HealthUsecase, InstanceRepo, InstanceUsecase, Probe},
+    biz::{
+        GreeterUsecase, HealthUsecase, InstanceRepo, InstanceUsecase, Limits, OutboxRelay,
+        OutboxRepo, Probe, StatusPublisher,
+    },
     conf::{self, AuthMode, LogFormat},
-    data::{Data, PgInstanceRepo, PgProbe},
-    server::{Servers, Services},
-    service::{GreeterService, HealthService, ResourceService},
+    data::{AmqpStatusPublisher, Data, PgInstanceRepo, PgOutboxRepo, PgProbe},
+    server::{Servers, Services, mq::Consumer},
+    service::{EventService, GreeterService, HealthService, ResourceService},
 };
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 // mimalloc: the list path allocates per row and per field; glibc malloc showed up as
@@ -139,6 +143,14 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     if conf.auth.mode == AuthMode::None {
         tracing::warn!("auth.mode is none: every caller is trusted and sees every instance");
     }
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown_signal().await;
+            shutdown.cancel();
+        }
+    });
 
     // data
     let data = match connect(&conf).await {
@@ -154,20 +166,36 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
 
     // repositories
     let instances: Arc<dyn InstanceRepo> = Arc::new(PgInstanceRepo::new(data.pool().clone()));
-    let probes: Vec<Arc<dyn Probe>> = vec![Arc::new(PgProbe::new(data.pool().clone()))];
+    let outbox: Arc<dyn OutboxRepo> = Arc::new(PgOutboxRepo::new(data.pool().clone()));
+    let publisher: Arc<dyn StatusPublisher> =
+        Arc::new(AmqpStatusPublisher::new(conf.data.rabbitmq.clone()));
 
     // use cases
-    let instance_uc = Arc::new(InstanceUsecase::new(instances));
-    let health_uc = Arc::new(HealthUsecase::new(probes, Duration::from_secs(1)));
+    let limits = Limits {
+        max_cpu: conf.limits.max_cpu,
+        max_memory_mb: conf.limits.max_memory_mb,
+        max_name_len: conf.limits.max_name_length,
+    };
+    let instance_uc =
+        Arc::new(InstanceUsecase::new(instances, limits, conf.data.kubernetes.enabled));
+    let relay = OutboxRelay::new(outbox.clone(), publisher);
 
     // services
+    let events = Arc::new(EventService::new(instance_uc.clone()));
+    let consumer =
+        conf.data.rabbitmq.consume.then(|| Consumer::new(conf.data.rabbitmq.clone(), events));
+    let mut probes: Vec<Arc<dyn Probe>> = vec![Arc::new(PgProbe::new(data.pool().clone()))];
+    if let Some(consumer) = &consumer {
+        probes.push(Arc::new(consumer.probe()));
+    }
+    let health_uc = Arc::new(HealthUsecase::new(probes, Duration::from_secs(1)));
     let services = Services {
         resource: Arc::new(ResourceService::new(instance_uc)),
         greeter: Arc::new(GreeterService::new(GreeterUsecase)),
         health: HealthService::new(health_uc),
     };
 
-    // servers
+    // servers and background work
     let servers = match Servers::bind(&conf.server, services).await {
         Ok(servers) => servers,
         Err(e) => {
@@ -175,7 +203,27 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
-    match servers.serve(shutdown_signal()).await {
+    let consuming = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            if let Some(consumer) = consumer {
+                consumer.run(shutdown).await;
+            }
+        }
+    });
+    let relaying = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { relay.run(shutdown.cancelled_owned()).await }
+    });
+    let pruning = tokio::spawn(prune_processed_events(
+        outbox,
+        conf.data.rabbitmq.dedup_window,
+        shutdown.clone(),
+    ));
+    let served = servers.serve(shutdown.clone().cancelled_owned()).await;
+    shutdown.cancel();
+    let _ = tokio::join!(consuming, relaying, pruning);
+    match served {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
@@ -183,6 +231,27 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "server failed");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Forgets processed event keys older than the de-duplication window, hourly.
+async fn prune_processed_events(
+    outbox: Arc<dyn OutboxRepo>,
+    window: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let before = chrono::Utc::now() - chrono::Duration::from_std(window).unwrap_or_default();
+        match outbox.prune_processed_events(before).await {
+            Ok(n) if n > 0 => tracing::info!(pruned = n, "forgot old processed event keys"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning processed event keys failed"),
         }
     }
 }

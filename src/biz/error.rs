@@ -1,15 +1,19 @@
 //! Named errors of the business layer and the failures repositories may report.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use super::instance::InstanceStatus;
 
 /// A boxed cause, kept for the log and never shown to a client.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// A shared cause, so `Error` can be cloned (a batch outcome is reported to every
+/// message it concerns).
+pub type SharedError = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Every error a use case can return. Each variant has a kind (how transports answer),
 /// a stable reason (a value name of `resource.v1.ErrorReason`) and metadata.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// A request field is malformed or out of range.
     #[error("invalid {field}: {message}")]
@@ -17,12 +21,28 @@ pub enum Error {
     /// `page_size` is negative or above the maximum.
     #[error("invalid page_size {page_size}: must be between 0 and {max}")]
     InvalidPageSize { page_size: i64, max: u32 },
+    /// An instance spec is out of bounds or malformed.
+    #[error("invalid spec: {field} {message}")]
+    InvalidSpec { field: &'static str, message: String },
+    /// A GPU type is not one of the known codes or models.
+    #[error("invalid gpu: unknown GPU type {value:?}")]
+    InvalidGpuType { value: String },
+    /// An event cannot be decoded or has an unknown type.
+    #[error("invalid event: {message}")]
+    InvalidEvent { message: String },
     /// `page_token` is not one this service issued for these filters.
     #[error("invalid page_token: {message}")]
     InvalidPageToken { message: &'static str },
     /// The instance does not exist (or is not visible to the caller).
     #[error("instance {instance_id} not found")]
     InstanceNotFound { instance_id: i64 },
+    /// An instance with this id exists already, with another owner, name or spec, or was
+    /// deleted (ids are never reused).
+    #[error("instance {instance_id} already exists")]
+    InstanceAlreadyExists { instance_id: i64 },
+    /// The action makes no sense in the instance's current status.
+    #[error("instance {instance_id} cannot {action} while {status}")]
+    NotAllowed { instance_id: i64, action: &'static str, status: InstanceStatus },
     /// The lifecycle move is not allowed from the current status.
     #[error("instance {instance_id} cannot go from {from} to {to}")]
     IllegalTransition { instance_id: i64, from: InstanceStatus, to: InstanceStatus },
@@ -34,10 +54,10 @@ pub enum Error {
     Timeout { timeout_ms: u64 },
     /// A dependency is down; retrying later may succeed.
     #[error("service unavailable")]
-    Unavailable(#[source] BoxError),
+    Unavailable(#[source] SharedError),
     /// A bug or an unexpected state.
     #[error("internal error")]
-    Internal(#[source] BoxError),
+    Internal(#[source] SharedError),
 }
 
 /// How an error is answered, independent of the transport (see `server::status`).
@@ -74,10 +94,16 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::InvalidArgument { .. }
+            | Error::InvalidSpec { .. }
+            | Error::InvalidGpuType { .. }
+            | Error::InvalidEvent { .. }
             | Error::InvalidPageSize { .. }
             | Error::InvalidPageToken { .. } => ErrorKind::InvalidArgument,
             Error::InstanceNotFound { .. } => ErrorKind::NotFound,
-            Error::IllegalTransition { .. } => ErrorKind::FailedPrecondition,
+            Error::InstanceAlreadyExists { .. } => ErrorKind::AlreadyExists,
+            Error::IllegalTransition { .. } | Error::NotAllowed { .. } => {
+                ErrorKind::FailedPrecondition
+            }
             Error::VersionConflict { .. } => ErrorKind::Conflict,
             Error::Timeout { .. } => ErrorKind::DeadlineExceeded,
             Error::Unavailable(_) => ErrorKind::Unavailable,
@@ -89,6 +115,11 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Error::InvalidArgument { .. } => "INVALID_ARGUMENT",
+            Error::InvalidSpec { .. } => "INVALID_SPEC",
+            Error::InvalidGpuType { .. } => "INVALID_GPU_TYPE",
+            Error::InvalidEvent { .. } => "INVALID_EVENT",
+            Error::InstanceAlreadyExists { .. } => "INSTANCE_ALREADY_EXISTS",
+            Error::NotAllowed { .. } => "ILLEGAL_TRANSITION",
             Error::InvalidPageSize { .. } => "INVALID_PAGE_SIZE",
             Error::InvalidPageToken { .. } => "INVALID_PAGE_TOKEN",
             Error::InstanceNotFound { .. } => "INSTANCE_NOT_FOUND",
@@ -104,8 +135,21 @@ impl Error {
     pub fn metadata(&self) -> BTreeMap<String, String> {
         let mut m = BTreeMap::new();
         match self {
-            Error::InvalidArgument { field, .. } => {
+            Error::InvalidArgument { field, .. } | Error::InvalidSpec { field, .. } => {
                 m.insert("field".into(), (*field).into());
+            }
+            Error::InvalidGpuType { value } => {
+                m.insert("field".into(), "gpu".into());
+                m.insert("value".into(), value.clone());
+            }
+            Error::InvalidEvent { .. } => {}
+            Error::InstanceAlreadyExists { instance_id } => {
+                m.insert("instance_id".into(), instance_id.to_string());
+            }
+            Error::NotAllowed { instance_id, action, status } => {
+                m.insert("instance_id".into(), instance_id.to_string());
+                m.insert("action".into(), (*action).into());
+                m.insert("status".into(), status.as_str().into());
             }
             Error::InvalidPageSize { page_size, max } => {
                 m.insert("field".into(), "page_size".into());
@@ -158,9 +202,9 @@ impl From<RepoError> for Error {
     /// The context-free mapping; use cases map `NotFound` and `Conflict` themselves first.
     fn from(e: RepoError) -> Self {
         match e {
-            RepoError::Unavailable(source) => Error::Unavailable(source),
-            RepoError::Internal(source) => Error::Internal(source),
-            other @ (RepoError::NotFound | RepoError::Conflict) => Error::Internal(other.into()),
+            RepoError::Unavailable(source) => Error::Unavailable(source.into()),
+            RepoError::Internal(source) => Error::Internal(source.into()),
+            other @ (RepoError::NotFound | RepoError::Conflict) => Error::Internal(Arc::new(other)),
         }
     }
 }

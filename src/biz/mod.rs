@@ -4,15 +4,21 @@
 //! Depends on std, thiserror, async-trait, tracing, chrono and serde_json value types only:
 //! nothing here knows about PostgreSQL, a transport, RabbitMQ or Kubernetes.
 
+pub mod audit;
 pub mod error;
 pub mod greeter;
 pub mod health;
 pub mod instance;
+pub mod outbox;
+pub mod snowflake;
 
-pub use error::{BoxError, Error, ErrorKind, RepoError};
+pub use audit::{Action, Actor, AuditEntry, Source};
+pub use error::{BoxError, Error, ErrorKind, RepoError, SharedError};
 pub use greeter::GreeterUsecase;
 pub use health::{HealthUsecase, Probe, ProbeStatus};
 pub use instance::{
-    GpuType, Instance, InstanceId, InstanceRepo, InstanceSpec, InstanceStatus, InstanceUsecase,
-    ListFilter, ListQuery, Page,
+    Changes, Command, Envelope, EventKey, GpuType, Instance, InstanceId, InstanceRepo,
+    InstanceSpec, InstanceStatus, InstanceUsecase, Limits, ListFilter, ListQuery, Outcome, Page,
+    Snapshot, StatusChange,
 };
+pub use outbox::{OutboxRelay, OutboxRepo, Pending, StatusPublisher};

@@ -1,13 +1,16 @@
 //! `InstanceRepo` on PostgreSQL: `instances` joined with `instance_specs`.
 
+use std::collections::{HashMap, HashSet};
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Postgres, QueryBuilder, types::Json};
+use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, types::Json};
+use uuid::Uuid;
 
 use super::map_sqlx;
 use crate::biz::{
-    GpuType, Instance, InstanceId, InstanceRepo, InstanceSpec, InstanceStatus, ListQuery,
-    RepoError,
+    Changes, EventKey, GpuType, Instance, InstanceId, InstanceRepo, InstanceSpec, InstanceStatus,
+    ListQuery, RepoError, Snapshot,
     instance::{Endpoint, Port},
 };
 
@@ -147,4 +150,266 @@ impl InstanceRepo for PgInstanceRepo {
             qb.build_query_as().fetch_all(&self.pool).await.map_err(map_sqlx)?;
         rows.into_iter().map(Instance::try_from).collect()
     }
+
+    async fn transact(
+        &self,
+        ids: &[InstanceId],
+        keys: &[EventKey],
+        work: &mut (dyn FnMut(Snapshot) -> Changes + Send),
+    ) -> Result<(), RepoError> {
+        let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+        let snapshot = load(&mut tx, ids, keys).await?;
+        let changes = work(snapshot);
+        if !changes.is_empty() {
+            write(&mut tx, &changes).await?;
+        }
+        tx.commit().await.map_err(map_sqlx)
+    }
+}
+
+fn key_uuid(key: &EventKey) -> Uuid {
+    Uuid::from_bytes(key.0)
+}
+
+/// Reads what a unit of work decides on, locking the instances in id order (so two
+/// batches over the same instances cannot deadlock).
+async fn load(
+    conn: &mut PgConnection,
+    ids: &[InstanceId],
+    keys: &[EventKey],
+) -> Result<Snapshot, RepoError> {
+    let mut seen = HashSet::new();
+    if !keys.is_empty() {
+        let uuids: Vec<Uuid> = keys.iter().map(key_uuid).collect();
+        let found: Vec<Uuid> =
+            sqlx::query_scalar("SELECT event_key FROM processed_events WHERE event_key = ANY($1)")
+                .bind(&uuids)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(map_sqlx)?;
+        seen.extend(found.into_iter().map(|u| EventKey(*u.as_bytes())));
+    }
+    let mut instances = HashMap::new();
+    if !ids.is_empty() {
+        let raw: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+        let rows: Vec<InstanceRow> = sqlx::query_as(concat!(
+            select_instances!(),
+            " WHERE i.instance_id = ANY($1) ORDER BY i.instance_id FOR UPDATE OF i"
+        ))
+        .bind(&raw)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(map_sqlx)?;
+        for row in rows {
+            let instance = Instance::try_from(row)?;
+            instances.insert(instance.id, instance);
+        }
+    }
+    Ok(Snapshot { seen, instances })
+}
+
+/// Column arrays of instances, for one `UNNEST` statement per table.
+#[derive(Default)]
+struct InstanceColumns {
+    id: Vec<i64>,
+    user_id: Vec<String>,
+    name: Vec<String>,
+    status: Vec<&'static str>,
+    status_reason: Vec<String>,
+    pod_name: Vec<String>,
+    pod_ip: Vec<String>,
+    service_host: Vec<String>,
+    ports: Vec<serde_json::Value>,
+    created_at: Vec<DateTime<Utc>>,
+    updated_at: Vec<DateTime<Utc>>,
+    deleted_at: Vec<Option<DateTime<Utc>>>,
+    version: Vec<i64>,
+    cpu: Vec<i32>,
+    memory: Vec<i32>,
+    gpu: Vec<i32>,
+    image: Vec<String>,
+    config: Vec<serde_json::Value>,
+}
+
+impl InstanceColumns {
+    fn push(&mut self, i: &Instance) {
+        let ports: Vec<PortRow> = i
+            .endpoint
+            .ports
+            .iter()
+            .map(|p| PortRow { name: p.name.clone(), port: p.port, protocol: p.protocol.clone() })
+            .collect();
+        self.id.push(i.id.get());
+        self.user_id.push(i.user_id.clone());
+        self.name.push(i.name.clone());
+        self.status.push(i.status.as_str());
+        self.status_reason.push(i.status_reason.clone());
+        self.pod_name.push(i.endpoint.pod_name.clone());
+        self.pod_ip.push(i.endpoint.pod_ip.clone());
+        self.service_host.push(i.endpoint.service_host.clone());
+        self.ports.push(serde_json::to_value(ports).unwrap_or_default());
+        self.created_at.push(i.created_at);
+        self.updated_at.push(i.updated_at);
+        self.deleted_at.push(i.deleted_at);
+        self.version.push(i.version);
+        self.cpu.push(i.spec.cpu);
+        self.memory.push(i.spec.memory_mb);
+        self.gpu.push(i.spec.gpu.code());
+        self.image.push(i.spec.image.clone());
+        self.config.push(i.spec.config.clone());
+    }
+}
+
+/// Writes a unit of work's changes: a constant number of statements whatever its size.
+async fn write(conn: &mut PgConnection, changes: &Changes) -> Result<(), RepoError> {
+    if !changes.inserts.is_empty() {
+        let mut c = InstanceColumns::default();
+        changes.inserts.iter().for_each(|i| c.push(i));
+        sqlx::query(
+            "INSERT INTO instances (instance_id, user_id, name, status, status_reason, pod_name, \
+             pod_ip, service_host, ports, created_at, updated_at, deleted_at, version) \
+             SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::timestamptz[], \
+             $11::timestamptz[], $12::timestamptz[], $13::bigint[])",
+        )
+        .bind(&c.id)
+        .bind(&c.user_id)
+        .bind(&c.name)
+        .bind(&c.status)
+        .bind(&c.status_reason)
+        .bind(&c.pod_name)
+        .bind(&c.pod_ip)
+        .bind(&c.service_host)
+        .bind(&c.ports)
+        .bind(&c.created_at)
+        .bind(&c.updated_at)
+        .bind(&c.deleted_at)
+        .bind(&c.version)
+        .execute(&mut *conn)
+        .await
+        .map_err(map_sqlx)?;
+        sqlx::query(
+            "INSERT INTO instance_specs (instance_id, cpu, memory, gpu, image, config_json) \
+             SELECT * FROM UNNEST($1::bigint[], $2::int[], $3::int[], $4::int[], $5::text[], \
+             $6::jsonb[])",
+        )
+        .bind(&c.id)
+        .bind(&c.cpu)
+        .bind(&c.memory)
+        .bind(&c.gpu)
+        .bind(&c.image)
+        .bind(&c.config)
+        .execute(&mut *conn)
+        .await
+        .map_err(map_sqlx)?;
+    }
+    if !changes.updates.is_empty() {
+        let mut c = InstanceColumns::default();
+        let mut expected = Vec::with_capacity(changes.updates.len());
+        for (instance, loaded_version) in &changes.updates {
+            c.push(instance);
+            expected.push(*loaded_version);
+        }
+        let updated = sqlx::query(
+            "UPDATE instances i SET user_id = u.user_id, name = u.name, status = u.status, \
+             status_reason = u.status_reason, pod_name = u.pod_name, pod_ip = u.pod_ip, \
+             service_host = u.service_host, ports = u.ports, updated_at = u.updated_at, \
+             deleted_at = u.deleted_at, version = u.version \
+             FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::timestamptz[], \
+             $11::timestamptz[], $12::bigint[], $13::bigint[]) \
+             AS u(instance_id, user_id, name, status, status_reason, pod_name, pod_ip, \
+             service_host, ports, updated_at, deleted_at, version, expected_version) \
+             WHERE i.instance_id = u.instance_id AND i.version = u.expected_version",
+        )
+        .bind(&c.id)
+        .bind(&c.user_id)
+        .bind(&c.name)
+        .bind(&c.status)
+        .bind(&c.status_reason)
+        .bind(&c.pod_name)
+        .bind(&c.pod_ip)
+        .bind(&c.service_host)
+        .bind(&c.ports)
+        .bind(&c.updated_at)
+        .bind(&c.deleted_at)
+        .bind(&c.version)
+        .bind(&expected)
+        .execute(&mut *conn)
+        .await
+        .map_err(map_sqlx)?;
+        if updated.rows_affected() != changes.updates.len() as u64 {
+            // Optimistic check: someone changed a row since it was loaded.
+            return Err(RepoError::Conflict);
+        }
+        sqlx::query(
+            "UPDATE instance_specs s SET cpu = u.cpu, memory = u.memory, gpu = u.gpu, \
+             image = u.image, config_json = u.config_json \
+             FROM UNNEST($1::bigint[], $2::int[], $3::int[], $4::int[], $5::text[], $6::jsonb[]) \
+             AS u(instance_id, cpu, memory, gpu, image, config_json) \
+             WHERE s.instance_id = u.instance_id",
+        )
+        .bind(&c.id)
+        .bind(&c.cpu)
+        .bind(&c.memory)
+        .bind(&c.gpu)
+        .bind(&c.image)
+        .bind(&c.config)
+        .execute(&mut *conn)
+        .await
+        .map_err(map_sqlx)?;
+    }
+    if !changes.audit.is_empty() {
+        let a = &changes.audit;
+        sqlx::query(
+            "INSERT INTO audit_logs (instance_id, actor, source, action, outcome, reason, \
+             request_id, before, after, created_at) \
+             SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::text[], $7::text[], $8::jsonb[], $9::jsonb[], $10::timestamptz[])",
+        )
+        .bind(a.iter().map(|e| e.instance_id).collect::<Vec<_>>())
+        .bind(a.iter().map(|e| e.actor.id.clone()).collect::<Vec<_>>())
+        .bind(a.iter().map(|e| e.actor.source.as_str()).collect::<Vec<_>>())
+        .bind(a.iter().map(|e| e.action.as_str()).collect::<Vec<_>>())
+        .bind(a.iter().map(|e| e.outcome.as_str()).collect::<Vec<_>>())
+        .bind(a.iter().map(|e| e.reason.clone()).collect::<Vec<_>>())
+        .bind(a.iter().map(|e| e.request_id.clone()).collect::<Vec<_>>())
+        .bind(a.iter().map(|e| e.before.clone()).collect::<Vec<_>>())
+        .bind(a.iter().map(|e| e.after.clone()).collect::<Vec<_>>())
+        .bind(a.iter().map(|e| e.at).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await
+        .map_err(map_sqlx)?;
+    }
+    if !changes.outbox.is_empty() {
+        let o = &changes.outbox;
+        sqlx::query(
+            "INSERT INTO status_outbox (instance_id, user_id, status, reason, endpoint, version, \
+             changed_at) \
+             SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::bigint[], $7::timestamptz[])",
+        )
+        .bind(o.iter().map(|c| c.instance_id.get()).collect::<Vec<_>>())
+        .bind(o.iter().map(|c| c.user_id.clone()).collect::<Vec<_>>())
+        .bind(o.iter().map(|c| c.status.as_str()).collect::<Vec<_>>())
+        .bind(o.iter().map(|c| c.reason.clone()).collect::<Vec<_>>())
+        .bind(o.iter().map(|c| c.endpoint.clone()).collect::<Vec<_>>())
+        .bind(o.iter().map(|c| c.version).collect::<Vec<_>>())
+        .bind(o.iter().map(|c| c.at).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await
+        .map_err(map_sqlx)?;
+    }
+    if !changes.seen.is_empty() {
+        sqlx::query(
+            "INSERT INTO processed_events (event_key, instance_id) \
+             SELECT * FROM UNNEST($1::uuid[], $2::bigint[])",
+        )
+        .bind(changes.seen.iter().map(|(k, _)| key_uuid(k)).collect::<Vec<_>>())
+        .bind(changes.seen.iter().map(|(_, id)| *id).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await
+        .map_err(map_sqlx)?;
+    }
+    Ok(())
 }

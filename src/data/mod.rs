@@ -4,6 +4,8 @@
 //! and never crosses into the layers above.
 
 mod instance;
+mod outbox;
+mod publisher;
 
 use std::time::Duration;
 
@@ -20,6 +22,8 @@ use crate::{
 };
 
 pub use instance::PgInstanceRepo;
+pub use outbox::PgOutboxRepo;
+pub use publisher::AmqpStatusPublisher;
 
 /// Migrations embedded in the binary, so the image needs no `migrations/` directory.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -135,7 +139,9 @@ impl Probe for PgProbe {
 /// Maps a sqlx error onto the repository error space.
 pub(crate) fn map_sqlx(err: sqlx::Error) -> RepoError {
     if let sqlx::Error::Database(db) = &err {
-        if db.is_unique_violation() {
+        // Unique violations, serialization failures and deadlocks (class 40): a
+        // concurrent writer won; the unit of work may be retried.
+        if db.is_unique_violation() || db.code().is_some_and(|c| c.starts_with("40")) {
             return RepoError::Conflict;
         }
         // Connection exceptions (08), insufficient resources (53) and operator

@@ -16,7 +16,7 @@ use tower::ServiceBuilder;
 use tower_http::{
     LatencyUnit,
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
-    trace::{DefaultOnResponse, TraceLayer},
+    trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer},
 };
 use tracing::Level;
 
@@ -77,7 +77,9 @@ pub fn router(state: AppState, conf: &conf::HttpServer) -> Router {
                             DefaultOnResponse::new()
                                 .level(Level::INFO)
                                 .latency_unit(LatencyUnit::Micros),
-                        ),
+                        )
+                        // Failures are logged once, with their cause, by `status`.
+                        .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
                 )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
         )

@@ -5,6 +5,7 @@
 
 pub mod grpc;
 pub mod http;
+pub mod mq;
 pub mod status;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
@@ -16,7 +17,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use tower_http::{
     LatencyUnit,
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
-    trace::{DefaultOnResponse, TraceLayer},
+    trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer},
 };
 use tracing::Level;
 
@@ -110,7 +111,8 @@ impl Servers {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
                 tracing::info_span!("grpc", path = %req.uri().path(), request_id = %request_id)
-            }).on_response(DefaultOnResponse::new().level(Level::INFO).latency_unit(LatencyUnit::Micros)))
+            }).on_response(DefaultOnResponse::new().level(Level::INFO).latency_unit(LatencyUnit::Micros))
+                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
             .layer(PropagateRequestIdLayer::new(request_id))
             .add_service(health_service)
             .add_service(reflection_v1)

@@ -10,7 +10,7 @@ use axum::{
 };
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::biz::{self, BoxError, ErrorKind};
+use crate::biz::{self, ErrorKind, SharedError};
 
 /// Domain of every `google.rpc.ErrorInfo` this service sends.
 pub const ERROR_DOMAIN: &str = "resource.v1";
@@ -26,7 +26,7 @@ pub struct ApiError {
     pub message: String,
     /// Key facts for clients.
     pub metadata: BTreeMap<String, String>,
-    source: Option<BoxError>,
+    source: Option<SharedError>,
 }
 
 impl ApiError {
@@ -190,12 +190,18 @@ mod tests {
                 tonic::Code::DeadlineExceeded,
             ),
             (
-                Error::Unavailable("connection refused by 10.0.0.1".into()),
+                Error::Unavailable(std::sync::Arc::from(
+                    Box::<dyn std::error::Error + Send + Sync>::from(
+                        "connection refused by 10.0.0.1",
+                    ),
+                )),
                 StatusCode::SERVICE_UNAVAILABLE,
                 tonic::Code::Unavailable,
             ),
             (
-                Error::Internal("SELECT secret FROM x".into()),
+                Error::Internal(std::sync::Arc::from(
+                    Box::<dyn std::error::Error + Send + Sync>::from("SELECT secret FROM x"),
+                )),
                 StatusCode::INTERNAL_SERVER_ERROR,
                 tonic::Code::Internal,
             ),

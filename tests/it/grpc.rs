@@ -128,11 +128,18 @@ async fn health_reports_serving_and_reflection_lists_the_services() {
     let app = spawn_app().await;
     let channel = app.grpc_channel().await;
 
-    let health = HealthClient::new(channel.clone())
-        .check(HealthCheckRequest { service: "resource.v1.resourceService".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    // gRPC health follows readiness within its polling interval.
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let mut health = HealthClient::new(channel.clone());
+    let mut status = 0;
+    for _ in 0..50 {
+        let req = HealthCheckRequest { service: "resource.v1.resourceService".into() };
+        status = health.check(req).await.unwrap().into_inner().status;
+        if status == serving {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -144,10 +151,7 @@ async fn health_reports_serving_and_reflection_lists_the_services() {
         .into_inner();
     let response = stream.message().await.unwrap().unwrap();
 
-    assert_eq!(
-        health.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    assert_eq!(status, serving);
     let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
         panic!("unexpected reflection answer");
     };

@@ -95,16 +95,94 @@ impl Drop for TestDb {
     }
 }
 
-/// The `resource` binary running against a test database.
+/// The admin URL of the test broker.
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Exchange and queue names of one test, so tests share the broker without meeting.
+#[derive(Clone, Debug)]
+pub struct MqNames {
+    pub exchange: String,
+    pub queue: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    pub retry_queue: String,
+    pub status_queue: String,
+}
+
+impl MqNames {
+    fn unique() -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let id = &id[..12];
+        Self {
+            exchange: format!("test.{id}.events"),
+            queue: format!("test.{id}.instance-events"),
+            dead_letter_exchange: format!("test.{id}.events.dlx"),
+            dead_letter_queue: format!("test.{id}.instance-events.dead"),
+            retry_queue: format!("test.{id}.instance-events.retry"),
+            status_queue: format!("test.{id}.instance-status"),
+        }
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        [
+            ("EXCHANGE", &self.exchange),
+            ("QUEUE", &self.queue),
+            ("DEAD_LETTER_EXCHANGE", &self.dead_letter_exchange),
+            ("DEAD_LETTER_QUEUE", &self.dead_letter_queue),
+            ("RETRY_QUEUE", &self.retry_queue),
+            ("STATUS_QUEUE", &self.status_queue),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("RESOURCE_DATA__RABBITMQ__{k}"), v.clone()))
+        .collect()
+    }
+}
+
+impl Drop for MqNames {
+    fn drop(&mut self) {
+        // Plain strings: a clone of `self` would run this `drop` again.
+        let queues = [&self.queue, &self.dead_letter_queue, &self.retry_queue, &self.status_queue]
+            .map(|q| q.clone());
+        let exchanges = [&self.exchange, &self.dead_letter_exchange].map(|e| e.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+                let Ok(conn) = lapin::Connection::connect(&amqp_url(), Default::default()).await
+                else {
+                    return;
+                };
+                let Ok(ch) = conn.create_channel().await else { return };
+                for q in &queues {
+                    let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                }
+                for e in &exchanges {
+                    let _ = ch
+                        .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+                let _ = conn.close(200, "done".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// The `resource` binary running against a test database and its own broker names.
 pub struct TestApp {
     pub http: String,
     pub grpc: String,
-    _db: TestDb,
     pub pool: PgPool,
     pub client: reqwest::Client,
     pub logs: Arc<Mutex<Vec<String>>>,
+    pub mq: MqNames,
+    env: HashMap<String, String>,
     child: Child,
-    _conf_dir: tempfile::TempDir,
+    conf_dir: tempfile::TempDir,
+    _db: TestDb,
 }
 
 /// Options for [`spawn_app_with`].
@@ -114,6 +192,8 @@ pub struct AppOptions {
     pub env: Vec<(String, String)>,
     /// Reach the test database through this address (a test-controlled proxy).
     pub database_via: Option<std::net::SocketAddr>,
+    /// Reach the broker through this address (a test-controlled proxy).
+    pub broker_via: Option<std::net::SocketAddr>,
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -122,24 +202,51 @@ pub async fn spawn_app() -> TestApp {
 
 pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     let db = TestDb::create().await;
+    let mq = MqNames::unique();
     let conf_dir = tempfile::tempdir().unwrap();
     std::fs::copy(repo_path("configs/config.yaml"), conf_dir.path().join("config.yaml")).unwrap();
 
+    let amqp = opts.broker_via.map_or(amqp_url(), |addr| crate::proxy::via(&amqp_url(), addr));
     let mut env: HashMap<String, String> = HashMap::from([
         (
             "RESOURCE_DATA__DATABASE__SOURCE".into(),
             opts.database_via.map_or(db.url.clone(), |addr| crate::proxy::via(&db.url, addr)),
         ),
+        ("RESOURCE_DATA__RABBITMQ__URL".into(), amqp),
+        ("RESOURCE_DATA__RABBITMQ__RETRY_DELAY".into(), "200ms".into()),
+        ("RESOURCE_DATA__RABBITMQ__CONNECT_TIMEOUT".into(), "2s".into()),
         ("RESOURCE_SERVER__HTTP__ADDR".into(), "127.0.0.1:0".into()),
         ("RESOURCE_SERVER__GRPC__ADDR".into(), "127.0.0.1:0".into()),
         ("RESOURCE_LOG__FORMAT".into(), "json".into()),
         ("RESOURCE_LOG__LEVEL".into(), "info,resource=debug".into()),
     ]);
+    env.extend(mq.env());
     env.extend(opts.env);
 
+    let (child, logs, http, grpc) = launch(&env, conf_dir.path()).await;
+    let pool = db.pool().await;
+    let app = TestApp {
+        http,
+        grpc,
+        pool,
+        client: reqwest::Client::new(),
+        logs,
+        mq,
+        env,
+        child,
+        conf_dir,
+        _db: db,
+    };
+    app.wait_ready().await;
+    app
+}
+
+type Launched = (Child, Arc<Mutex<Vec<String>>>, String, String);
+
+async fn launch(env: &HashMap<String, String>, conf_dir: &std::path::Path) -> Launched {
     let mut child = Command::new(BIN)
         .arg("-conf")
-        .arg(conf_dir.path())
+        .arg(conf_dir)
         .envs(env)
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
@@ -159,17 +266,7 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
         Ok(Ok(addrs)) => addrs,
         _ => panic!("the service did not start; its log:\n{}", logs.lock().unwrap().join("\n")),
     };
-    let pool = db.pool().await;
-    TestApp {
-        http: format!("http://{http}"),
-        grpc: format!("http://{grpc}"),
-        _db: db,
-        pool,
-        client: reqwest::Client::new(),
-        logs,
-        child,
-        _conf_dir: conf_dir,
-    }
+    (child, logs, format!("http://{http}"), format!("http://{grpc}"))
 }
 
 async fn collect_logs<R: tokio::io::AsyncRead + Unpin>(
@@ -219,8 +316,39 @@ impl TestApp {
             .expect("connect gRPC")
     }
 
+    /// Waits until `/readyz` answers 200: the database answers and the consumer has
+    /// declared its topology, so published events are routed.
+    pub async fn wait_ready(&self) {
+        for _ in 0..300 {
+            if self.get("/readyz").await.status() == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "the service never became ready; its log:\n{}",
+            self.logs.lock().unwrap().join("\n")
+        );
+    }
+
+    /// Kills the service with SIGKILL (no chance to clean up) and waits for it.
+    pub async fn kill(&mut self) {
+        self.child.start_kill().expect("kill");
+        self.child.wait().await.expect("exit status");
+    }
+
+    /// Starts the service again on the same database, broker names and configuration.
+    pub async fn restart(&mut self) {
+        let (child, logs, http, grpc) = launch(&self.env, self.conf_dir.path()).await;
+        self.child = child;
+        self.logs = logs;
+        self.http = http;
+        self.grpc = grpc;
+        self.wait_ready().await;
+    }
+
     /// Sends SIGTERM and waits for the exit status.
-    pub async fn terminate(mut self) -> std::process::ExitStatus {
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().expect("running") as i32;
         let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
         tokio::time::timeout(Duration::from_secs(15), self.child.wait())

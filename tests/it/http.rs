@@ -323,7 +323,7 @@ async fn a_database_outage_is_503_without_internal_detail_and_heals() {
 
 #[tokio::test]
 async fn sigterm_stops_the_service_with_exit_0() {
-    let app = spawn_app().await;
+    let mut app = spawn_app().await;
     assert_eq!(app.get_json("/healthz").await.0, 200);
 
     let status = app.terminate().await;

@@ -4,5 +4,6 @@ mod config;
 mod grpc;
 mod helpers;
 mod http;
+mod mq;
 mod postgres;
 mod proxy;

@@ -10,6 +10,12 @@ use chrono::{DateTime, Utc};
 
 use super::{Error, RepoError};
 
+mod command;
+mod spec;
+
+pub use command::*;
+pub use spec::*;
+
 /// Page size when the request names none.
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Largest page a client may ask for.
@@ -135,121 +141,6 @@ impl FromStr for InstanceStatus {
     }
 }
 
-/// GPU type, by the codes of the original service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum GpuType {
-    /// No GPU (code 0).
-    #[default]
-    None,
-    /// Tesla V100 (1).
-    TeslaV100,
-    /// Tesla A100 (2).
-    TeslaA100,
-    /// Tesla H100 (3).
-    TeslaH100,
-    /// Tesla T4 (4).
-    TeslaT4,
-    /// RTX 3090 (5).
-    Rtx3090,
-    /// RTX 4060 Mobile (6).
-    Rtx4060Mobile,
-}
-
-impl GpuType {
-    /// Every type, by code.
-    pub const ALL: [GpuType; 7] = [
-        GpuType::None,
-        GpuType::TeslaV100,
-        GpuType::TeslaA100,
-        GpuType::TeslaH100,
-        GpuType::TeslaT4,
-        GpuType::Rtx3090,
-        GpuType::Rtx4060Mobile,
-    ];
-
-    /// The stored code.
-    pub fn code(self) -> i32 {
-        self as i32
-    }
-
-    /// The type with `code`, if any.
-    pub fn from_code(code: i32) -> Option<GpuType> {
-        usize::try_from(code).ok().and_then(|i| GpuType::ALL.get(i).copied())
-    }
-
-    /// Full model name (`"Tesla A100"`); empty for none.
-    pub fn model(self) -> &'static str {
-        match self {
-            GpuType::None => "",
-            GpuType::TeslaV100 => "Tesla V100",
-            GpuType::TeslaA100 => "Tesla A100",
-            GpuType::TeslaH100 => "Tesla H100",
-            GpuType::TeslaT4 => "Tesla T4",
-            GpuType::Rtx3090 => "RTX 3090",
-            GpuType::Rtx4060Mobile => "RTX 4060 Mobile",
-        }
-    }
-
-    /// Short model name as producers send it (`"A100"`).
-    pub fn short(self) -> &'static str {
-        match self {
-            GpuType::None => "",
-            GpuType::TeslaV100 => "V100",
-            GpuType::TeslaA100 => "A100",
-            GpuType::TeslaH100 => "H100",
-            GpuType::TeslaT4 => "T4",
-            GpuType::Rtx3090 => "3090",
-            GpuType::Rtx4060Mobile => "4060 Mobile",
-        }
-    }
-
-    /// Parses a model as events carry it: the short model, the full name, any case, or
-    /// the code as digits. Empty means none.
-    ///
-    /// # Errors
-    /// `InvalidArgument` for anything else.
-    pub fn parse(raw: &str) -> Result<GpuType, Error> {
-        let s = raw.trim();
-        if s.is_empty() || s.eq_ignore_ascii_case("none") {
-            return Ok(GpuType::None);
-        }
-        if s.bytes().all(|b| b.is_ascii_digit()) {
-            if let Some(gpu) = s.parse().ok().and_then(GpuType::from_code) {
-                return Ok(gpu);
-            }
-        }
-        let wanted = normalize_model(s);
-        GpuType::ALL
-            .into_iter()
-            .skip(1)
-            .find(|gpu| {
-                wanted == normalize_model(gpu.model())
-                    || wanted == normalize_model(gpu.short())
-                    || wanted == format!("RTX{}", normalize_model(gpu.short()))
-            })
-            .ok_or_else(|| Error::invalid("gpu", format!("unknown GPU type {raw:?}")))
-    }
-}
-
-fn normalize_model(s: &str) -> String {
-    s.chars().filter(|c| !c.is_whitespace() && *c != '-').flat_map(char::to_uppercase).collect()
-}
-
-/// What an instance runs on and what it runs.
-#[derive(Debug, Clone, PartialEq)]
-pub struct InstanceSpec {
-    /// CPU cores, at least 1.
-    pub cpu: i32,
-    /// Memory in MB, at least 1.
-    pub memory_mb: i32,
-    /// GPU type.
-    pub gpu: GpuType,
-    /// Container image reference.
-    pub image: String,
-    /// Free-form container configuration (a JSON object).
-    pub config: serde_json::Value,
-}
-
 /// Where a running instance can be reached.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Endpoint {
@@ -371,17 +262,80 @@ pub trait InstanceRepo: Send + Sync {
     /// # Errors
     /// `RepoError::Unavailable` when the store does not answer.
     async fn list(&self, query: &ListQuery) -> Result<Vec<Instance>, RepoError>;
+
+    /// Runs one unit of work in one transaction: loads, locking them in id order, the
+    /// live or deleted instances among `ids` and which of `keys` were already processed;
+    /// hands them to `work`; writes the `Changes` it returns; commits.
+    ///
+    /// `work` may be called again when the transaction is retried, and must then
+    /// decide afresh from the snapshot it is given.
+    ///
+    /// # Errors
+    /// Implementations MUST return `RepoError::Conflict` when a concurrent writer won
+    /// (unique key, version moved, serialization failure or deadlock), so the caller can
+    /// retry, and `RepoError::Unavailable` when the store does not answer.
+    async fn transact(
+        &self,
+        ids: &[InstanceId],
+        keys: &[EventKey],
+        work: &mut (dyn FnMut(Snapshot) -> Changes + Send),
+    ) -> Result<(), RepoError>;
 }
+
+/// How often a unit of work is retried after losing a race to a concurrent writer.
+const CONFLICT_RETRIES: usize = 5;
 
 /// Reads and lifecycle of instances.
 pub struct InstanceUsecase {
     repo: Arc<dyn InstanceRepo>,
+    limits: Limits,
+    cluster_enabled: bool,
 }
 
 impl InstanceUsecase {
-    /// Use cases over `repo`.
-    pub fn new(repo: Arc<dyn InstanceRepo>) -> Self {
-        Self { repo }
+    /// Use cases over `repo`. Without a cluster (`cluster_enabled` false) the steps that
+    /// would wait for it complete at once.
+    pub fn new(repo: Arc<dyn InstanceRepo>, limits: Limits, cluster_enabled: bool) -> Self {
+        Self { repo, limits, cluster_enabled }
+    }
+
+    /// Applies `batch` in order, in one transaction, and says how each command ended.
+    /// Events already processed (same key) are `Duplicate`s with no effect.
+    ///
+    /// # Errors
+    /// The whole batch failed and nothing was written: `Unavailable` (retry later),
+    /// `Internal`, or `VersionConflict` after repeated lost races.
+    pub async fn execute(&self, batch: &[Envelope]) -> Result<Vec<Outcome>, Error> {
+        let mut ids: Vec<InstanceId> =
+            batch.iter().filter_map(|e| e.command.instance_id()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let keys: Vec<EventKey> = batch.iter().filter_map(|e| e.key).collect();
+        let mut outcomes = Vec::new();
+        for attempt in 1..=CONFLICT_RETRIES {
+            let ctx = Context {
+                now: Utc::now(),
+                limits: self.limits,
+                cluster_enabled: self.cluster_enabled,
+            };
+            let mut work = |snapshot: Snapshot| {
+                let (o, changes) = plan(batch, snapshot, &ctx);
+                outcomes = o;
+                changes
+            };
+            match self.repo.transact(&ids, &keys, &mut work).await {
+                Ok(()) => return Ok(outcomes),
+                Err(RepoError::Conflict) if attempt < CONFLICT_RETRIES => {
+                    tracing::debug!(attempt, "unit of work lost a race; retrying");
+                }
+                Err(RepoError::Conflict) => {
+                    let instance_id = ids.first().map_or(0, |id| id.get());
+                    return Err(Error::VersionConflict { instance_id });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        unreachable!("the loop returns on its last attempt")
     }
 
     /// Loads one instance, deleted or not.
@@ -475,41 +429,6 @@ mod tests {
             assert_eq!(status.as_str().to_lowercase().parse::<InstanceStatus>().unwrap(), status);
         }
         assert!("PAUSED".parse::<InstanceStatus>().is_err());
-    }
-
-    #[test]
-    fn gpu_models_parse_from_every_accepted_spelling() {
-        let cases = [
-            ("A100", GpuType::TeslaA100),
-            ("a100", GpuType::TeslaA100),
-            ("Tesla A100", GpuType::TeslaA100),
-            ("tesla-a100", GpuType::TeslaA100),
-            ("2", GpuType::TeslaA100),
-            ("", GpuType::None),
-            ("0", GpuType::None),
-            ("V100", GpuType::TeslaV100),
-            ("H100", GpuType::TeslaH100),
-            ("t4", GpuType::TeslaT4),
-            ("RTX 3090", GpuType::Rtx3090),
-            ("3090", GpuType::Rtx3090),
-            ("RTX 4060 Mobile", GpuType::Rtx4060Mobile),
-            ("6", GpuType::Rtx4060Mobile),
-        ];
-        for (raw, want) in cases {
-            assert_eq!(GpuType::parse(raw).unwrap(), want, "{raw}");
-        }
-        for raw in ["B200", "7", "-1", "A1000", "Tesla"] {
-            assert!(GpuType::parse(raw).is_err(), "{raw} should be rejected");
-        }
-    }
-
-    #[test]
-    fn gpu_codes_round_trip() {
-        for gpu in GpuType::ALL {
-            assert_eq!(GpuType::from_code(gpu.code()), Some(gpu));
-        }
-        assert_eq!(GpuType::from_code(7), None);
-        assert_eq!(GpuType::from_code(-1), None);
     }
 
     #[test]

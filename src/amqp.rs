@@ -1,0 +1,227 @@
+//! RabbitMQ plumbing shared by the consumer (`server::mq`), the status publisher
+//! (`data::publisher`) and the `publish` tool: bounded connects and the idempotent
+//! declaration of the topology. Depends on lapin and `conf` only.
+//!
+//! Every broker call here is bounded by `connect_timeout`: lapin's connect and declares
+//! can wait forever on a broker that is down or refuses the vhost (amqp-rs/lapin#437,
+//! #470).
+
+use std::{future::Future, time::Duration};
+
+use lapin::{
+    Channel, Connection, ConnectionProperties, ExchangeKind,
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
+use secrecy::ExposeSecret;
+
+use crate::conf;
+
+/// AMQP `type` of the status events this service publishes; its consumer acknowledges
+/// and ignores messages of this type should an operator bind too widely.
+pub const STATUS_EVENT_TYPE: &str = "mq.v1.InstanceStatusChanged";
+
+/// Why a broker call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    /// The broker refused or dropped the call.
+    #[error("{what}: {source}")]
+    Broker {
+        /// The call.
+        what: &'static str,
+        /// lapin's error.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The broker did not answer in time.
+    #[error("{what}: no answer within {timeout:?}")]
+    Timeout {
+        /// The call.
+        what: &'static str,
+        /// The bound.
+        timeout: Duration,
+    },
+}
+
+/// Runs one broker call within `timeout`.
+///
+/// # Errors
+/// `AmqpError::Timeout` or the call's own error.
+pub async fn bounded<T>(
+    what: &'static str,
+    timeout: Duration,
+    call: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, AmqpError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(AmqpError::Broker { what, source }),
+        Err(_) => Err(AmqpError::Timeout { what, timeout }),
+    }
+}
+
+/// Connects to `conf.url` (whose password is never logged) within `conf.connect_timeout`.
+///
+/// # Errors
+/// `AmqpError`.
+pub async fn connect(conf: &conf::RabbitMq, name: &str) -> Result<Connection, AmqpError> {
+    let props =
+        ConnectionProperties::default().with_connection_name(LongString::from(name.to_owned()));
+    bounded(
+        "connect to RabbitMQ",
+        conf.connect_timeout,
+        Connection::connect(conf.url.expose_secret(), props),
+    )
+    .await
+}
+
+/// Opens a channel with publisher confirms on.
+///
+/// # Errors
+/// `AmqpError`.
+pub async fn confirm_channel(
+    conf: &conf::RabbitMq,
+    conn: &Connection,
+) -> Result<Channel, AmqpError> {
+    let channel = bounded("open a channel", conf.connect_timeout, conn.create_channel()).await?;
+    bounded(
+        "enable publisher confirms",
+        conf.connect_timeout,
+        channel.confirm_select(lapin::options::ConfirmSelectOptions::default()),
+    )
+    .await?;
+    Ok(channel)
+}
+
+/// Declares, idempotently: the durable topic exchange; the dead-letter fanout exchange
+/// and its queue; the event queue bound with `binding_key`; the retry queue that returns
+/// its messages to the event queue after `retry_delay`; and the status queue bound with
+/// `status_routing_key`.
+///
+/// # Errors
+/// `AmqpError` (a queue declared earlier with other arguments is refused by the broker).
+pub async fn declare_topology(conf: &conf::RabbitMq, channel: &Channel) -> Result<(), AmqpError> {
+    let t = conf.connect_timeout;
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    let queue = QueueDeclareOptions { durable: true, ..Default::default() };
+    bounded(
+        "declare the event exchange",
+        t,
+        channel.exchange_declare(
+            conf.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    bounded(
+        "declare the dead-letter exchange",
+        t,
+        channel.exchange_declare(
+            conf.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    bounded(
+        "declare the dead-letter queue",
+        t,
+        channel.queue_declare(conf.dead_letter_queue.as_str().into(), queue, FieldTable::default()),
+    )
+    .await?;
+    bounded(
+        "bind the dead-letter queue",
+        t,
+        channel.queue_bind(
+            conf.dead_letter_queue.as_str().into(),
+            conf.dead_letter_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    // Messages the broker itself dead-letters (e.g. a rejected delivery) land in the
+    // dead-letter queue too.
+    let mut events_args = FieldTable::default();
+    events_args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(conf.dead_letter_exchange.as_str().into()),
+    );
+    bounded(
+        "declare the event queue",
+        t,
+        channel.queue_declare(conf.queue.as_str().into(), queue, events_args),
+    )
+    .await?;
+    bounded(
+        "bind the event queue",
+        t,
+        channel.queue_bind(
+            conf.queue.as_str().into(),
+            conf.exchange.as_str().into(),
+            conf.binding_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    // The retry queue has no consumer: after the TTL its messages are dead-lettered
+    // through the default exchange straight back into the event queue.
+    let mut retry_args = FieldTable::default();
+    let ttl_ms = i64::try_from(conf.retry_delay.as_millis()).unwrap_or(i64::MAX);
+    retry_args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms));
+    retry_args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+    retry_args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(conf.queue.as_str().into()),
+    );
+    bounded(
+        "declare the retry queue",
+        t,
+        channel.queue_declare(conf.retry_queue.as_str().into(), queue, retry_args),
+    )
+    .await?;
+    bounded(
+        "declare the status queue",
+        t,
+        channel.queue_declare(conf.status_queue.as_str().into(), queue, FieldTable::default()),
+    )
+    .await?;
+    bounded(
+        "bind the status queue",
+        t,
+        channel.queue_bind(
+            conf.status_queue.as_str().into(),
+            conf.exchange.as_str().into(),
+            conf.status_routing_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A header value as text, when it is one.
+pub fn header_str(headers: Option<&FieldTable>, key: &str) -> Option<String> {
+    match headers?.inner().get(&ShortString::from(key))? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// A header value as an integer, when it is one.
+pub fn header_int(headers: Option<&FieldTable>, key: &str) -> Option<i64> {
+    match headers?.inner().get(&ShortString::from(key))? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        _ => None,
+    }
+}

@@ -1,0 +1,530 @@
+//! Commands on instances and the pure function that applies a batch of them to the state
+//! a repository loaded: every entry point (API, events, reconciler) goes through here, so
+//! there is one behaviour and one audit trail.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+
+use super::{Endpoint, Instance, InstanceId, InstanceSpec, InstanceStatus, Limits, validate_name};
+use crate::biz::{
+    Error,
+    audit::{Action, Actor, AuditEntry, Outcome as AuditOutcome},
+};
+
+/// Identity of an event for de-duplication: equal for redeliveries and duplicates of
+/// the same event, whatever their encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventKey(pub [u8; 16]);
+
+/// What a caller asks of an instance.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Create the instance (id chosen by the caller).
+    Create { id: InstanceId, user_id: String, name: String, spec: InstanceSpec },
+    /// Delete it.
+    Delete { id: InstanceId },
+    /// Start it.
+    Start { id: InstanceId },
+    /// Stop it.
+    Stop { id: InstanceId },
+    /// Replace its spec; `keep_config` keeps the current `config_json` (events carry none).
+    ChangeSpec { id: InstanceId, spec: InstanceSpec, keep_config: bool },
+    /// Reconcile it (or every instance) with the cluster.
+    Sync { id: Option<InstanceId> },
+    /// Refused before it reached an instance (malformed input); audited when the
+    /// instance exists.
+    Refused { id: Option<InstanceId>, action: Action, error: Error },
+}
+
+impl Command {
+    /// The instance concerned, if one.
+    pub fn instance_id(&self) -> Option<InstanceId> {
+        match self {
+            Command::Create { id, .. }
+            | Command::Delete { id }
+            | Command::Start { id }
+            | Command::Stop { id }
+            | Command::ChangeSpec { id, .. } => Some(*id),
+            Command::Sync { id } | Command::Refused { id, .. } => *id,
+        }
+    }
+
+    /// The audited action.
+    pub fn action(&self) -> Action {
+        match self {
+            Command::Create { .. } => Action::Create,
+            Command::Delete { .. } => Action::Delete,
+            Command::Start { .. } => Action::Start,
+            Command::Stop { .. } => Action::Stop,
+            Command::ChangeSpec { .. } => Action::ChangeSpec,
+            Command::Sync { .. } => Action::K8sSync,
+            Command::Refused { action, .. } => *action,
+        }
+    }
+}
+
+/// A command with who sent it and how to recognise it again.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// Set for events: a second command with the same key has no effect.
+    pub key: Option<EventKey>,
+    /// Who asks.
+    pub actor: Actor,
+    /// Request or message id, for the audit trail.
+    pub request_id: String,
+    /// What is asked.
+    pub command: Command,
+}
+
+/// How one command of a batch ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Applied and audited.
+    Applied(Instance),
+    /// Nothing to do (already there or heading there); audited as ignored.
+    Ignored { instance: Option<Instance>, note: String },
+    /// Seen before: no effect and no audit row.
+    Duplicate,
+    /// Refused; audited when the instance exists.
+    Rejected(Error),
+    /// The instance does not exist (yet): the caller may retry later.
+    Unknown(InstanceId),
+}
+
+/// A status change to publish through the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusChange {
+    /// The instance.
+    pub instance_id: InstanceId,
+    /// Its owner.
+    pub user_id: String,
+    /// The status entered.
+    pub status: InstanceStatus,
+    /// Why.
+    pub reason: String,
+    /// The Service host and ports, once known (`host:port,port`).
+    pub endpoint: String,
+    /// The instance version after the change.
+    pub version: i64,
+    /// When it was committed.
+    pub at: DateTime<Utc>,
+}
+
+/// What a repository loaded, under lock, for a batch.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Event keys already processed.
+    pub seen: HashSet<EventKey>,
+    /// The instances the batch names that exist.
+    pub instances: HashMap<InstanceId, Instance>,
+}
+
+/// What a batch writes, in one transaction.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Changes {
+    /// New instances, in their final state.
+    pub inserts: Vec<Instance>,
+    /// Changed instances in their final state, with the version they were loaded at.
+    pub updates: Vec<(Instance, i64)>,
+    /// Audit rows.
+    pub audit: Vec<AuditEntry>,
+    /// Status changes to publish.
+    pub outbox: Vec<StatusChange>,
+    /// Event keys now processed, with the instance id they concern (0 for none).
+    pub seen: Vec<(EventKey, i64)>,
+}
+
+impl Changes {
+    /// Whether nothing is to be written.
+    pub fn is_empty(&self) -> bool {
+        self.inserts.is_empty()
+            && self.updates.is_empty()
+            && self.audit.is_empty()
+            && self.outbox.is_empty()
+            && self.seen.is_empty()
+    }
+}
+
+/// What applying commands needs besides the state.
+#[derive(Debug, Clone, Copy)]
+pub struct Context {
+    /// The batch's clock.
+    pub now: DateTime<Utc>,
+    /// Bounds of specs and names.
+    pub limits: Limits,
+    /// `false`: no cluster to wait for, so CREATING, STOPPING and DELETING complete at once.
+    pub cluster_enabled: bool,
+}
+
+/// Applies `batch` in order to `snapshot`: the outcome of each command and everything
+/// to write. Pure: the same input always gives the same output.
+pub fn plan(batch: &[Envelope], snapshot: Snapshot, ctx: &Context) -> (Vec<Outcome>, Changes) {
+    let mut planner = Planner {
+        loaded: snapshot.instances.iter().map(|(id, i)| (*id, i.version)).collect(),
+        state: snapshot.instances,
+        seen: snapshot.seen,
+        created: Vec::new(),
+        dirty: Vec::new(),
+        changes: Changes::default(),
+        ctx,
+    };
+    let outcomes = batch.iter().map(|envelope| planner.apply(envelope)).collect();
+    let mut changes = planner.changes;
+    for id in planner.created {
+        changes.inserts.push(planner.state[&id].clone());
+    }
+    for id in planner.dirty {
+        changes.updates.push((planner.state[&id].clone(), planner.loaded[&id]));
+    }
+    (outcomes, changes)
+}
+
+struct Planner<'a> {
+    state: HashMap<InstanceId, Instance>,
+    loaded: HashMap<InstanceId, i64>,
+    seen: HashSet<EventKey>,
+    /// Created in this batch, in order.
+    created: Vec<InstanceId>,
+    /// Loaded and changed in this batch, in order.
+    dirty: Vec<InstanceId>,
+    changes: Changes,
+    ctx: &'a Context,
+}
+
+impl Planner<'_> {
+    fn apply(&mut self, envelope: &Envelope) -> Outcome {
+        if let Some(key) = envelope.key {
+            if self.seen.contains(&key) {
+                return Outcome::Duplicate;
+            }
+        }
+        let outcome = self.run(envelope);
+        if let (Some(key), Outcome::Applied(_) | Outcome::Ignored { .. }) = (envelope.key, &outcome)
+        {
+            // Rejected events are not remembered: once the cause is fixed, an operator
+            // can replay them from the dead-letter queue.
+            self.seen.insert(key);
+            let id = envelope.command.instance_id().map_or(0, InstanceId::get);
+            self.changes.seen.push((key, id));
+        }
+        outcome
+    }
+
+    fn run(&mut self, envelope: &Envelope) -> Outcome {
+        let action = envelope.command.action();
+        match &envelope.command {
+            Command::Create { id, user_id, name, spec } => {
+                self.create(envelope, *id, user_id, name, spec)
+            }
+            Command::Refused { id, error, .. } => self.reject(envelope, *id, action, error.clone()),
+            Command::Sync { id: None } => {
+                self.audit(envelope, 0, AuditOutcome::Ignored, self.sync_note(), None, None);
+                Outcome::Ignored { instance: None, note: self.sync_note() }
+            }
+            Command::Sync { id: Some(id) } => {
+                let Some(instance) = self.state.get(id).cloned() else {
+                    return Outcome::Unknown(*id);
+                };
+                let json = Some(snapshot_json(&instance));
+                self.audit(
+                    envelope,
+                    id.get(),
+                    AuditOutcome::Ignored,
+                    self.sync_note(),
+                    json.clone(),
+                    json,
+                );
+                Outcome::Ignored { instance: Some(instance), note: self.sync_note() }
+            }
+            Command::Delete { id } => self.lifecycle(envelope, *id, |i, ctx| match i.status {
+                InstanceStatus::Deleted | InstanceStatus::Deleting => Ok(None),
+                _ => {
+                    i.transition(InstanceStatus::Deleting, "deletion requested")?;
+                    if !ctx.cluster_enabled {
+                        i.transition(InstanceStatus::Deleted, "")?;
+                        i.deleted_at = Some(ctx.now);
+                        i.endpoint = Endpoint::default();
+                    }
+                    Ok(Some(()))
+                }
+            }),
+            Command::Stop { id } => self.lifecycle(envelope, *id, |i, ctx| match i.status {
+                InstanceStatus::Stopped | InstanceStatus::Stopping => Ok(None),
+                _ => {
+                    i.transition(InstanceStatus::Stopping, "stop requested")?;
+                    if !ctx.cluster_enabled {
+                        i.transition(InstanceStatus::Stopped, "")?;
+                        i.endpoint = Endpoint::default();
+                    }
+                    Ok(Some(()))
+                }
+            }),
+            Command::Start { id } => self.lifecycle(envelope, *id, |i, ctx| match i.status {
+                InstanceStatus::Running | InstanceStatus::Creating => Ok(None),
+                _ => {
+                    i.transition(InstanceStatus::Creating, "start requested")?;
+                    if !ctx.cluster_enabled {
+                        i.transition(InstanceStatus::Running, "")?;
+                    }
+                    Ok(Some(()))
+                }
+            }),
+            Command::ChangeSpec { id, spec, keep_config } => {
+                if let Err(e) = spec.validate(&self.ctx.limits) {
+                    return self.reject(envelope, Some(*id), action, e);
+                }
+                self.lifecycle(envelope, *id, |i, ctx| {
+                    let mut spec = spec.clone();
+                    if *keep_config {
+                        spec.config = i.spec.config.clone();
+                    }
+                    if matches!(i.status, InstanceStatus::Deleting | InstanceStatus::Deleted) {
+                        return Err(Error::NotAllowed {
+                            instance_id: i.id.get(),
+                            action: "change its spec",
+                            status: i.status,
+                        });
+                    }
+                    if i.spec == spec {
+                        return Ok(None);
+                    }
+                    i.spec = spec;
+                    // A running workload is replaced: its Pod goes, then comes back.
+                    if i.status == InstanceStatus::Running {
+                        i.transition(
+                            InstanceStatus::Creating,
+                            "spec changed: replacing the workload",
+                        )?;
+                        if !ctx.cluster_enabled {
+                            i.transition(InstanceStatus::Running, "")?;
+                        }
+                    }
+                    Ok(Some(()))
+                })
+            }
+        }
+    }
+
+    fn sync_note(&self) -> String {
+        if self.ctx.cluster_enabled {
+            "handed to the reconciler".into()
+        } else {
+            "kubernetes disabled: nothing to reconcile".into()
+        }
+    }
+
+    fn create(
+        &mut self,
+        envelope: &Envelope,
+        id: InstanceId,
+        user_id: &str,
+        name: &str,
+        spec: &InstanceSpec,
+    ) -> Outcome {
+        if let Err(e) =
+            validate_name(name, &self.ctx.limits).and_then(|()| spec.validate(&self.ctx.limits))
+        {
+            return self.reject(envelope, Some(id), Action::Create, e);
+        }
+        if user_id.is_empty() {
+            return self.reject(
+                envelope,
+                Some(id),
+                Action::Create,
+                Error::invalid("user_id", "required"),
+            );
+        }
+        if let Some(existing) = self.state.get(&id).cloned() {
+            let same =
+                existing.user_id == user_id && existing.name == name && existing.spec == *spec;
+            if same && existing.deleted_at.is_none() {
+                let note = "instance already exists with the same owner, name and spec".to_owned();
+                let json = Some(snapshot_json(&existing));
+                self.audit(
+                    envelope,
+                    id.get(),
+                    AuditOutcome::Ignored,
+                    note.clone(),
+                    json.clone(),
+                    json,
+                );
+                return Outcome::Ignored { instance: Some(existing), note };
+            }
+            return self.reject(
+                envelope,
+                Some(id),
+                Action::Create,
+                Error::InstanceAlreadyExists { instance_id: id.get() },
+            );
+        }
+        let mut instance = Instance {
+            id,
+            user_id: user_id.to_owned(),
+            name: name.to_owned(),
+            status: InstanceStatus::Creating,
+            status_reason: String::new(),
+            spec: spec.clone(),
+            endpoint: Endpoint::default(),
+            created_at: self.ctx.now,
+            updated_at: self.ctx.now,
+            deleted_at: None,
+            version: 1,
+        };
+        if !self.ctx.cluster_enabled {
+            instance
+                .transition(InstanceStatus::Running, "")
+                .expect("CREATING -> RUNNING is in the table");
+        }
+        self.audit(
+            envelope,
+            id.get(),
+            AuditOutcome::Ok,
+            String::new(),
+            None,
+            Some(snapshot_json(&instance)),
+        );
+        self.publish(&instance);
+        self.state.insert(id, instance.clone());
+        self.created.push(id);
+        Outcome::Applied(instance)
+    }
+
+    /// Runs a lifecycle change on an existing instance. `change` returns `Ok(None)` for
+    /// an audited no-op, `Ok(Some(()))` when it changed the instance.
+    fn lifecycle(
+        &mut self,
+        envelope: &Envelope,
+        id: InstanceId,
+        change: impl FnOnce(&mut Instance, &Context) -> Result<Option<()>, Error>,
+    ) -> Outcome {
+        let Some(current) = self.state.get(&id).cloned() else {
+            return Outcome::Unknown(id);
+        };
+        let mut next = current.clone();
+        match change(&mut next, self.ctx) {
+            Err(e) => self.reject(envelope, Some(id), envelope.command.action(), e),
+            Ok(None) => {
+                let note = format!("already {}", current.status);
+                let json = Some(snapshot_json(&current));
+                self.audit(
+                    envelope,
+                    id.get(),
+                    AuditOutcome::Ignored,
+                    note.clone(),
+                    json.clone(),
+                    json,
+                );
+                Outcome::Ignored { instance: Some(current), note }
+            }
+            Ok(Some(())) => {
+                next.version = current.version + 1;
+                next.updated_at = self.ctx.now;
+                let (before, after) = (snapshot_json(&current), snapshot_json(&next));
+                self.audit(
+                    envelope,
+                    id.get(),
+                    AuditOutcome::Ok,
+                    String::new(),
+                    Some(before),
+                    Some(after),
+                );
+                if next.status != current.status {
+                    self.publish(&next);
+                }
+                if !self.created.contains(&id) && !self.dirty.contains(&id) {
+                    self.dirty.push(id);
+                }
+                self.state.insert(id, next.clone());
+                Outcome::Applied(next)
+            }
+        }
+    }
+
+    fn reject(
+        &mut self,
+        envelope: &Envelope,
+        id: Option<InstanceId>,
+        _action: Action,
+        error: Error,
+    ) -> Outcome {
+        // Audited only where the instance is known.
+        if let Some(instance) = id.and_then(|id| self.state.get(&id)).cloned() {
+            let json = Some(snapshot_json(&instance));
+            let reason = format!("{}: {error}", error.reason());
+            self.audit(
+                envelope,
+                instance.id.get(),
+                AuditOutcome::Rejected,
+                reason,
+                json.clone(),
+                json,
+            );
+        }
+        Outcome::Rejected(error)
+    }
+
+    fn audit(
+        &mut self,
+        envelope: &Envelope,
+        instance_id: i64,
+        outcome: AuditOutcome,
+        reason: String,
+        before: Option<serde_json::Value>,
+        after: Option<serde_json::Value>,
+    ) {
+        self.changes.audit.push(AuditEntry {
+            instance_id,
+            actor: envelope.actor.clone(),
+            action: envelope.command.action(),
+            outcome,
+            reason,
+            request_id: envelope.request_id.clone(),
+            before,
+            after,
+            at: self.ctx.now,
+        });
+    }
+
+    fn publish(&mut self, instance: &Instance) {
+        self.changes.outbox.push(StatusChange {
+            instance_id: instance.id,
+            user_id: instance.user_id.clone(),
+            status: instance.status,
+            reason: instance.status_reason.clone(),
+            endpoint: endpoint_string(&instance.endpoint),
+            version: instance.version,
+            at: self.ctx.now,
+        });
+    }
+}
+
+/// `host:port,port`, or empty before the instance has a Service.
+fn endpoint_string(e: &Endpoint) -> String {
+    if e.service_host.is_empty() {
+        return String::new();
+    }
+    let ports: Vec<String> = e.ports.iter().map(|p| p.port.to_string()).collect();
+    if ports.is_empty() {
+        e.service_host.clone()
+    } else {
+        format!("{}:{}", e.service_host, ports.join(","))
+    }
+}
+
+/// The audited view of an instance: what a reader of the trail needs to see change.
+pub fn snapshot_json(i: &Instance) -> serde_json::Value {
+    serde_json::json!({
+        "user_id": i.user_id,
+        "name": i.name,
+        "status": i.status.as_str(),
+        "status_reason": i.status_reason,
+        "spec": {
+            "cpu": i.spec.cpu,
+            "memory": i.spec.memory_mb,
+            "gpu": i.spec.gpu.code(),
+            "image": i.spec.image,
+        },
+        "version": i.version,
+    })
+}

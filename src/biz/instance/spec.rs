@@ -1,0 +1,399 @@
+//! What an instance runs: its spec, GPU types, image references, and their validation.
+
+use super::Error;
+
+/// Bounds every spec and name must respect (`limits.*` in the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most CPU cores an instance may ask for.
+    pub max_cpu: i32,
+    /// Most memory (MB) an instance may ask for.
+    pub max_memory_mb: i32,
+    /// Longest name, in characters.
+    pub max_name_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_cpu: 128, max_memory_mb: 1_048_576, max_name_len: 128 }
+    }
+}
+
+/// GPU type, by the codes of the original service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum GpuType {
+    /// No GPU (code 0).
+    #[default]
+    None,
+    /// Tesla V100 (1).
+    TeslaV100,
+    /// Tesla A100 (2).
+    TeslaA100,
+    /// Tesla H100 (3).
+    TeslaH100,
+    /// Tesla T4 (4).
+    TeslaT4,
+    /// RTX 3090 (5).
+    Rtx3090,
+    /// RTX 4060 Mobile (6).
+    Rtx4060Mobile,
+}
+
+impl GpuType {
+    /// Every type, by code.
+    pub const ALL: [GpuType; 7] = [
+        GpuType::None,
+        GpuType::TeslaV100,
+        GpuType::TeslaA100,
+        GpuType::TeslaH100,
+        GpuType::TeslaT4,
+        GpuType::Rtx3090,
+        GpuType::Rtx4060Mobile,
+    ];
+
+    /// The stored code.
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+
+    /// The type with `code`, if any.
+    pub fn from_code(code: i32) -> Option<GpuType> {
+        usize::try_from(code).ok().and_then(|i| GpuType::ALL.get(i).copied())
+    }
+
+    /// Full model name (`"Tesla A100"`); empty for none.
+    pub fn model(self) -> &'static str {
+        match self {
+            GpuType::None => "",
+            GpuType::TeslaV100 => "Tesla V100",
+            GpuType::TeslaA100 => "Tesla A100",
+            GpuType::TeslaH100 => "Tesla H100",
+            GpuType::TeslaT4 => "Tesla T4",
+            GpuType::Rtx3090 => "RTX 3090",
+            GpuType::Rtx4060Mobile => "RTX 4060 Mobile",
+        }
+    }
+
+    /// Short model name as producers send it (`"A100"`).
+    pub fn short(self) -> &'static str {
+        match self {
+            GpuType::None => "",
+            GpuType::TeslaV100 => "V100",
+            GpuType::TeslaA100 => "A100",
+            GpuType::TeslaH100 => "H100",
+            GpuType::TeslaT4 => "T4",
+            GpuType::Rtx3090 => "3090",
+            GpuType::Rtx4060Mobile => "4060 Mobile",
+        }
+    }
+
+    /// Parses a model as events carry it: the short model, the full name, any case, or
+    /// the code as digits. Empty means none.
+    ///
+    /// # Errors
+    /// `InvalidGpuType` for anything else.
+    pub fn parse(raw: &str) -> Result<GpuType, Error> {
+        let s = raw.trim();
+        if s.is_empty() || s.eq_ignore_ascii_case("none") {
+            return Ok(GpuType::None);
+        }
+        if s.bytes().all(|b| b.is_ascii_digit()) {
+            if let Some(gpu) = s.parse().ok().and_then(GpuType::from_code) {
+                return Ok(gpu);
+            }
+        }
+        let wanted = normalize_model(s);
+        GpuType::ALL
+            .into_iter()
+            .skip(1)
+            .find(|gpu| {
+                wanted == normalize_model(gpu.model())
+                    || wanted == normalize_model(gpu.short())
+                    || wanted == format!("RTX{}", normalize_model(gpu.short()))
+            })
+            .ok_or_else(|| Error::InvalidGpuType { value: raw.to_owned() })
+    }
+}
+
+fn normalize_model(s: &str) -> String {
+    s.chars().filter(|c| !c.is_whitespace() && *c != '-').flat_map(char::to_uppercase).collect()
+}
+
+/// What an instance runs on and what it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceSpec {
+    /// CPU cores, at least 1.
+    pub cpu: i32,
+    /// Memory in MB, at least 1.
+    pub memory_mb: i32,
+    /// GPU type.
+    pub gpu: GpuType,
+    /// Container image reference.
+    pub image: String,
+    /// Free-form container configuration (a JSON object).
+    pub config: serde_json::Value,
+}
+
+impl InstanceSpec {
+    /// Checks the spec against `limits` and the image grammar.
+    ///
+    /// # Errors
+    /// `InvalidSpec` naming the field.
+    pub fn validate(&self, limits: &Limits) -> Result<(), Error> {
+        if !(1..=limits.max_cpu).contains(&self.cpu) {
+            return Err(Error::InvalidSpec {
+                field: "cpu",
+                message: format!("must be between 1 and {}, got {}", limits.max_cpu, self.cpu),
+            });
+        }
+        if !(1..=limits.max_memory_mb).contains(&self.memory_mb) {
+            return Err(Error::InvalidSpec {
+                field: "memory",
+                message: format!(
+                    "must be between 1 and {} MB, got {}",
+                    limits.max_memory_mb, self.memory_mb
+                ),
+            });
+        }
+        validate_image(&self.image)?;
+        if !self.config.is_object() {
+            return Err(Error::InvalidSpec {
+                field: "config_json",
+                message: "must be a JSON object".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Checks an instance name: 1 to `limits.max_name_len` characters, no control characters.
+///
+/// # Errors
+/// `InvalidArgument` for `name`.
+pub fn validate_name(name: &str, limits: &Limits) -> Result<(), Error> {
+    let len = name.chars().count();
+    if len == 0 || len > limits.max_name_len {
+        return Err(Error::invalid(
+            "name",
+            format!("must be 1 to {} characters, got {len}", limits.max_name_len),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Error::invalid("name", "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// Checks a container image reference against the OCI distribution grammar:
+/// `[registry[:port]/]path[:tag][@algorithm:digest]`, path components lower case.
+///
+/// # Errors
+/// `InvalidSpec` for `image`, saying what is wrong.
+pub fn validate_image(image: &str) -> Result<(), Error> {
+    let bad = |why: &str| Error::InvalidSpec {
+        field: "image",
+        message: format!("{image:?} is not a valid image reference: {why}"),
+    };
+    if image.is_empty() || image.len() > 512 {
+        return Err(bad("must be 1 to 512 characters"));
+    }
+    let (name_tag, digest) = match image.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (image, None),
+    };
+    if let Some(digest) = digest {
+        let (algo, hex) =
+            digest.split_once(':').ok_or_else(|| bad("digest needs algorithm:hex"))?;
+        let algo_ok = !algo.is_empty()
+            && algo
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+._-".contains(c));
+        let hex_ok = hex.len() >= 32 && hex.chars().all(|c| c.is_ascii_hexdigit());
+        if !algo_ok || !hex_ok {
+            return Err(bad("malformed digest"));
+        }
+    }
+    // A tag follows the last ':' that comes after the last '/'.
+    let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match name_tag[last_slash..].rfind(':') {
+        Some(i) => (&name_tag[..last_slash + i], Some(&name_tag[last_slash + i + 1..])),
+        None => (name_tag, None),
+    };
+    if let Some(tag) = tag {
+        let mut chars = tag.chars();
+        let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !first_ok
+            || tag.len() > 128
+            || !chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        {
+            return Err(bad("malformed tag"));
+        }
+    }
+    let mut components: Vec<&str> = name.split('/').collect();
+    // The first component is a registry host when it has a '.' or ':' or is localhost.
+    if components.len() > 1 {
+        let host = components[0];
+        if host.contains('.') || host.contains(':') || host == "localhost" {
+            let (h, port) = host.split_once(':').map_or((host, None), |(h, p)| (h, Some(p)));
+            let host_ok = !h.is_empty()
+                && h.split('.').all(|label| {
+                    !label.is_empty()
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                        && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                });
+            let port_ok = port.is_none_or(|p| {
+                !p.is_empty() && p.len() <= 5 && p.chars().all(|c| c.is_ascii_digit())
+            });
+            if !host_ok || !port_ok {
+                return Err(bad("malformed registry host"));
+            }
+            components.remove(0);
+        }
+    }
+    for component in components {
+        if !path_component_ok(component) {
+            return Err(bad(
+                "path components are lower-case letters and digits separated by '.', '_', '__' or '-'",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn path_component_ok(c: &str) -> bool {
+    let bytes = c.as_bytes();
+    if bytes.is_empty() || !is_alnum(bytes[0]) || !is_alnum(bytes[bytes.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if is_alnum(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        // A separator: '.', '_', '__' or a run of '-', followed by an alphanumeric.
+        let start = i;
+        match bytes[i] {
+            b'.' => i += 1,
+            b'_' => i += if bytes.get(i + 1) == Some(&b'_') { 2 } else { 1 },
+            b'-' => {
+                while bytes.get(i) == Some(&b'-') {
+                    i += 1;
+                }
+            }
+            _ => return false,
+        }
+        if i == start || !bytes.get(i).copied().is_some_and(is_alnum) {
+            return false;
+        }
+    }
+    true
+}
+
+fn is_alnum(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_models_parse_from_every_accepted_spelling() {
+        let cases = [
+            ("A100", GpuType::TeslaA100),
+            ("a100", GpuType::TeslaA100),
+            ("Tesla A100", GpuType::TeslaA100),
+            ("tesla-a100", GpuType::TeslaA100),
+            ("2", GpuType::TeslaA100),
+            ("", GpuType::None),
+            ("0", GpuType::None),
+            ("V100", GpuType::TeslaV100),
+            ("H100", GpuType::TeslaH100),
+            ("t4", GpuType::TeslaT4),
+            ("RTX 3090", GpuType::Rtx3090),
+            ("3090", GpuType::Rtx3090),
+            ("RTX 4060 Mobile", GpuType::Rtx4060Mobile),
+            ("6", GpuType::Rtx4060Mobile),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(GpuType::parse(raw).unwrap(), want, "{raw}");
+        }
+        for raw in ["B200", "7", "-1", "A1000", "Tesla"] {
+            assert!(GpuType::parse(raw).is_err(), "{raw} should be rejected");
+        }
+    }
+
+    #[test]
+    fn gpu_codes_round_trip() {
+        for gpu in GpuType::ALL {
+            assert_eq!(GpuType::from_code(gpu.code()), Some(gpu));
+        }
+        assert_eq!(GpuType::from_code(7), None);
+        assert_eq!(GpuType::from_code(-1), None);
+    }
+
+    #[test]
+    fn valid_image_references_are_accepted() {
+        for image in [
+            "ubuntu:22.04",
+            "ubuntu",
+            "library/ubuntu:latest",
+            "nvcr.io/nvidia/pytorch:24.01-py3",
+            "localhost:5000/team/app_v2:1.0",
+            "registry.example.com/a/b/c",
+            "ghcr.io/org/my-app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "my__app/x.y-z:_tag",
+        ] {
+            assert!(validate_image(image).is_ok(), "{image}");
+        }
+    }
+
+    #[test]
+    fn invalid_image_references_are_refused() {
+        for image in [
+            "",
+            "Ubuntu:22.04",
+            "ubuntu:",
+            "ubuntu::1",
+            "-ubuntu",
+            "ubuntu/",
+            "/ubuntu",
+            "ubu ntu",
+            "ubuntu:22.04 ; rm -rf /",
+            "ubuntu@sha256:xyz",
+            "ubuntu:.bad",
+            "a..b",
+        ] {
+            assert!(validate_image(image).is_err(), "{image:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn specs_are_checked_against_the_limits() {
+        let limits = Limits { max_cpu: 8, max_memory_mb: 1024, max_name_len: 4 };
+        let spec = InstanceSpec {
+            cpu: 8,
+            memory_mb: 1024,
+            gpu: GpuType::None,
+            image: "ubuntu:22.04".into(),
+            config: serde_json::json!({}),
+        };
+        assert!(spec.validate(&limits).is_ok());
+        for bad in [
+            InstanceSpec { cpu: 0, ..spec.clone() },
+            InstanceSpec { cpu: 9, ..spec.clone() },
+            InstanceSpec { memory_mb: 0, ..spec.clone() },
+            InstanceSpec { memory_mb: 1025, ..spec.clone() },
+            InstanceSpec { image: "BAD".into(), ..spec.clone() },
+            InstanceSpec { config: serde_json::json!([1]), ..spec.clone() },
+        ] {
+            assert!(matches!(bad.validate(&limits), Err(Error::InvalidSpec { .. })), "{bad:?}");
+        }
+        assert!(validate_name("abcd", &limits).is_ok());
+        assert!(validate_name("", &limits).is_err());
+        assert!(validate_name("abcde", &limits).is_err());
+        assert!(validate_name("a\nb", &limits).is_err());
+    }
+}

@@ -1,0 +1,102 @@
+//! `OutboxRepo` on PostgreSQL: claims with a lease (`FOR UPDATE SKIP LOCKED`), so several
+//! replicas share the outbox and no transaction is held while publishing.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use super::map_sqlx;
+use crate::biz::{InstanceId, InstanceStatus, OutboxRepo, Pending, RepoError, StatusChange};
+
+/// The outbox in PostgreSQL.
+#[derive(Clone)]
+pub struct PgOutboxRepo {
+    pool: PgPool,
+}
+
+impl PgOutboxRepo {
+    /// A repository over `pool`.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct OutboxRow {
+    id: i64,
+    instance_id: i64,
+    user_id: String,
+    status: String,
+    reason: String,
+    endpoint: String,
+    version: i64,
+    changed_at: DateTime<Utc>,
+}
+
+impl TryFrom<OutboxRow> for Pending {
+    type Error = RepoError;
+
+    fn try_from(r: OutboxRow) -> Result<Self, RepoError> {
+        let corrupt = |what: String| RepoError::Internal(what.into());
+        Ok(Pending {
+            id: r.id,
+            change: StatusChange {
+                instance_id: InstanceId::try_from(r.instance_id).map_err(|_| {
+                    corrupt(format!("outbox row {} has instance_id {}", r.id, r.instance_id))
+                })?,
+                status: r.status.parse::<InstanceStatus>().map_err(|_| {
+                    corrupt(format!("outbox row {} has status {:?}", r.id, r.status))
+                })?,
+                user_id: r.user_id,
+                reason: r.reason,
+                endpoint: r.endpoint,
+                version: r.version,
+                at: r.changed_at,
+            },
+        })
+    }
+}
+
+#[async_trait]
+impl OutboxRepo for PgOutboxRepo {
+    async fn claim(&self, limit: u32, lease: Duration) -> Result<Vec<Pending>, RepoError> {
+        let rows: Vec<OutboxRow> = sqlx::query_as(
+            "UPDATE status_outbox SET claimed_until = now() + make_interval(secs => $1), \
+             attempts = attempts + 1 \
+             WHERE id IN (SELECT id FROM status_outbox \
+                          WHERE claimed_until IS NULL OR claimed_until < now() \
+                          ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, instance_id, user_id, status, reason, endpoint, version, changed_at",
+        )
+        .bind(lease.as_secs_f64())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        let mut pending: Vec<Pending> =
+            rows.into_iter().map(Pending::try_from).collect::<Result<_, _>>()?;
+        // RETURNING does not keep the subquery's order; publish oldest first.
+        pending.sort_by_key(|p| p.id);
+        Ok(pending)
+    }
+
+    async fn remove(&self, ids: &[i64]) -> Result<(), RepoError> {
+        sqlx::query("DELETE FROM status_outbox WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+
+    async fn prune_processed_events(&self, before: DateTime<Utc>) -> Result<u64, RepoError> {
+        let done = sqlx::query("DELETE FROM processed_events WHERE processed_at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(done.rows_affected())
+    }
+}

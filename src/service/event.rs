@@ -1,0 +1,251 @@
+//! Lifecycle events (`mq.v1.Event`) mapped onto the same use cases as the API, and each
+//! outcome mapped onto what the consumer does with the delivery.
+
+use std::sync::Arc;
+
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    biz::{
+        Action, Actor, Command, Envelope, Error, EventKey, GpuType, InstanceId, InstanceSpec,
+        InstanceUsecase, Outcome,
+    },
+    pb::mq::v1 as pb,
+};
+
+/// One delivery, decoded (or not) by the transport.
+#[derive(Debug)]
+pub struct Inbound {
+    /// The event, or why the body could not be decoded.
+    pub event: Result<pb::Event, String>,
+    /// AMQP message id, or a transport-made id, for the audit trail.
+    pub message_id: String,
+}
+
+/// What the consumer does with a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Applied, ignored as a no-op, or a duplicate: acknowledge.
+    Ack,
+    /// Bad input: dead-letter with this reason and acknowledge.
+    DeadLetter {
+        /// `ErrorReason` value name.
+        reason: &'static str,
+        /// Human-readable cause.
+        message: String,
+    },
+    /// The instance does not exist yet: try again later (a bounded number of times).
+    RetryLater,
+}
+
+/// Applies events, for the RabbitMQ consumer.
+pub struct EventService {
+    instances: Arc<InstanceUsecase>,
+}
+
+impl EventService {
+    /// Events over `instances`.
+    pub fn new(instances: Arc<InstanceUsecase>) -> Self {
+        Self { instances }
+    }
+
+    /// Applies a batch in order, in one transaction.
+    ///
+    /// # Errors
+    /// The whole batch failed and nothing was applied (`Unavailable`: retry later).
+    pub async fn handle(&self, batch: &[Inbound]) -> Result<Vec<Disposition>, Error> {
+        let envelopes: Vec<Envelope> = batch.iter().map(envelope).collect();
+        let outcomes = self.instances.execute(&envelopes).await?;
+        Ok(outcomes.into_iter().map(disposition).collect())
+    }
+}
+
+/// The de-duplication key of an event: equal for equal content, whatever the encoding
+/// (protobuf or JSON) it arrived in.
+pub fn event_key(event: &pb::Event) -> EventKey {
+    let digest = Sha256::digest(event.encode_to_vec());
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&digest[..16]);
+    EventKey(key)
+}
+
+fn envelope(inbound: &Inbound) -> Envelope {
+    let (key, command) = match &inbound.event {
+        Ok(event) => (Some(event_key(event)), command(event)),
+        Err(why) => (
+            None,
+            Command::Refused {
+                id: None,
+                action: Action::Create,
+                error: Error::InvalidEvent { message: why.clone() },
+            },
+        ),
+    };
+    Envelope { key, actor: Actor::mq(), request_id: inbound.message_id.clone(), command }
+}
+
+/// Maps an event onto a command, refusing what is malformed.
+fn command(e: &pb::Event) -> Command {
+    let event_type = pb::EventType::try_from(e.event_type).unwrap_or(pb::EventType::Unspecified);
+    let action = match event_type {
+        pb::EventType::InstanceCreated => Action::Create,
+        pb::EventType::InstanceDeleted => Action::Delete,
+        pb::EventType::InstanceSpecChanged => Action::ChangeSpec,
+        pb::EventType::InstanceStarted => Action::Start,
+        pb::EventType::InstanceStopped => Action::Stop,
+        pb::EventType::InstanceK8sSync => Action::K8sSync,
+        pb::EventType::Unspecified => {
+            let message = format!("unknown event_type {}", e.event_type);
+            return Command::Refused {
+                id: None,
+                action: Action::Create,
+                error: Error::InvalidEvent { message },
+            };
+        }
+    };
+    if event_type == pb::EventType::InstanceK8sSync && e.instance_id == 0 {
+        return Command::Sync { id: None };
+    }
+    let id = match InstanceId::try_from(e.instance_id) {
+        Ok(id) => id,
+        Err(error) => return Command::Refused { id: None, action, error },
+    };
+    let refused = |error| Command::Refused { id: Some(id), action, error };
+    match event_type {
+        pb::EventType::InstanceCreated => {
+            if e.user_id == 0 {
+                return refused(Error::invalid("user_id", "required for INSTANCE_CREATED"));
+            }
+            match spec(e) {
+                Ok(spec) => Command::Create {
+                    id,
+                    user_id: e.user_id.to_string(),
+                    name: e.name.clone(),
+                    spec,
+                },
+                Err(error) => refused(error),
+            }
+        }
+        pb::EventType::InstanceSpecChanged => match spec(e) {
+            Ok(spec) => Command::ChangeSpec { id, spec, keep_config: true },
+            Err(error) => refused(error),
+        },
+        pb::EventType::InstanceDeleted => Command::Delete { id },
+        pb::EventType::InstanceStarted => Command::Start { id },
+        pb::EventType::InstanceStopped => Command::Stop { id },
+        pb::EventType::InstanceK8sSync => Command::Sync { id: Some(id) },
+        pb::EventType::Unspecified => unreachable!("handled above"),
+    }
+}
+
+fn spec(e: &pb::Event) -> Result<InstanceSpec, Error> {
+    let Some(s) = &e.spec else {
+        return Err(Error::InvalidSpec { field: "spec", message: "is required".into() });
+    };
+    Ok(InstanceSpec {
+        cpu: s.cpus,
+        memory_mb: s.memory_mb,
+        gpu: GpuType::parse(&s.gpu)?,
+        image: s.image.clone(),
+        config: serde_json::Value::Object(serde_json::Map::new()),
+    })
+}
+
+fn disposition(outcome: Outcome) -> Disposition {
+    match outcome {
+        Outcome::Applied(_) | Outcome::Ignored { .. } | Outcome::Duplicate => Disposition::Ack,
+        Outcome::Rejected(error) => {
+            Disposition::DeadLetter { reason: error.reason(), message: error.to_string() }
+        }
+        Outcome::Unknown(_) => Disposition::RetryLater,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The seed's JSON example, byte for byte.
+    pub const SEED_JSON: &str = r#"{
+  "event_type": "INSTANCE_CREATED",
+  "instance_id": 1234567890,
+  "user_id": 123,
+  "name": "GPU 计算实例",
+  "spec": {
+    "cpus": 8,
+    "memory_mb": 32768,
+    "gpu": "A100",
+    "image": "ubuntu:22.04"
+  },
+  "timestamp": 1705478400
+}"#;
+
+    #[test]
+    fn the_seed_example_maps_to_a_create() {
+        let event: pb::Event = serde_json::from_str(SEED_JSON).unwrap();
+
+        let Command::Create { id, user_id, name, spec } = command(&event) else {
+            panic!("not a create");
+        };
+
+        assert_eq!(id.get(), 1_234_567_890);
+        assert_eq!(user_id, "123");
+        assert_eq!(name, "GPU 计算实例");
+        assert_eq!((spec.cpu, spec.memory_mb, spec.gpu), (8, 32768, GpuType::TeslaA100));
+        assert_eq!(spec.image, "ubuntu:22.04");
+    }
+
+    #[test]
+    fn the_key_ignores_the_encoding() {
+        let from_json: pb::Event = serde_json::from_str(SEED_JSON).unwrap();
+        let camel = SEED_JSON
+            .replace("event_type", "eventType")
+            .replace("\"instance_id\": 1234567890", "\"instanceId\": \"1234567890\"");
+        let from_camel: pb::Event = serde_json::from_str(&camel).unwrap();
+        let from_proto = pb::Event::decode(from_json.encode_to_vec().as_slice()).unwrap();
+
+        assert_eq!(event_key(&from_json), event_key(&from_camel));
+        assert_eq!(event_key(&from_json), event_key(&from_proto));
+        let mut later = from_json.clone();
+        later.timestamp += 1;
+        assert_ne!(event_key(&from_json), event_key(&later));
+    }
+
+    #[test]
+    fn malformed_events_are_refused_with_a_reason() {
+        let base: pb::Event = serde_json::from_str(SEED_JSON).unwrap();
+        let cases = [
+            (pb::Event { event_type: 0, ..base.clone() }, "INVALID_EVENT"),
+            (pb::Event { event_type: 42, ..base.clone() }, "INVALID_EVENT"),
+            (pb::Event { instance_id: 0, ..base.clone() }, "INVALID_ARGUMENT"),
+            (pb::Event { instance_id: -1, ..base.clone() }, "INVALID_ARGUMENT"),
+            (pb::Event { user_id: 0, ..base.clone() }, "INVALID_ARGUMENT"),
+            (pb::Event { spec: None, ..base.clone() }, "INVALID_SPEC"),
+            (
+                pb::Event {
+                    spec: Some(pb::InstanceSpec {
+                        gpu: "B200".into(),
+                        ..base.spec.clone().unwrap()
+                    }),
+                    ..base.clone()
+                },
+                "INVALID_GPU_TYPE",
+            ),
+        ];
+        for (event, reason) in cases {
+            let Command::Refused { error, .. } = command(&event) else {
+                panic!("accepted: {event:?}");
+            };
+            assert_eq!(error.reason(), reason, "{event:?}");
+        }
+    }
+
+    #[test]
+    fn a_global_sync_is_the_only_event_with_id_zero() {
+        let sync =
+            pb::Event { event_type: pb::EventType::InstanceK8sSync as i32, ..Default::default() };
+
+        assert!(matches!(command(&sync), Command::Sync { id: None }));
+    }
+}

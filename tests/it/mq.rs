@@ -1,0 +1,595 @@
+//! Event ingestion against the real RabbitMQ and PostgreSQL: every event type, the seed
+//! example, duplicates, bad input, outages, crashes and the status outbox.
+
+use std::time::Duration;
+
+use lapin::{
+    BasicProperties, Channel, Connection,
+    message::BasicGetMessage,
+    options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions},
+    types::{AMQPValue, FieldTable},
+};
+use prost::Message;
+use resource::pb::mq::v1::{Event, EventType, InstanceSpec, InstanceStatusChanged};
+
+use crate::{
+    helpers::{AppOptions, TestApp, amqp_url, spawn_app, spawn_app_with},
+    proxy::{Proxy, target_of},
+};
+
+/// The seed's JSON example (`seeds/001_*`), byte for byte.
+const SEED_JSON: &str = r#"{
+  "event_type": "INSTANCE_CREATED",
+  "instance_id": 1234567890,
+  "user_id": 123,
+  "name": "GPU 计算实例",
+  "spec": {
+    "cpus": 8,
+    "memory_mb": 32768,
+    "gpu": "A100",
+    "image": "ubuntu:22.04"
+  },
+  "timestamp": 1705478400
+}"#;
+
+/// The test's own connection to the broker, for publishing and inspecting queues.
+struct Broker {
+    _conn: Connection,
+    channel: Channel,
+}
+
+impl Broker {
+    async fn connect() -> Self {
+        let conn =
+            Connection::connect(&amqp_url(), Default::default()).await.expect("reach RabbitMQ");
+        let channel = conn.create_channel().await.unwrap();
+        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        Self { _conn: conn, channel }
+    }
+
+    async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+    }
+
+    async fn publish(&self, app: &TestApp, event: &Event) {
+        let key = routing_key(event);
+        self.publish_raw(
+            &app.mq.exchange,
+            &key,
+            &event.encode_to_vec(),
+            BasicProperties::default(),
+        )
+        .await;
+    }
+
+    async fn publish_json(&self, app: &TestApp, routing_key: &str, body: &str) {
+        let props = BasicProperties::default().with_content_type("application/json".into());
+        self.publish_raw(&app.mq.exchange, routing_key, body.as_bytes(), props).await;
+    }
+
+    /// Takes one message from `queue`, waiting up to `wait`.
+    async fn get(&self, queue: &str, wait: Duration) -> Option<BasicGetMessage> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let got = self
+                .channel
+                .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap();
+            if got.is_some() || tokio::time::Instant::now() > deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn routing_key(event: &Event) -> String {
+    let kind = match EventType::try_from(event.event_type) {
+        Ok(EventType::InstanceCreated) => "created",
+        Ok(EventType::InstanceDeleted) => "deleted",
+        Ok(EventType::InstanceSpecChanged) => "spec_changed",
+        Ok(EventType::InstanceStarted) => "started",
+        Ok(EventType::InstanceStopped) => "stopped",
+        Ok(EventType::InstanceK8sSync) => "k8s_sync",
+        _ => "unknown",
+    };
+    format!("instance.{kind}")
+}
+
+fn spec(cpus: i32, memory_mb: i32, gpu: &str) -> Option<InstanceSpec> {
+    Some(InstanceSpec { cpus, memory_mb, gpu: gpu.into(), image: "ubuntu:22.04".into() })
+}
+
+fn created(id: i64) -> Event {
+    Event {
+        event_type: EventType::InstanceCreated as i32,
+        instance_id: id,
+        user_id: 42,
+        name: format!("inst-{id}"),
+        spec: spec(2, 4096, ""),
+        timestamp: 1_705_478_400,
+    }
+}
+
+fn event(kind: EventType, id: i64, timestamp: i64) -> Event {
+    Event { event_type: kind as i32, instance_id: id, timestamp, ..Default::default() }
+}
+
+fn header(msg: &BasicGetMessage, key: &str) -> Option<String> {
+    match msg.delivery.properties.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn count(app: &TestApp, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&app.pool).await.unwrap()
+}
+
+async fn status_of(app: &TestApp, id: i64) -> Option<String> {
+    sqlx::query_scalar("SELECT status FROM instances WHERE instance_id = $1")
+        .bind(id)
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_status(app: &TestApp, id: i64, want: &str) {
+    wait_for(&format!("instance {id} to be {want}"), Duration::from_secs(15), || async {
+        status_of(app, id).await.as_deref() == Some(want)
+    })
+    .await;
+}
+
+/// (action, outcome) of every audit row of `id`, oldest first.
+async fn audit(app: &TestApp, id: i64) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT action, outcome FROM audit_logs WHERE instance_id = $1 ORDER BY id")
+        .bind(id)
+        .fetch_all(&app.pool)
+        .await
+        .unwrap()
+}
+
+fn pairs(rows: &[(&str, &str)]) -> Vec<(String, String)> {
+    rows.iter().map(|(a, o)| ((*a).to_owned(), (*o).to_owned())).collect()
+}
+
+#[tokio::test]
+async fn the_seed_json_example_creates_its_instance_byte_for_byte() {
+    let app = spawn_app().await;
+    let broker = Broker::connect().await;
+
+    broker.publish_json(&app, "instance.created", SEED_JSON).await;
+
+    wait_status(&app, 1_234_567_890, "RUNNING").await;
+    let (status, body) = app.get_json("/v1/resources/1234567890").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["user_id"], "123");
+    assert_eq!(body["name"], "GPU 计算实例");
+    assert_eq!(body["spec"]["cpu"], 8);
+    assert_eq!(body["spec"]["memory"], 32768);
+    assert_eq!(body["spec"]["gpu"], 2);
+    assert_eq!(body["spec"]["gpu_model"], "Tesla A100");
+    assert_eq!(body["spec"]["image"], "ubuntu:22.04");
+    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT actor, source, action, outcome FROM audit_logs WHERE instance_id = 1234567890",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, vec![("mq".into(), "mq".into(), "CREATE".into(), "ok".into())]);
+}
+
+#[tokio::test]
+async fn every_event_type_drives_the_lifecycle_with_one_audit_row_each() {
+    let app = spawn_app().await;
+    let broker = Broker::connect().await;
+    let id = 7001;
+
+    broker.publish(&app, &created(id)).await;
+    wait_status(&app, id, "RUNNING").await;
+    broker.publish(&app, &event(EventType::InstanceStopped, id, 2)).await;
+    wait_status(&app, id, "STOPPED").await;
+    broker.publish(&app, &event(EventType::InstanceStarted, id, 3)).await;
+    wait_status(&app, id, "RUNNING").await;
+    let mut resize = event(EventType::InstanceSpecChanged, id, 4);
+    resize.spec = spec(16, 65536, "H100");
+    broker.publish(&app, &resize).await;
+    wait_for("the new spec", Duration::from_secs(10), || async {
+        count(&app, &format!("SELECT count(*) FROM instance_specs WHERE instance_id = {id} AND cpu = 16 AND gpu = 3")).await == 1
+    })
+    .await;
+    broker.publish(&app, &event(EventType::InstanceK8sSync, id, 5)).await;
+    broker.publish(&app, &event(EventType::InstanceK8sSync, 0, 5)).await;
+    broker.publish(&app, &event(EventType::InstanceDeleted, id, 6)).await;
+    wait_status(&app, id, "DELETED").await;
+
+    assert_eq!(
+        audit(&app, id).await,
+        pairs(&[
+            ("CREATE", "ok"),
+            ("STOP", "ok"),
+            ("START", "ok"),
+            ("CHANGE_SPEC", "ok"),
+            ("K8S_SYNC", "ignored"),
+            ("DELETE", "ok"),
+        ])
+    );
+    assert_eq!(audit(&app, 0).await, pairs(&[("K8S_SYNC", "ignored")]));
+    let (_, body) = app.get_json(&format!("/v1/resources/{id}")).await;
+    assert_eq!(body["status"], "DELETED");
+    assert_eq!(body["spec"]["gpu_model"], "Tesla H100");
+    // Asking for a state the instance is already in is an audited no-op.
+    broker.publish(&app, &event(EventType::InstanceDeleted, id, 7)).await;
+    wait_for("the no-op audit row", Duration::from_secs(10), || async {
+        audit(&app, id).await.len() == 7
+    })
+    .await;
+    assert_eq!(audit(&app, id).await[6], ("DELETE".into(), "ignored".into()));
+}
+
+#[tokio::test]
+async fn five_copies_of_an_event_have_one_effect_and_one_audit_row() {
+    let app = spawn_app().await;
+    let broker = Broker::connect().await;
+    let create = created(8001);
+    let stop = event(EventType::InstanceStopped, 8001, 9);
+
+    for _ in 0..5 {
+        broker.publish(&app, &create).await;
+    }
+    // The same event in JSON is the same event.
+    broker.publish_json(&app, "instance.created", &serde_json::to_string(&create).unwrap()).await;
+    wait_status(&app, 8001, "RUNNING").await;
+    for _ in 0..5 {
+        broker.publish(&app, &stop).await;
+    }
+    wait_status(&app, 8001, "STOPPED").await;
+    // A marker behind them proves the copies were all consumed.
+    broker.publish(&app, &created(8002)).await;
+    wait_status(&app, 8002, "RUNNING").await;
+
+    assert_eq!(audit(&app, 8001).await, pairs(&[("CREATE", "ok"), ("STOP", "ok")]));
+    assert_eq!(count(&app, "SELECT count(*) FROM instances WHERE instance_id = 8001").await, 1);
+    assert!(broker.get(&app.mq.dead_letter_queue, Duration::from_millis(300)).await.is_none());
+}
+
+#[tokio::test]
+async fn ten_kinds_of_bad_input_are_dead_lettered_with_their_reason() {
+    let app = spawn_app().await;
+    let broker = Broker::connect().await;
+    broker.publish(&app, &created(9001)).await;
+    wait_status(&app, 9001, "RUNNING").await;
+    broker.publish(&app, &event(EventType::InstanceDeleted, 9001, 2)).await;
+    wait_status(&app, 9001, "DELETED").await;
+
+    let mut bad: Vec<(&str, Vec<u8>, Option<&str>, &str)> = Vec::new();
+    let mut push = |name, e: Event, reason| bad.push((name, e.encode_to_vec(), None, reason));
+    push("unknown type", Event { event_type: 99, ..created(9100) }, "INVALID_EVENT");
+    push("no instance id", created(0), "INVALID_ARGUMENT");
+    push("cpus out of range", Event { spec: spec(0, 1024, ""), ..created(9101) }, "INVALID_SPEC");
+    push(
+        "memory out of range",
+        Event { spec: spec(1, 99_999_999, ""), ..created(9102) },
+        "INVALID_SPEC",
+    );
+    push("unknown gpu", Event { spec: spec(1, 1024, "B200"), ..created(9103) }, "INVALID_GPU_TYPE");
+    let mut bad_image = created(9104);
+    bad_image.spec.as_mut().unwrap().image = "Not A Valid Image!".into();
+    push("invalid image", bad_image, "INVALID_SPEC");
+    push("name too long", Event { name: "x".repeat(500), ..created(9105) }, "INVALID_ARGUMENT");
+    push(
+        "start a deleted instance",
+        event(EventType::InstanceStarted, 9001, 3),
+        "ILLEGAL_TRANSITION",
+    );
+    push("create with no spec", Event { spec: None, ..created(9106) }, "INVALID_SPEC");
+    bad.push(("undecodable body", b"\xff\xff\xff not protobuf".to_vec(), None, "INVALID_EVENT"));
+    bad.push((
+        "malformed JSON",
+        b"{\"event_type\": ".to_vec(),
+        Some("application/json"),
+        "INVALID_EVENT",
+    ));
+
+    for (_, body, content_type, _) in &bad {
+        let props = match content_type {
+            Some(ct) => BasicProperties::default().with_content_type((*ct).into()),
+            None => BasicProperties::default(),
+        };
+        broker.publish_raw(&app.mq.exchange, "instance.created", body, props).await;
+    }
+    broker.publish(&app, &created(9200)).await;
+
+    wait_status(&app, 9200, "RUNNING").await;
+    let mut reasons = Vec::new();
+    for _ in 0..bad.len() {
+        let msg = broker
+            .get(&app.mq.dead_letter_queue, Duration::from_secs(10))
+            .await
+            .expect("a dead letter");
+        assert!(header(&msg, "x-reject-message").is_some_and(|m| !m.is_empty()));
+        reasons.push(header(&msg, "x-reject-reason").expect("x-reject-reason"));
+    }
+    let want: Vec<String> = bad.iter().map(|(_, _, _, r)| (*r).to_owned()).collect();
+    assert_eq!(reasons, want, "{:?}", bad.iter().map(|b| b.0).collect::<Vec<_>>());
+    assert!(broker.get(&app.mq.dead_letter_queue, Duration::from_millis(300)).await.is_none());
+    for id in 9100..=9106 {
+        assert_eq!(status_of(&app, id).await, None, "instance {id} must not exist");
+    }
+    // Rejected where the instance is known: an audit row says why.
+    assert_eq!(audit(&app, 9001).await.last().unwrap(), &("START".into(), "rejected".into()));
+}
+
+#[tokio::test]
+async fn an_event_for_an_instance_not_yet_created_waits_for_it() {
+    let app = spawn_app().await;
+    let broker = Broker::connect().await;
+
+    broker.publish(&app, &event(EventType::InstanceStopped, 9300, 2)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    broker.publish(&app, &created(9300)).await;
+
+    wait_status(&app, 9300, "STOPPED").await;
+    assert_eq!(audit(&app, 9300).await, pairs(&[("CREATE", "ok"), ("STOP", "ok")]));
+}
+
+#[tokio::test]
+async fn an_event_for_an_instance_that_never_comes_is_dead_lettered_after_bounded_retries() {
+    let app = spawn_app_with(AppOptions {
+        env: vec![("RESOURCE_DATA__RABBITMQ__MAX_RETRIES".into(), "2".into())],
+        ..Default::default()
+    })
+    .await;
+    let broker = Broker::connect().await;
+
+    broker.publish(&app, &event(EventType::InstanceStarted, 9400, 2)).await;
+
+    let msg = broker
+        .get(&app.mq.dead_letter_queue, Duration::from_secs(10))
+        .await
+        .expect("dead-lettered");
+    assert_eq!(header(&msg, "x-reject-reason").as_deref(), Some("INSTANCE_NOT_FOUND"));
+}
+
+#[tokio::test]
+async fn status_changes_are_published_to_the_status_queue() {
+    let app = spawn_app().await;
+    let broker = Broker::connect().await;
+
+    broker.publish(&app, &created(9500)).await;
+    broker.publish(&app, &event(EventType::InstanceStopped, 9500, 2)).await;
+
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let msg = broker
+            .get(&app.mq.status_queue, Duration::from_secs(10))
+            .await
+            .expect("a status event");
+        assert_eq!(
+            msg.delivery.properties.kind().as_ref().map(|k| k.to_string()).as_deref(),
+            Some("mq.v1.InstanceStatusChanged")
+        );
+        let change = InstanceStatusChanged::decode(msg.delivery.data.as_slice()).unwrap();
+        assert_eq!(change.instance_id, 9500);
+        assert_eq!(change.user_id, "42");
+        seen.push((change.status, change.version));
+    }
+    assert_eq!(seen, vec![("RUNNING".to_owned(), 1), ("STOPPED".to_owned(), 2)]);
+    wait_for("the outbox to drain", Duration::from_secs(5), || async {
+        count(&app, "SELECT count(*) FROM status_outbox").await == 0
+    })
+    .await;
+    // The service's own status events are never consumed as input, even when bound.
+    let own = BasicProperties::default().with_type("mq.v1.InstanceStatusChanged".into());
+    broker.publish_raw(&app.mq.exchange, "instance.created", b"not an event", own).await;
+    broker.publish(&app, &created(9501)).await;
+    wait_status(&app, 9501, "RUNNING").await;
+    assert!(broker.get(&app.mq.dead_letter_queue, Duration::from_millis(300)).await.is_none());
+}
+
+#[tokio::test]
+async fn the_outbox_left_by_a_crash_is_published_on_restart() {
+    let mut app = spawn_app().await;
+    app.kill().await;
+    // What a crash between commit and publish leaves behind.
+    sqlx::query(
+        "INSERT INTO status_outbox (instance_id, user_id, status, version, changed_at, claimed_until) \
+         VALUES (1, 'u', 'RUNNING', 1, now(), NULL), (2, 'u', 'STOPPED', 3, now(), now() - interval '1 minute')",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let broker = Broker::connect().await;
+
+    app.restart().await;
+
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let msg =
+            broker.get(&app.mq.status_queue, Duration::from_secs(10)).await.expect("published");
+        ids.push(InstanceStatusChanged::decode(msg.delivery.data.as_slice()).unwrap().instance_id);
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 2]);
+    wait_for("the outbox to drain", Duration::from_secs(5), || async {
+        count(&app, "SELECT count(*) FROM status_outbox").await == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_database_outage_during_ingest_loses_and_dead_letters_nothing() {
+    let proxy = Proxy::start(target_of(&crate::helpers::admin_url(), 5432)).await;
+    let app =
+        spawn_app_with(AppOptions { database_via: Some(proxy.addr), ..Default::default() }).await;
+    let broker = Broker::connect().await;
+    broker.publish(&app, &created(10_000)).await;
+    wait_status(&app, 10_000, "RUNNING").await;
+
+    proxy.cut();
+    for id in 10_001..=10_050 {
+        broker.publish(&app, &created(id)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM instances").await,
+        1,
+        "nothing applied while down"
+    );
+    proxy.restore();
+
+    wait_for("every event after the outage", Duration::from_secs(30), || async {
+        count(&app, "SELECT count(*) FROM instances").await == 51
+    })
+    .await;
+    assert_eq!(count(&app, "SELECT count(*) FROM audit_logs WHERE action = 'CREATE'").await, 51);
+    assert!(broker.get(&app.mq.dead_letter_queue, Duration::from_millis(300)).await.is_none());
+}
+
+#[tokio::test]
+async fn a_broken_broker_connection_is_rebuilt_and_nothing_is_lost() {
+    let proxy = Proxy::start(target_of(&amqp_url(), 5672)).await;
+    let app =
+        spawn_app_with(AppOptions { broker_via: Some(proxy.addr), ..Default::default() }).await;
+    let broker = Broker::connect().await;
+
+    for id in 11_001..=11_200 {
+        broker.publish(&app, &created(id)).await;
+        if id == 11_050 {
+            proxy.cut();
+        }
+        if id == 11_150 {
+            proxy.restore();
+        }
+    }
+
+    wait_for("every event after the reconnect", Duration::from_secs(60), || async {
+        count(&app, "SELECT count(*) FROM instances").await == 200
+    })
+    .await;
+    assert_eq!(count(&app, "SELECT count(*) FROM audit_logs").await, 200);
+    assert!(broker.get(&app.mq.dead_letter_queue, Duration::from_millis(300)).await.is_none());
+}
+
+#[tokio::test]
+async fn kill_9_during_ingest_of_5000_events_loses_and_doubles_nothing() {
+    // One event per transaction, so the kill surely lands mid-stream.
+    let mut app = spawn_app_with(AppOptions {
+        env: vec![("RESOURCE_DATA__RABBITMQ__BATCH_SIZE".into(), "1".into())],
+        ..Default::default()
+    })
+    .await;
+    let broker = Broker::connect().await;
+    let props = BasicProperties::default();
+    for id in 1..=5000_i64 {
+        let body = created(100_000 + id).encode_to_vec();
+        broker
+            .channel
+            .basic_publish(
+                app.mq.exchange.as_str().into(),
+                "instance.created".into(),
+                BasicPublishOptions::default(),
+                &body,
+                props.clone(),
+            )
+            .await
+            .unwrap();
+    }
+    broker.channel.wait_for_confirms().await.unwrap();
+
+    wait_for("ingest to be under way", Duration::from_secs(30), || async {
+        count(&app, "SELECT count(*) FROM instances").await > 500
+    })
+    .await;
+    app.kill().await;
+    let at_crash = count(&app, "SELECT count(*) FROM instances").await;
+    app.restart().await;
+
+    wait_for("all 5000 instances", Duration::from_secs(60), || async {
+        count(&app, "SELECT count(*) FROM instances").await == 5000
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(at_crash < 5000, "the crash came mid-stream ({at_crash} applied)");
+    assert_eq!(count(&app, "SELECT count(*) FROM instances").await, 5000);
+    assert_eq!(count(&app, "SELECT count(*) FROM audit_logs WHERE action = 'CREATE'").await, 5000);
+    assert_eq!(count(&app, "SELECT count(DISTINCT instance_id) FROM audit_logs").await, 5000);
+    // Every status change is eventually published, at least once, across the crash.
+    let mut published = std::collections::HashSet::new();
+    while published.len() < 5000 {
+        let msg =
+            broker.get(&app.mq.status_queue, Duration::from_secs(20)).await.expect("status events");
+        published.insert(
+            InstanceStatusChanged::decode(msg.delivery.data.as_slice()).unwrap().instance_id,
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_work_and_exits_0() {
+    let mut app = spawn_app().await;
+    let broker = Broker::connect().await;
+    for id in 12_001..=12_300 {
+        broker.publish(&app, &created(id)).await;
+    }
+    wait_for("ingest to start", Duration::from_secs(10), || async {
+        count(&app, "SELECT count(*) FROM instances").await > 0
+    })
+    .await;
+    let pool = app.pool.clone();
+    let queue = app.mq.queue.clone();
+
+    let status = app.terminate().await;
+
+    assert_eq!(status.code(), Some(0));
+    let applied: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM instances").fetch_one(&pool).await.unwrap();
+    let audited: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_logs").fetch_one(&pool).await.unwrap();
+    assert_eq!(applied, audited, "every applied event is audited");
+    // Whatever was not applied is still in the queue, not lost.
+    let left = broker
+        .channel
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(applied + i64::from(left), 300);
+}
