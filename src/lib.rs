@@ -9,5 +9,6 @@ pub mod biz;
 pub mod conf;
 pub mod data;
 pub mod pb;
+pub mod publish;
 pub mod server;
 pub mod service;

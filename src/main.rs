@@ -11,6 +11,7 @@ use resource::{
     },
     conf::{self, AuthMode, LogFormat},
     data::{AmqpStatusPublisher, Data, PgInstanceRepo, PgOutboxRepo, PgProbe},
+    publish::PublishArgs,
     server::{Servers, Services, mq::Consumer},
     service::{EventService, GreeterService, HealthService, ResourceService},
 };
@@ -51,6 +52,8 @@ enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Publish the seed's sample event, events from a JSON file, or generated events.
+    Publish(PublishArgs),
     /// Print the version and exit.
     Version,
 }
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         match command {
             Command::Migrate => migrate(&conf).await,
+            Command::Publish(args) => publish(&conf, &args).await,
             Command::Serve => serve(conf).await,
             Command::Version => unreachable!("handled above"),
         }
@@ -135,6 +139,44 @@ async fn migrate(conf: &conf::Bootstrap) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "migration failed");
             ExitCode::FAILURE
+        }
+    }
+}
+
+async fn publish(conf: &conf::Bootstrap, args: &PublishArgs) -> ExitCode {
+    let messages = match resource::publish::messages(args) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("resource publish: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let started = std::time::Instant::now();
+    let quiet = args.quiet;
+    let result = resource::publish::publish(&conf.data.rabbitmq, &messages, args.rate, |m| {
+        if !quiet {
+            let line = serde_json::json!({
+                "routing_key": m.routing_key,
+                "content_type": m.content_type,
+                "event": m.event,
+            });
+            println!("{line}");
+        }
+    })
+    .await;
+    match result {
+        Ok(n) => {
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "resource publish: {n} event(s) confirmed by the broker in {secs:.2} s ({:.0}/s) to exchange {}",
+                n as f64 / secs.max(1e-9),
+                conf.data.rabbitmq.exchange
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("resource publish: {e}");
+            ExitCode::from(EXIT_UNAVAILABLE)
         }
     }
 }

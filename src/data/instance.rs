@@ -158,6 +158,18 @@ impl InstanceRepo for PgInstanceRepo {
         work: &mut (dyn FnMut(Snapshot) -> Changes + Send),
     ) -> Result<(), RepoError> {
         let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+        // NOTE: every read and write of a unit of work is a primary-key lookup of a few
+        // hundred keys. The planner's cost model prefers sequential scans and hash joins
+        // for them until tables are large (and a generic plan cached while they were small
+        // keeps them), which made ingest slow down as it went; so this transaction is
+        // told to use the indexes.
+        sqlx::query(
+            "SELECT set_config('enable_seqscan', 'off', true), \
+             set_config('plan_cache_mode', 'force_custom_plan', true)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(map_sqlx)?;
         let snapshot = load(&mut tx, ids, keys).await?;
         let changes = work(snapshot);
         if !changes.is_empty() {
@@ -181,12 +193,14 @@ async fn load(
     let mut seen = HashSet::new();
     if !keys.is_empty() {
         let uuids: Vec<Uuid> = keys.iter().map(key_uuid).collect();
-        let found: Vec<Uuid> =
-            sqlx::query_scalar("SELECT event_key FROM processed_events WHERE event_key = ANY($1)")
-                .bind(&uuids)
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(map_sqlx)?;
+        let found: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT p.event_key FROM UNNEST($1::uuid[]) AS k(event_key) \
+             JOIN processed_events p ON p.event_key = k.event_key",
+        )
+        .bind(&uuids)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(map_sqlx)?;
         seen.extend(found.into_iter().map(|u| EventKey(*u.as_bytes())));
     }
     let mut instances = HashMap::new();
@@ -194,7 +208,8 @@ async fn load(
         let raw: Vec<i64> = ids.iter().map(|id| id.get()).collect();
         let rows: Vec<InstanceRow> = sqlx::query_as(concat!(
             select_instances!(),
-            " WHERE i.instance_id = ANY($1) ORDER BY i.instance_id FOR UPDATE OF i"
+            " JOIN UNNEST($1::bigint[]) AS k(instance_id) ON k.instance_id = i.instance_id \
+             ORDER BY i.instance_id FOR UPDATE OF i"
         ))
         .bind(&raw)
         .fetch_all(&mut *conn)

@@ -175,7 +175,9 @@ impl Consumer {
             }
             // A batch is never abandoned half-way because of shutdown: it is finished
             // and acknowledged, or (database down) left unacknowledged for redelivery.
+            let (size, started) = (batch.len(), std::time::Instant::now());
             self.process(&channel, batch, shutdown).await?;
+            tracing::debug!(size, elapsed_us = started.elapsed().as_micros() as u64, "batch done");
         }
 
         let _ = channel.close(200, "shutting down".into()).await;

@@ -166,20 +166,7 @@ fn disposition(outcome: Outcome) -> Disposition {
 mod tests {
     use super::*;
 
-    /// The seed's JSON example, byte for byte.
-    pub const SEED_JSON: &str = r#"{
-  "event_type": "INSTANCE_CREATED",
-  "instance_id": 1234567890,
-  "user_id": 123,
-  "name": "GPU 计算实例",
-  "spec": {
-    "cpus": 8,
-    "memory_mb": 32768,
-    "gpu": "A100",
-    "image": "ubuntu:22.04"
-  },
-  "timestamp": 1705478400
-}"#;
+    use crate::publish::SAMPLE_JSON as SEED_JSON;
 
     #[test]
     fn the_seed_example_maps_to_a_create() {

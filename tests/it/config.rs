@@ -35,7 +35,7 @@ fn the_shipped_config_loads_with_the_documented_values() {
     assert_eq!(conf.data.database.max_connections, 16);
     assert!(conf.data.database.migrate);
     assert_eq!(conf.data.rabbitmq.exchange, "resource.events");
-    assert_eq!(conf.data.rabbitmq.prefetch, 256);
+    assert_eq!(conf.data.rabbitmq.prefetch, 1000);
     assert!(!conf.data.kubernetes.enabled);
     assert_eq!(conf.auth.mode, AuthMode::None);
     assert_eq!(conf.snowflake.node_id, NodeId::Auto);
