@@ -37,6 +37,9 @@ use crate::{
 
 /// How often the connection and channel are checked while no delivery arrives.
 const SUPERVISE_EVERY: Duration = Duration::from_secs(2);
+/// Quiet for this long while the queue holds ready messages: the consumer went silent
+/// (lapin#389) and the session is rebuilt.
+const SILENCE_LIMIT: Duration = Duration::from_secs(30);
 /// Internal failures of a single event are retried this often before it is
 /// dead-lettered with reason `INTERNAL`.
 const INTERNAL_ATTEMPTS: usize = 3;
@@ -148,6 +151,7 @@ impl Consumer {
         tracing::info!(queue = %self.conf.queue, prefetch = self.conf.prefetch, "consuming events");
 
         let mut supervise = tokio::time::interval(SUPERVISE_EVERY);
+        let mut last_delivery = tokio::time::Instant::now();
         loop {
             let first = tokio::select! {
                 biased;
@@ -161,9 +165,14 @@ impl Consumer {
                     if !conn.status().connected() || !channel.status().connected() {
                         return Err(SessionError::Lost("connection or channel closed".into()));
                     }
+                    if last_delivery.elapsed() > SILENCE_LIMIT {
+                        self.check_not_silent(&channel).await?;
+                        last_delivery = tokio::time::Instant::now();
+                    }
                     continue;
                 }
             };
+            last_delivery = tokio::time::Instant::now();
             // Whatever else is already buffered joins the batch: under load batches grow,
             // when idle a single event is applied at once.
             let mut batch = vec![first];
@@ -182,6 +191,28 @@ impl Consumer {
 
         let _ = channel.close(200, "shutting down".into()).await;
         let _ = conn.close(200, "shutting down".into()).await;
+        Ok(())
+    }
+
+    /// Fails when the queue holds ready messages although nothing was delivered for
+    /// `SILENCE_LIMIT`: the consumer is stuck and must be rebuilt.
+    async fn check_not_silent(&self, channel: &Channel) -> Result<(), SessionError> {
+        let queue = amqp::bounded(
+            "check the event queue",
+            self.conf.connect_timeout,
+            channel.queue_declare(
+                self.conf.queue.as_str().into(),
+                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+        if queue.message_count() > 0 {
+            return Err(SessionError::Lost(format!(
+                "no delivery for {SILENCE_LIMIT:?} while {} messages wait",
+                queue.message_count()
+            )));
+        }
         Ok(())
     }
 
