@@ -416,6 +416,13 @@ impl Bootstrap {
                 "limits: max_cpu, max_memory_mb and max_name_length must be at least 1".into()
             );
         }
+        if self.data.kubernetes.enabled {
+            // TODO(#5): the reconciler. Until then instances would wait in CREATING forever.
+            return Err(
+                "data.kubernetes.enabled: true is not supported by this version yet; use false"
+                    .into(),
+            );
+        }
         if self.auth.mode == AuthMode::Jwt {
             // TODO(#6): JWT authentication.
             return Err(
