@@ -231,6 +231,10 @@ impl Consumer {
             tracing::debug!(count = ours.len(), "ignoring the service's own status events");
         }
         let inbound: Vec<Inbound> = work.iter().map(decode).collect();
+        if inbound.is_empty() {
+            channel.basic_ack(last_tag, BasicAckOptions { multiple: true }).await?;
+            return Ok(());
+        }
         let Some(dispositions) = self.apply(&inbound, shutdown).await else {
             // Shutting down while the database is unreachable: leave the batch
             // unacknowledged; the broker redelivers it to whoever consumes next.
