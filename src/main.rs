@@ -6,11 +6,11 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode, sync::Arc, time::Dura
 use clap::{Parser, Subcommand};
 use resource::{
     biz::{
-        GreeterUsecase, HealthUsecase, InstanceRepo, InstanceUsecase, Limits, OutboxRelay,
-        OutboxRepo, Probe, StatusPublisher,
+        AuditRepo, AuditUsecase, GreeterUsecase, HealthUsecase, InstanceRepo, InstanceUsecase,
+        Limits, OutboxRelay, OutboxRepo, Probe, StatusPublisher, snowflake::Snowflake,
     },
-    conf::{self, AuthMode, LogFormat},
-    data::{AmqpStatusPublisher, Data, PgInstanceRepo, PgOutboxRepo, PgProbe},
+    conf::{self, AuthMode, LogFormat, NodeId},
+    data::{AmqpStatusPublisher, Data, PgAuditRepo, PgInstanceRepo, PgOutboxRepo, PgProbe},
     publish::PublishArgs,
     server::{Servers, Services, mq::Consumer},
     service::{EventService, GreeterService, HealthService, ResourceService},
@@ -209,6 +209,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     // repositories
     let instances: Arc<dyn InstanceRepo> = Arc::new(PgInstanceRepo::new(data.pool().clone()));
     let outbox: Arc<dyn OutboxRepo> = Arc::new(PgOutboxRepo::new(data.pool().clone()));
+    let audits: Arc<dyn AuditRepo> = Arc::new(PgAuditRepo::new(data.pool().clone()));
     let publisher: Arc<dyn StatusPublisher> =
         Arc::new(AmqpStatusPublisher::new(conf.data.rabbitmq.clone()));
 
@@ -218,8 +219,22 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
         max_memory_mb: conf.limits.max_memory_mb,
         max_name_len: conf.limits.max_name_length,
     };
+    let node = match conf.snowflake.node_id {
+        NodeId::Fixed(node) => node,
+        NodeId::Auto => {
+            // TODO(#6): lease the node id through PostgreSQL so replicas never share one.
+            let node = (uuid::Uuid::new_v4().as_u128() % 1024) as u16;
+            tracing::warn!(
+                node,
+                "snowflake.node_id is auto: using a random node id until leasing lands"
+            );
+            node
+        }
+    };
+    let ids = Arc::new(Snowflake::new(node));
     let instance_uc =
-        Arc::new(InstanceUsecase::new(instances, limits, conf.data.kubernetes.enabled));
+        Arc::new(InstanceUsecase::new(instances, limits, conf.data.kubernetes.enabled, ids));
+    let audit_uc = Arc::new(AuditUsecase::new(audits));
     let relay = OutboxRelay::new(outbox.clone(), publisher);
 
     // services
@@ -232,7 +247,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     }
     let health_uc = Arc::new(HealthUsecase::new(probes, Duration::from_secs(1)));
     let services = Services {
-        resource: Arc::new(ResourceService::new(instance_uc)),
+        resource: Arc::new(ResourceService::new(instance_uc, audit_uc)),
         greeter: Arc::new(GreeterService::new(GreeterUsecase)),
         health: HealthService::new(health_uc),
     };

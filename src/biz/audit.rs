@@ -2,7 +2,10 @@
 
 use std::fmt;
 
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+
+use super::{InstanceId, RepoError};
 
 /// Where a request came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -131,4 +134,67 @@ pub struct AuditEntry {
     pub after: Option<serde_json::Value>,
     /// When.
     pub at: DateTime<Utc>,
+}
+
+/// A stored audit row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRecord {
+    /// Row id, increasing with time.
+    pub id: i64,
+    /// The row.
+    pub entry: AuditEntry,
+}
+
+/// Reads of the audit trail (rows are written with the changes they record).
+#[async_trait]
+pub trait AuditRepo: Send + Sync {
+    /// Up to `limit` rows of `instance_id` with ids below `before`, newest first.
+    ///
+    /// # Errors
+    /// `RepoError::Unavailable` when the store does not answer.
+    async fn list(
+        &self,
+        instance_id: InstanceId,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<AuditRecord>, RepoError>;
+}
+
+/// Reads of the audit trail.
+pub struct AuditUsecase {
+    repo: std::sync::Arc<dyn AuditRepo>,
+}
+
+impl AuditUsecase {
+    /// Reads over `repo`.
+    pub fn new(repo: std::sync::Arc<dyn AuditRepo>) -> Self {
+        Self { repo }
+    }
+
+    /// One page of `instance_id`'s trail, newest first, and the id the next page starts
+    /// below, if any. `page_size` 0 means the default.
+    ///
+    /// # Errors
+    /// `InvalidPageSize`, `Unavailable`.
+    pub async fn list(
+        &self,
+        instance_id: InstanceId,
+        page_size: i64,
+        before: Option<i64>,
+    ) -> Result<(Vec<AuditRecord>, Option<i64>), super::Error> {
+        use super::instance::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+        let size = match u32::try_from(page_size) {
+            Ok(0) => DEFAULT_PAGE_SIZE,
+            Ok(n) if n <= MAX_PAGE_SIZE => n,
+            _ => return Err(super::Error::InvalidPageSize { page_size, max: MAX_PAGE_SIZE }),
+        };
+        let mut rows = self.repo.list(instance_id, before, size + 1).await?;
+        let next = if rows.len() > size as usize {
+            rows.truncate(size as usize);
+            rows.last().map(|r| r.id)
+        } else {
+            None
+        };
+        Ok((rows, next))
+    }
 }

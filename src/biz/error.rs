@@ -40,6 +40,9 @@ pub enum Error {
     /// deleted (ids are never reused).
     #[error("instance {instance_id} already exists")]
     InstanceAlreadyExists { instance_id: i64 },
+    /// An idempotency key was reused with a different request body.
+    #[error("request_id {request_id:?} was already used for a different request")]
+    RequestIdReused { request_id: String },
     /// The action makes no sense in the instance's current status.
     #[error("instance {instance_id} cannot {action} while {status}")]
     NotAllowed { instance_id: i64, action: &'static str, status: InstanceStatus },
@@ -100,7 +103,9 @@ impl Error {
             | Error::InvalidPageSize { .. }
             | Error::InvalidPageToken { .. } => ErrorKind::InvalidArgument,
             Error::InstanceNotFound { .. } => ErrorKind::NotFound,
-            Error::InstanceAlreadyExists { .. } => ErrorKind::AlreadyExists,
+            Error::InstanceAlreadyExists { .. } | Error::RequestIdReused { .. } => {
+                ErrorKind::AlreadyExists
+            }
             Error::IllegalTransition { .. } | Error::NotAllowed { .. } => {
                 ErrorKind::FailedPrecondition
             }
@@ -119,6 +124,7 @@ impl Error {
             Error::InvalidGpuType { .. } => "INVALID_GPU_TYPE",
             Error::InvalidEvent { .. } => "INVALID_EVENT",
             Error::InstanceAlreadyExists { .. } => "INSTANCE_ALREADY_EXISTS",
+            Error::RequestIdReused { .. } => "REQUEST_ID_REUSED",
             Error::NotAllowed { .. } => "ILLEGAL_TRANSITION",
             Error::InvalidPageSize { .. } => "INVALID_PAGE_SIZE",
             Error::InvalidPageToken { .. } => "INVALID_PAGE_TOKEN",
@@ -145,6 +151,9 @@ impl Error {
             Error::InvalidEvent { .. } => {}
             Error::InstanceAlreadyExists { instance_id } => {
                 m.insert("instance_id".into(), instance_id.to_string());
+            }
+            Error::RequestIdReused { request_id } => {
+                m.insert("request_id".into(), request_id.clone());
             }
             Error::NotAllowed { instance_id, action, status } => {
                 m.insert("instance_id".into(), instance_id.to_string());

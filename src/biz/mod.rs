@@ -12,13 +12,13 @@ pub mod instance;
 pub mod outbox;
 pub mod snowflake;
 
-pub use audit::{Action, Actor, AuditEntry, Source};
+pub use audit::{Action, Actor, AuditEntry, AuditRecord, AuditRepo, AuditUsecase, Source};
 pub use error::{BoxError, Error, ErrorKind, RepoError, SharedError};
 pub use greeter::GreeterUsecase;
 pub use health::{HealthUsecase, Probe, ProbeStatus};
 pub use instance::{
     Changes, Command, Envelope, EventKey, GpuType, Instance, InstanceId, InstanceRepo,
-    InstanceSpec, InstanceStatus, InstanceUsecase, Limits, ListFilter, ListQuery, Outcome, Page,
-    Snapshot, StatusChange,
+    InstanceSpec, InstanceStatus, InstanceUsecase, Limits, ListFilter, ListQuery, NewInstance,
+    Outcome, Page, Snapshot, StatusChange,
 };
 pub use outbox::{OutboxRelay, OutboxRepo, Pending, StatusPublisher};

@@ -151,6 +151,14 @@ impl InstanceRepo for PgInstanceRepo {
         rows.into_iter().map(Instance::try_from).collect()
     }
 
+    async fn processed_instance(&self, key: EventKey) -> Result<Option<i64>, RepoError> {
+        sqlx::query_scalar("SELECT instance_id FROM processed_events WHERE event_key = $1")
+            .bind(key_uuid(&key))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_sqlx)
+    }
+
     async fn transact(
         &self,
         ids: &[InstanceId],

@@ -3,6 +3,7 @@
 //! Depends on `biz` and `conf`; every backend error is mapped to `biz::RepoError` here
 //! and never crosses into the layers above.
 
+mod audit;
 mod instance;
 mod outbox;
 mod publisher;
@@ -21,6 +22,7 @@ use crate::{
     conf,
 };
 
+pub use audit::PgAuditRepo;
 pub use instance::PgInstanceRepo;
 pub use outbox::PgOutboxRepo;
 pub use publisher::AmqpStatusPublisher;

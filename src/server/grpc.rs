@@ -7,10 +7,13 @@ use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use super::status::to_status;
 use crate::{
-    biz,
+    biz::{self, Source},
     pb::{helloworld::v1 as hello, resource::v1 as pb},
-    service::{GreeterService, ResourceService},
+    service::{Caller, GreeterService, ResourceAction, ResourceService},
 };
+
+/// The user id of callers while `auth.mode` is `none`.
+pub const ANONYMOUS: &str = "anonymous";
 
 /// `resource.v1.resourceService`.
 pub struct ResourceApi {
@@ -45,6 +48,74 @@ impl pb::resource_service_server::ResourceService for ResourceApi {
         let reply = within(timeout, self.svc.get_resource(req.into_inner())).await?;
         Ok(Response::new(reply))
     }
+
+    async fn create_resource(
+        &self,
+        req: Request<pb::CreateResourceRequest>,
+    ) -> Result<Response<pb::Resource>, Status> {
+        let (timeout, caller) = (deadline(self.timeout, req.metadata()), caller(req.metadata()));
+        let reply = within(timeout, self.svc.create_resource(&caller, req.into_inner())).await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn delete_resource(
+        &self,
+        req: Request<pb::ResourceActionRequest>,
+    ) -> Result<Response<pb::Resource>, Status> {
+        self.act(ResourceAction::Delete, req).await
+    }
+
+    async fn start_resource(
+        &self,
+        req: Request<pb::ResourceActionRequest>,
+    ) -> Result<Response<pb::Resource>, Status> {
+        self.act(ResourceAction::Start, req).await
+    }
+
+    async fn stop_resource(
+        &self,
+        req: Request<pb::ResourceActionRequest>,
+    ) -> Result<Response<pb::Resource>, Status> {
+        self.act(ResourceAction::Stop, req).await
+    }
+
+    async fn update_resource_spec(
+        &self,
+        req: Request<pb::UpdateResourceSpecRequest>,
+    ) -> Result<Response<pb::Resource>, Status> {
+        let (timeout, caller) = (deadline(self.timeout, req.metadata()), caller(req.metadata()));
+        let reply =
+            within(timeout, self.svc.update_resource_spec(&caller, req.into_inner())).await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn list_audit_logs(
+        &self,
+        req: Request<pb::ListAuditLogsRequest>,
+    ) -> Result<Response<pb::ListAuditLogsReply>, Status> {
+        let timeout = deadline(self.timeout, req.metadata());
+        let reply = within(timeout, self.svc.list_audit_logs(req.into_inner())).await?;
+        Ok(Response::new(reply))
+    }
+}
+
+impl ResourceApi {
+    async fn act(
+        &self,
+        action: ResourceAction,
+        req: Request<pb::ResourceActionRequest>,
+    ) -> Result<Response<pb::Resource>, Status> {
+        let (timeout, caller) = (deadline(self.timeout, req.metadata()), caller(req.metadata()));
+        let reply =
+            within(timeout, self.svc.act_on_resource(&caller, action, req.into_inner())).await?;
+        Ok(Response::new(reply))
+    }
+}
+
+/// The caller of a gRPC request. Without authentication every caller is `anonymous`.
+fn caller(metadata: &MetadataMap) -> Caller {
+    let request_id = metadata.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    Caller { user_id: ANONYMOUS.into(), source: Source::Grpc, request_id: request_id.to_owned() }
 }
 
 /// `helloworld.v1.Greeter`.

@@ -5,11 +5,12 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State},
+    body::Bytes,
+    extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State},
     http::{HeaderName, StatusCode, header, request::Parts},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, patch},
 };
 use serde::Deserialize;
 use tower::ServiceBuilder;
@@ -22,10 +23,12 @@ use tracing::Level;
 
 use super::status::{ApiError, HttpError};
 use crate::{
+    biz::Source,
     biz::{self, ErrorKind},
     conf,
     pb::{helloworld::v1 as hello, resource::v1 as pb},
-    service::{GreeterService, HealthService, ResourceService},
+    server::grpc::ANONYMOUS,
+    service::{Caller, GreeterService, HealthService, ResourceAction, ResourceService},
 };
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -47,8 +50,13 @@ pub fn router(state: AppState, conf: &conf::HttpServer) -> Router {
     let limits = Limits { timeout: conf.timeout, max_body_bytes: conf.max_body_bytes };
     Router::new()
         .route("/helloworld/{name}", get(say_hello))
-        .route("/v1/resources", get(list_resources))
-        .route("/v1/resources/{instance_id}", get(get_resource))
+        .route("/v1/resources", get(list_resources).post(create_resource))
+        .route(
+            "/v1/resources/{instance_id}",
+            get(get_resource).delete(delete_resource).post(resource_action),
+        )
+        .route("/v1/resources/{instance_id}/spec", patch(update_resource_spec))
+        .route("/v1/resources/{instance_id}/audit-logs", get(list_audit_logs))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
@@ -136,6 +144,52 @@ where
     }
 }
 
+/// A JSON body (whatever its content type), whose rejection is an error body:
+/// 413 `PAYLOAD_TOO_LARGE` past the limit, 400 `INVALID_ARGUMENT` when malformed.
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = HttpError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, HttpError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                HttpError(ApiError::new(
+                    ErrorKind::PayloadTooLarge,
+                    "PAYLOAD_TOO_LARGE",
+                    "request body exceeds the limit",
+                ))
+            } else {
+                HttpError::from(biz::Error::invalid("body", rejection.body_text()))
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| HttpError::from(biz::Error::invalid("body", format!("invalid JSON: {e}"))))
+    }
+}
+
+/// The caller of an HTTP request. Without authentication every caller is `anonymous`.
+pub struct HttpCaller(pub Caller);
+
+impl<S: Send + Sync> FromRequestParts<S> for HttpCaller {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, HttpError> {
+        let request_id =
+            parts.headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        Ok(HttpCaller(Caller {
+            user_id: ANONYMOUS.into(),
+            source: Source::Http,
+            request_id: request_id.to_owned(),
+        }))
+    }
+}
+
 /// The `instance_id` path segment, parsed with a clear error.
 pub struct InstanceIdPath(pub i64);
 
@@ -211,6 +265,90 @@ async fn get_resource(
 ) -> Result<Json<pb::Resource>, HttpError> {
     let req = pb::GetResourceRequest { instance_id };
     Ok(Json(app.resource.get_resource(req).await?))
+}
+
+async fn create_resource(
+    State(app): State<AppState>,
+    HttpCaller(caller): HttpCaller,
+    ApiJson(req): ApiJson<pb::CreateResourceRequest>,
+) -> Result<Json<pb::Resource>, HttpError> {
+    Ok(Json(app.resource.create_resource(&caller, req).await?))
+}
+
+async fn delete_resource(
+    State(app): State<AppState>,
+    HttpCaller(caller): HttpCaller,
+    InstanceIdPath(instance_id): InstanceIdPath,
+) -> Result<Json<pb::Resource>, HttpError> {
+    let req = pb::ResourceActionRequest { instance_id };
+    Ok(Json(app.resource.act_on_resource(&caller, ResourceAction::Delete, req).await?))
+}
+
+/// `POST /v1/resources/{instance_id}:start` and `:stop` (one path segment in axum).
+async fn resource_action(
+    State(app): State<AppState>,
+    HttpCaller(caller): HttpCaller,
+    Path(segment): Path<String>,
+) -> Result<Json<pb::Resource>, HttpError> {
+    let (raw_id, verb) = segment.rsplit_once(':').ok_or_else(|| {
+        HttpError(ApiError::new(
+            ErrorKind::MethodNotAllowed,
+            "METHOD_NOT_ALLOWED",
+            format!("POST is not allowed on /v1/resources/{segment}; use :start or :stop"),
+        ))
+    })?;
+    let action = match verb {
+        "start" => ResourceAction::Start,
+        "stop" => ResourceAction::Stop,
+        other => {
+            return Err(HttpError(ApiError::new(
+                ErrorKind::NotFound,
+                "NOT_FOUND",
+                format!("unknown action {other:?}; use :start or :stop"),
+            )));
+        }
+    };
+    let instance_id = raw_id.parse::<i64>().map_err(|_| {
+        biz::Error::invalid("instance_id", format!("expected a positive integer, got {raw_id:?}"))
+    })?;
+    let req = pb::ResourceActionRequest { instance_id };
+    Ok(Json(app.resource.act_on_resource(&caller, action, req).await?))
+}
+
+async fn update_resource_spec(
+    State(app): State<AppState>,
+    HttpCaller(caller): HttpCaller,
+    InstanceIdPath(instance_id): InstanceIdPath,
+    ApiJson(spec): ApiJson<pb::ResourceSpec>,
+) -> Result<Json<pb::Resource>, HttpError> {
+    let req = pb::UpdateResourceSpecRequest { instance_id, spec: Some(spec) };
+    Ok(Json(app.resource.update_resource_spec(&caller, req).await?))
+}
+
+/// Query parameters of `GET /v1/resources/{instance_id}/audit-logs`.
+#[derive(Debug, Default, Deserialize)]
+struct AuditParams {
+    page_size: Option<String>,
+    page_token: Option<String>,
+}
+
+async fn list_audit_logs(
+    State(app): State<AppState>,
+    InstanceIdPath(instance_id): InstanceIdPath,
+    ApiQuery(params): ApiQuery<AuditParams>,
+) -> Result<Json<pb::ListAuditLogsReply>, HttpError> {
+    let page_size = match params.page_size.as_deref().map(str::trim) {
+        None | Some("") => 0,
+        Some(raw) => raw.parse::<i32>().map_err(|_| {
+            biz::Error::invalid("page_size", format!("expected an integer, got {raw:?}"))
+        })?,
+    };
+    let req = pb::ListAuditLogsRequest {
+        instance_id,
+        page_size,
+        page_token: params.page_token.unwrap_or_default(),
+    };
+    Ok(Json(app.resource.list_audit_logs(req).await?))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -12,4 +12,4 @@ pub mod resource;
 pub use event::{Disposition, EventService, Inbound};
 pub use greeter::GreeterService;
 pub use health::{HealthService, Readiness};
-pub use resource::ResourceService;
+pub use resource::{Caller, ResourceAction, ResourceService};

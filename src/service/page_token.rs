@@ -14,10 +14,31 @@ const LEN: usize = 1 + 8 + 8 + 4;
 
 /// Encodes the position after `last` for `filter`.
 pub fn encode(last: InstanceId, filter: &ListFilter) -> String {
+    encode_raw(last.get(), fingerprint(filter))
+}
+
+/// Encodes the position after audit row `last` of `instance`'s trail.
+pub fn encode_audit(last: i64, instance: InstanceId) -> String {
+    encode_raw(last, audit_fingerprint(instance))
+}
+
+/// Decodes a token issued by [`encode_audit`] for `instance`; empty means the first page.
+///
+/// # Errors
+/// `InvalidPageToken`.
+pub fn decode_audit(token: &str, instance: InstanceId) -> Result<Option<i64>, Error> {
+    decode_raw(token, audit_fingerprint(instance))
+}
+
+fn audit_fingerprint(instance: InstanceId) -> u64 {
+    fnv1a(format!("audit\0{}", instance.get()).as_bytes())
+}
+
+fn encode_raw(last: i64, fp: u64) -> String {
     let mut buf = Vec::with_capacity(LEN);
     buf.push(VERSION);
-    buf.extend_from_slice(&last.get().to_be_bytes());
-    buf.extend_from_slice(&fingerprint(filter).to_be_bytes());
+    buf.extend_from_slice(&last.to_be_bytes());
+    buf.extend_from_slice(&fp.to_be_bytes());
     let check = (fnv1a(&buf) >> 32) as u32;
     buf.extend_from_slice(&check.to_be_bytes());
     URL_SAFE_NO_PAD.encode(buf)
@@ -29,6 +50,15 @@ pub fn encode(last: InstanceId, filter: &ListFilter) -> String {
 /// `InvalidPageToken` when the token is malformed, tampered with, or was issued for
 /// other filters.
 pub fn decode(token: &str, filter: &ListFilter) -> Result<Option<InstanceId>, Error> {
+    let malformed =
+        || Error::InvalidPageToken { message: "not a page token issued by this service" };
+    match decode_raw(token, fingerprint(filter))? {
+        Some(last) => InstanceId::try_from(last).map(Some).map_err(|_| malformed()),
+        None => Ok(None),
+    }
+}
+
+fn decode_raw(token: &str, expected_fp: u64) -> Result<Option<i64>, Error> {
     if token.is_empty() {
         return Ok(None);
     }
@@ -44,12 +74,12 @@ pub fn decode(token: &str, filter: &ListFilter) -> Result<Option<InstanceId>, Er
     }
     let last = i64::from_be_bytes(body[1..9].try_into().expect("8 bytes"));
     let fp = u64::from_be_bytes(body[9..17].try_into().expect("8 bytes"));
-    if fp != fingerprint(filter) {
+    if fp != expected_fp {
         return Err(Error::InvalidPageToken {
             message: "the token belongs to a list with other filters; start again without it",
         });
     }
-    InstanceId::try_from(last).map(Some).map_err(|_| malformed())
+    Ok(Some(last))
 }
 
 fn fingerprint(filter: &ListFilter) -> u64 {

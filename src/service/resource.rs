@@ -7,22 +7,119 @@ use chrono::{DateTime, Utc};
 use super::page_token;
 use crate::{
     biz::{
-        Error, Instance, InstanceId, InstanceStatus, InstanceUsecase, ListFilter,
+        Actor, AuditRecord, AuditUsecase, Command, Error, GpuType, Instance, InstanceId,
+        InstanceSpec, InstanceStatus, InstanceUsecase, ListFilter, NewInstance, Source,
         instance::Endpoint,
     },
     pb::resource::v1 as pb,
 };
 
+/// Who calls, from which transport, under which request id.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The caller's user id (`anonymous` without authentication).
+    pub user_id: String,
+    /// The transport.
+    pub source: Source,
+    /// The request id, for the audit trail.
+    pub request_id: String,
+}
+
+impl Caller {
+    fn actor(&self) -> Actor {
+        Actor { id: self.user_id.clone(), source: self.source }
+    }
+}
+
 /// The instance API, for the gRPC and HTTP servers alike.
 #[derive(Clone)]
 pub struct ResourceService {
     instances: Arc<InstanceUsecase>,
+    audits: Arc<AuditUsecase>,
 }
 
 impl ResourceService {
-    /// The API over `instances`.
-    pub fn new(instances: Arc<InstanceUsecase>) -> Self {
-        Self { instances }
+    /// The API over `instances` and the audit trail.
+    pub fn new(instances: Arc<InstanceUsecase>, audits: Arc<AuditUsecase>) -> Self {
+        Self { instances, audits }
+    }
+
+    /// `CreateResource`. The owner is `req.user_id`, or the caller when empty.
+    ///
+    /// # Errors
+    /// `InvalidSpec`, `InvalidGpuType`, `InvalidArgument`, `RequestIdReused`, `Unavailable`.
+    pub async fn create_resource(
+        &self,
+        caller: &Caller,
+        req: pb::CreateResourceRequest,
+    ) -> Result<pb::Resource, Error> {
+        let spec = spec_from(req.spec)?;
+        let user_id = if req.user_id.is_empty() { caller.user_id.clone() } else { req.user_id };
+        let new =
+            NewInstance { user_id, name: req.name, spec, request_id: non_empty(req.request_id) };
+        let instance =
+            self.instances.create(caller.actor(), caller.request_id.clone(), new).await?;
+        Ok(pb::Resource::from(instance))
+    }
+
+    /// `DeleteResource`, `StartResource`, `StopResource`.
+    ///
+    /// # Errors
+    /// `InvalidArgument` (id), `InstanceNotFound`, `IllegalTransition`, `Unavailable`.
+    pub async fn act_on_resource(
+        &self,
+        caller: &Caller,
+        action: ResourceAction,
+        req: pb::ResourceActionRequest,
+    ) -> Result<pb::Resource, Error> {
+        let id = InstanceId::try_from(req.instance_id)?;
+        let command = match action {
+            ResourceAction::Delete => Command::Delete { id },
+            ResourceAction::Start => Command::Start { id },
+            ResourceAction::Stop => Command::Stop { id },
+        };
+        let instance =
+            self.instances.act(caller.actor(), caller.request_id.clone(), command).await?;
+        Ok(pb::Resource::from(instance))
+    }
+
+    /// `UpdateResourceSpec`.
+    ///
+    /// # Errors
+    /// `InvalidSpec`, `InstanceNotFound`, `NotAllowed`, `Unavailable`.
+    pub async fn update_resource_spec(
+        &self,
+        caller: &Caller,
+        req: pb::UpdateResourceSpecRequest,
+    ) -> Result<pb::Resource, Error> {
+        let id = InstanceId::try_from(req.instance_id)?;
+        let spec = spec_from(req.spec)?;
+        let command = Command::ChangeSpec { id, spec, keep_config: false };
+        let instance =
+            self.instances.act(caller.actor(), caller.request_id.clone(), command).await?;
+        Ok(pb::Resource::from(instance))
+    }
+
+    /// `ListAuditLogs`.
+    ///
+    /// # Errors
+    /// `InvalidArgument`, `InvalidPageSize`, `InvalidPageToken`, `InstanceNotFound`,
+    /// `Unavailable`.
+    pub async fn list_audit_logs(
+        &self,
+        req: pb::ListAuditLogsRequest,
+    ) -> Result<pb::ListAuditLogsReply, Error> {
+        let id = InstanceId::try_from(req.instance_id)?;
+        // The trail of an instance that never existed is a 404, not an empty page.
+        self.instances.get(id).await?;
+        let before = page_token::decode_audit(&req.page_token, id)?;
+        let (rows, next) = self.audits.list(id, i64::from(req.page_size), before).await?;
+        Ok(pb::ListAuditLogsReply {
+            entries: rows.into_iter().map(pb::AuditEntry::from).collect(),
+            next_page_token: next
+                .map(|last| page_token::encode_audit(last, id))
+                .unwrap_or_default(),
+        })
     }
 
     /// `ListResources`.
@@ -57,6 +154,50 @@ impl ResourceService {
         let id = InstanceId::try_from(req.instance_id)?;
         let instance = self.instances.get(id).await?;
         Ok(pb::Resource::from(instance))
+    }
+}
+
+/// The actions of `act_on_resource`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceAction {
+    /// `DeleteResource`.
+    Delete,
+    /// `StartResource`.
+    Start,
+    /// `StopResource`.
+    Stop,
+}
+
+/// A spec from the API (`gpu_model` is output only and ignored).
+fn spec_from(spec: Option<pb::ResourceSpec>) -> Result<InstanceSpec, Error> {
+    let s =
+        spec.ok_or_else(|| Error::InvalidSpec { field: "spec", message: "is required".into() })?;
+    let gpu = GpuType::from_code(s.gpu)
+        .ok_or_else(|| Error::InvalidGpuType { value: s.gpu.to_string() })?;
+    let config = match s.config_json {
+        Some(config) => serde_json::to_value(config)
+            .map_err(|e| Error::InvalidSpec { field: "config_json", message: e.to_string() })?,
+        None => serde_json::Value::Object(serde_json::Map::new()),
+    };
+    Ok(InstanceSpec { cpu: s.cpu, memory_mb: s.memory, gpu, image: s.image, config })
+}
+
+impl From<AuditRecord> for pb::AuditEntry {
+    fn from(r: AuditRecord) -> Self {
+        let e = r.entry;
+        pb::AuditEntry {
+            id: r.id,
+            instance_id: e.instance_id,
+            actor: e.actor.id,
+            source: e.actor.source.as_str().to_owned(),
+            action: e.action.as_str().to_owned(),
+            outcome: e.outcome.as_str().to_owned(),
+            reason: e.reason,
+            request_id: e.request_id,
+            before: e.before.as_ref().map(to_struct),
+            after: e.after.as_ref().map(to_struct),
+            created_at: Some(timestamp(e.at)),
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::{fmt, str::FromStr, sync::Arc};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{Error, RepoError};
+use super::{Actor, Error, RepoError};
 
 mod command;
 mod spec;
@@ -263,6 +263,12 @@ pub trait InstanceRepo: Send + Sync {
     /// `RepoError::Unavailable` when the store does not answer.
     async fn list(&self, query: &ListQuery) -> Result<Vec<Instance>, RepoError>;
 
+    /// The instance an already processed key concerned, if the key was processed.
+    ///
+    /// # Errors
+    /// `RepoError::Unavailable` when the store does not answer.
+    async fn processed_instance(&self, key: EventKey) -> Result<Option<i64>, RepoError>;
+
     /// Runs one unit of work in one transaction: loads, locking them in id order, the
     /// live or deleted instances among `ids` and which of `keys` were already processed;
     /// hands them to `work`; writes the `Changes` it returns; commits.
@@ -286,17 +292,120 @@ pub trait InstanceRepo: Send + Sync {
 const CONFLICT_RETRIES: usize = 5;
 
 /// Reads and lifecycle of instances.
+#[derive(Clone)]
 pub struct InstanceUsecase {
     repo: Arc<dyn InstanceRepo>,
     limits: Limits,
     cluster_enabled: bool,
+    ids: Arc<crate::biz::snowflake::Snowflake>,
+}
+
+/// A new instance asked for through the API.
+#[derive(Debug, Clone)]
+pub struct NewInstance {
+    /// The owner.
+    pub user_id: String,
+    /// Display name.
+    pub name: String,
+    /// What it runs.
+    pub spec: InstanceSpec,
+    /// Optional idempotency key, unique per owner.
+    pub request_id: Option<String>,
 }
 
 impl InstanceUsecase {
-    /// Use cases over `repo`. Without a cluster (`cluster_enabled` false) the steps that
-    /// would wait for it complete at once.
-    pub fn new(repo: Arc<dyn InstanceRepo>, limits: Limits, cluster_enabled: bool) -> Self {
-        Self { repo, limits, cluster_enabled }
+    /// Use cases over `repo`, creating ids with `ids`. Without a cluster
+    /// (`cluster_enabled` false) the steps that would wait for it complete at once.
+    pub fn new(
+        repo: Arc<dyn InstanceRepo>,
+        limits: Limits,
+        cluster_enabled: bool,
+        ids: Arc<crate::biz::snowflake::Snowflake>,
+    ) -> Self {
+        Self { repo, limits, cluster_enabled, ids }
+    }
+
+    /// Creates an instance with a new id. With a `request_id`, the same request from the
+    /// same owner returns the instance it created the first time.
+    ///
+    /// # Errors
+    /// `InvalidSpec`, `InvalidArgument`, `RequestIdReused`, `Unavailable`.
+    pub async fn create(
+        &self,
+        actor: Actor,
+        audit_id: String,
+        new: NewInstance,
+    ) -> Result<Instance, Error> {
+        let key = new.request_id.as_deref().map(|r| idempotency_key(&new.user_id, r));
+        let id = InstanceId(self.ids.next_id());
+        let command = Command::Create {
+            id,
+            user_id: new.user_id.clone(),
+            name: new.name.clone(),
+            spec: new.spec.clone(),
+        };
+        let envelope = Envelope { key, actor, request_id: audit_id, command };
+        match self.run_to_completion(envelope).await? {
+            Outcome::Applied(instance) => Ok(instance),
+            Outcome::Duplicate => {
+                let key = key.expect("only keyed commands are duplicates");
+                let prior = self.repo.processed_instance(key).await?.ok_or_else(|| {
+                    Error::Internal(Arc::new(RepoError::Internal(
+                        "processed key without an instance".into(),
+                    )))
+                })?;
+                let instance = self.get(InstanceId::try_from(prior)?).await?;
+                let same = instance.user_id == new.user_id
+                    && instance.name == new.name
+                    && instance.spec == new.spec;
+                if same {
+                    Ok(instance)
+                } else {
+                    Err(Error::RequestIdReused { request_id: new.request_id.unwrap_or_default() })
+                }
+            }
+            Outcome::Ignored { instance: Some(instance), .. } => Ok(instance),
+            Outcome::Rejected(e) => Err(e),
+            Outcome::Ignored { instance: None, .. } | Outcome::Unknown(_) => Err(Error::Internal(
+                Arc::new(RepoError::Internal("unexpected create outcome".into())),
+            )),
+        }
+    }
+
+    /// Runs one lifecycle command on an existing instance and returns it afterwards.
+    ///
+    /// # Errors
+    /// `InstanceNotFound`, `IllegalTransition`, `NotAllowed`, `InvalidSpec`, `Unavailable`.
+    pub async fn act(
+        &self,
+        actor: Actor,
+        audit_id: String,
+        command: Command,
+    ) -> Result<Instance, Error> {
+        let id = command.instance_id();
+        let envelope = Envelope { key: None, actor, request_id: audit_id, command };
+        match self.run_to_completion(envelope).await? {
+            Outcome::Applied(instance) | Outcome::Ignored { instance: Some(instance), .. } => {
+                Ok(instance)
+            }
+            Outcome::Rejected(e) => Err(e),
+            Outcome::Unknown(id) => Err(Error::InstanceNotFound { instance_id: id.get() }),
+            Outcome::Duplicate | Outcome::Ignored { instance: None, .. } => {
+                Err(Error::InstanceNotFound { instance_id: id.map_or(0, InstanceId::get) })
+            }
+        }
+    }
+
+    /// Executes one command in a task of its own: once accepted it runs to completion
+    /// (row, audit and outbox committed together) even if the caller goes away, since a
+    /// database connection must not be abandoned mid-transaction (sqlx#563).
+    async fn run_to_completion(&self, envelope: Envelope) -> Result<Outcome, Error> {
+        let this = self.clone();
+        let task = tokio::spawn(async move { this.execute(std::slice::from_ref(&envelope)).await });
+        let mut outcomes = task
+            .await
+            .map_err(|e| Error::Internal(Arc::new(RepoError::Internal(e.to_string().into()))))??;
+        Ok(outcomes.remove(0))
     }
 
     /// Applies `batch` in order, in one transaction, and says how each command ended.
@@ -375,6 +484,23 @@ impl InstanceUsecase {
         };
         Ok(Page { items, next })
     }
+}
+
+/// The de-duplication key of an API create: one per owner and request id.
+pub fn idempotency_key(user_id: &str, request_id: &str) -> EventKey {
+    // FNV-1a 128 over a length-prefixed encoding: distinct (user, request) pairs never
+    // share an input, and the key space is disjoint from event digests in practice.
+    let mut h: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    let mut feed = |bytes: &[u8]| {
+        for b in (bytes.len() as u64).to_be_bytes().iter().chain(bytes) {
+            h ^= u128::from(*b);
+            h = h.wrapping_mul(0x0000_0000_0100_0000_0000_0000_0000_013b);
+        }
+    };
+    feed(b"api-create");
+    feed(user_id.as_bytes());
+    feed(request_id.as_bytes());
+    EventKey(h.to_be_bytes())
 }
 
 #[cfg(test)]
