@@ -228,12 +228,7 @@ impl TryFrom<ListParams> for pb::ListResourcesRequest {
     type Error = biz::Error;
 
     fn try_from(p: ListParams) -> Result<Self, biz::Error> {
-        let page_size = match p.page_size.as_deref().map(str::trim) {
-            None | Some("") => 0,
-            Some(raw) => raw.parse::<i32>().map_err(|_| {
-                biz::Error::invalid("page_size", format!("expected an integer, got {raw:?}"))
-            })?,
-        };
+        let page_size = parse_page_size(p.page_size.as_deref())?;
         let status = match p.status.as_deref() {
             None | Some("") => pb::Status::Unspecified,
             Some(raw) => {
@@ -248,6 +243,16 @@ impl TryFrom<ListParams> for pb::ListResourcesRequest {
             status: status as i32,
             name: p.name.unwrap_or_default(),
         })
+    }
+}
+
+/// `page_size` from a query string: absent or empty means 0 (the default).
+fn parse_page_size(raw: Option<&str>) -> Result<i32, biz::Error> {
+    match raw.map(str::trim) {
+        None | Some("") => Ok(0),
+        Some(raw) => raw.parse::<i32>().map_err(|_| {
+            biz::Error::invalid("page_size", format!("expected an integer, got {raw:?}"))
+        }),
     }
 }
 
@@ -337,12 +342,7 @@ async fn list_audit_logs(
     InstanceIdPath(instance_id): InstanceIdPath,
     ApiQuery(params): ApiQuery<AuditParams>,
 ) -> Result<Json<pb::ListAuditLogsReply>, HttpError> {
-    let page_size = match params.page_size.as_deref().map(str::trim) {
-        None | Some("") => 0,
-        Some(raw) => raw.parse::<i32>().map_err(|_| {
-            biz::Error::invalid("page_size", format!("expected an integer, got {raw:?}"))
-        })?,
-    };
+    let page_size = parse_page_size(params.page_size.as_deref())?;
     let req = pb::ListAuditLogsRequest {
         instance_id,
         page_size,
