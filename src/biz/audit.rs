@@ -21,6 +21,9 @@ pub enum Source {
 }
 
 impl Source {
+    /// Every source.
+    pub const ALL: [Source; 4] = [Source::Grpc, Source::Http, Source::Mq, Source::Reconciler];
+
     /// The stored name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -68,6 +71,17 @@ pub enum Action {
 }
 
 impl Action {
+    /// Every action.
+    pub const ALL: [Action; 7] = [
+        Action::Create,
+        Action::Delete,
+        Action::Start,
+        Action::Stop,
+        Action::ChangeSpec,
+        Action::K8sSync,
+        Action::StatusChange,
+    ];
+
     /// The stored name (`"CHANGE_SPEC"`).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -102,6 +116,10 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome.
+    pub const ALL: [Outcome; 4] =
+        [Outcome::Ok, Outcome::Rejected, Outcome::Failed, Outcome::Ignored];
+
     /// The stored name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -182,19 +200,9 @@ impl AuditUsecase {
         page_size: i64,
         before: Option<i64>,
     ) -> Result<(Vec<AuditRecord>, Option<i64>), super::Error> {
-        use super::instance::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
-        let size = match u32::try_from(page_size) {
-            Ok(0) => DEFAULT_PAGE_SIZE,
-            Ok(n) if n <= MAX_PAGE_SIZE => n,
-            _ => return Err(super::Error::InvalidPageSize { page_size, max: MAX_PAGE_SIZE }),
-        };
-        let mut rows = self.repo.list(instance_id, before, size + 1).await?;
-        let next = if rows.len() > size as usize {
-            rows.truncate(size as usize);
-            rows.last().map(|r| r.id)
-        } else {
-            None
-        };
+        let size = super::instance::page_limit(page_size)?;
+        let rows = self.repo.list(instance_id, before, size + 1).await?;
+        let (rows, next) = super::instance::split_page(rows, size, |r| r.id);
         Ok((rows, next))
     }
 }

@@ -45,28 +45,17 @@ impl TryFrom<AuditRow> for AuditRecord {
         let corrupt = |what: &str, value: &str| {
             RepoError::Internal(format!("audit row {}: unknown {what} {value:?}", r.id).into())
         };
-        let source = match r.source.as_str() {
-            "grpc" => Source::Grpc,
-            "http" => Source::Http,
-            "mq" => Source::Mq,
-            "reconciler" => Source::Reconciler,
-            other => return Err(corrupt("source", other)),
-        };
-        let action = [
-            Action::Create,
-            Action::Delete,
-            Action::Start,
-            Action::Stop,
-            Action::ChangeSpec,
-            Action::K8sSync,
-            Action::StatusChange,
-        ]
-        .into_iter()
-        .find(|a| a.as_str() == r.action)
-        .ok_or_else(|| corrupt("action", &r.action))?;
-        let outcome = [Outcome::Ok, Outcome::Rejected, Outcome::Failed, Outcome::Ignored]
+        let source = Source::ALL
             .into_iter()
-            .find(|o| o.as_str() == r.outcome)
+            .find(|v| v.as_str() == r.source)
+            .ok_or_else(|| corrupt("source", &r.source))?;
+        let action = Action::ALL
+            .into_iter()
+            .find(|v| v.as_str() == r.action)
+            .ok_or_else(|| corrupt("action", &r.action))?;
+        let outcome = Outcome::ALL
+            .into_iter()
+            .find(|v| v.as_str() == r.outcome)
             .ok_or_else(|| corrupt("outcome", &r.outcome))?;
         Ok(AuditRecord {
             id: r.id,

@@ -212,12 +212,11 @@ impl Planner<'_> {
     }
 
     fn run(&mut self, envelope: &Envelope) -> Outcome {
-        let action = envelope.command.action();
         match &envelope.command {
             Command::Create { id, user_id, name, spec } => {
                 self.create(envelope, *id, user_id, name, spec)
             }
-            Command::Refused { id, error, .. } => self.reject(envelope, *id, action, error.clone()),
+            Command::Refused { id, error, .. } => self.reject(envelope, *id, error.clone()),
             Command::Sync { id: None } => {
                 self.audit(envelope, 0, AuditOutcome::Ignored, self.sync_note(), None, None);
                 Outcome::Ignored { instance: None, note: self.sync_note() }
@@ -272,7 +271,7 @@ impl Planner<'_> {
             }),
             Command::ChangeSpec { id, spec, keep_config } => {
                 if let Err(e) = spec.validate(&self.ctx.limits) {
-                    return self.reject(envelope, Some(*id), action, e);
+                    return self.reject(envelope, Some(*id), e);
                 }
                 self.lifecycle(envelope, *id, |i, ctx| {
                     let mut spec = spec.clone();
@@ -325,15 +324,10 @@ impl Planner<'_> {
         if let Err(e) =
             validate_name(name, &self.ctx.limits).and_then(|()| spec.validate(&self.ctx.limits))
         {
-            return self.reject(envelope, Some(id), Action::Create, e);
+            return self.reject(envelope, Some(id), e);
         }
         if user_id.is_empty() {
-            return self.reject(
-                envelope,
-                Some(id),
-                Action::Create,
-                Error::invalid("user_id", "required"),
-            );
+            return self.reject(envelope, Some(id), Error::invalid("user_id", "required"));
         }
         if let Some(existing) = self.state.get(&id).cloned() {
             let same =
@@ -354,7 +348,6 @@ impl Planner<'_> {
             return self.reject(
                 envelope,
                 Some(id),
-                Action::Create,
                 Error::InstanceAlreadyExists { instance_id: id.get() },
             );
         }
@@ -403,7 +396,7 @@ impl Planner<'_> {
         };
         let mut next = current.clone();
         match change(&mut next, self.ctx) {
-            Err(e) => self.reject(envelope, Some(id), envelope.command.action(), e),
+            Err(e) => self.reject(envelope, Some(id), e),
             Ok(None) => {
                 let note = format!("already {}", current.status);
                 let json = Some(snapshot_json(&current));
@@ -441,13 +434,7 @@ impl Planner<'_> {
         }
     }
 
-    fn reject(
-        &mut self,
-        envelope: &Envelope,
-        id: Option<InstanceId>,
-        _action: Action,
-        error: Error,
-    ) -> Outcome {
+    fn reject(&mut self, envelope: &Envelope, id: Option<InstanceId>, error: Error) -> Outcome {
         // Audited only where the instance is known.
         if let Some(instance) = id.and_then(|id| self.state.get(&id)).cloned() {
             let json = Some(snapshot_json(&instance));

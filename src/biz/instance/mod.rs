@@ -468,21 +468,35 @@ impl InstanceUsecase {
         page_size: i64,
         before: Option<InstanceId>,
     ) -> Result<Page<Instance>, Error> {
-        let size = match u32::try_from(page_size) {
-            Ok(0) => DEFAULT_PAGE_SIZE,
-            Ok(n) if n <= MAX_PAGE_SIZE => n,
-            _ => return Err(Error::InvalidPageSize { page_size, max: MAX_PAGE_SIZE }),
-        };
+        let size = page_limit(page_size)?;
         // One extra row tells whether another page follows without a second query.
         let query = ListQuery { filter, before, limit: size + 1 };
-        let mut items = self.repo.list(&query).await?;
-        let next = if items.len() > size as usize {
-            items.truncate(size as usize);
-            items.last().map(|i| i.id)
-        } else {
-            None
-        };
+        let (items, next) = split_page(self.repo.list(&query).await?, size, |i| i.id);
         Ok(Page { items, next })
+    }
+}
+
+/// The page size a request asked for: 0 means [`DEFAULT_PAGE_SIZE`].
+///
+/// # Errors
+/// `InvalidPageSize` outside `0..=MAX_PAGE_SIZE`.
+pub fn page_limit(page_size: i64) -> Result<u32, Error> {
+    match u32::try_from(page_size) {
+        Ok(0) => Ok(DEFAULT_PAGE_SIZE),
+        Ok(n) if n <= MAX_PAGE_SIZE => Ok(n),
+        _ => Err(Error::InvalidPageSize { page_size, max: MAX_PAGE_SIZE }),
+    }
+}
+
+/// Splits up to `size + 1` rows read for a page of `size` into the page and the key the
+/// next page starts after, if there is a next page.
+pub fn split_page<T, K>(mut rows: Vec<T>, size: u32, key: impl Fn(&T) -> K) -> (Vec<T>, Option<K>) {
+    if rows.len() > size as usize {
+        rows.truncate(size as usize);
+        let next = rows.last().map(key);
+        (rows, next)
+    } else {
+        (rows, None)
     }
 }
 
