@@ -5,6 +5,7 @@
 //! nothing here knows about PostgreSQL, a transport, RabbitMQ or Kubernetes.
 
 pub mod audit;
+pub mod backoff;
 pub mod error;
 pub mod greeter;
 pub mod health;
@@ -13,6 +14,7 @@ pub mod outbox;
 pub mod snowflake;
 
 pub use audit::{Action, Actor, AuditEntry, AuditRecord, AuditRepo, AuditUsecase, Source};
+pub use backoff::Backoff;
 pub use error::{BoxError, Error, ErrorKind, RepoError, SharedError};
 pub use greeter::GreeterUsecase;
 pub use health::{HealthUsecase, Probe, ProbeStatus};

@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{RepoError, StatusChange};
+use super::{Backoff, RepoError, StatusChange};
 
 /// A status change waiting in the outbox.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,18 +103,17 @@ impl OutboxRelay {
     /// Relays until `stop` resolves, backing off while a dependency is down.
     pub async fn run(&self, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             let pause = match self.relay_once().await {
                 Ok((_, true)) => Duration::ZERO,
                 Ok((_, false)) => {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     self.idle
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "status outbox relay failed");
-                    let pause = backoff;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    let pause = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?pause, "status outbox relay failed");
                     pause
                 }
             };

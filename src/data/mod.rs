@@ -18,7 +18,7 @@ use sqlx::{
 };
 
 use crate::{
-    biz::{Probe, RepoError},
+    biz::{Backoff, Probe, RepoError},
     conf,
 };
 
@@ -76,14 +76,14 @@ impl Data {
             .connect_lazy_with(options);
 
         let started = tokio::time::Instant::now();
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             match sqlx::query("SELECT 1").execute(&pool).await {
                 Ok(_) => break,
-                Err(e) if started.elapsed() + delay < conf.connect_timeout => {
+                Err(e) if started.elapsed() + backoff.peek() < conf.connect_timeout => {
+                    let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?delay, "database not reachable yet");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => {
                     return Err(ConnectError::Unreachable {

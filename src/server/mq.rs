@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     amqp::{self, AmqpError, STATUS_EVENT_TYPE},
-    biz::{ErrorKind, Probe, RepoError},
+    biz::{Backoff, ErrorKind, Probe, RepoError},
     conf,
     pb::mq::v1 as pb,
     service::{Disposition, EventService, Inbound},
@@ -432,43 +432,4 @@ fn decode(d: &Delivery) -> Inbound {
         .map(|m| m.to_string())
         .unwrap_or_else(|| format!("{}#{}", d.routing_key, d.delivery_tag));
     Inbound { event, message_id }
-}
-
-/// Exponential backoff with a cap.
-struct Backoff {
-    first: Duration,
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(first: Duration, max: Duration) -> Self {
-        Self { first, next: first, max }
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-
-    fn reset(&mut self) {
-        self.next = self.first;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_its_cap_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
-
-        let delays: Vec<u128> = (0..5).map(|_| b.next_delay().as_millis()).collect();
-        b.reset();
-
-        assert_eq!(delays, [100, 200, 400, 500, 500]);
-        assert_eq!(b.next_delay(), Duration::from_millis(100));
-    }
 }
