@@ -264,21 +264,21 @@ impl Consumer {
                     }
                 }
             };
-            if let Some((exchange, routing_key, properties, reason)) = outgoing {
+            if let Some(reroute) = outgoing {
                 tracing::info!(
                     message_id = %inbound.message_id,
                     routing_key = %delivery.routing_key,
-                    exchange = %exchange,
-                    reason = %reason,
+                    exchange = %reroute.exchange,
+                    reason = %reroute.reason,
                     "event not applied"
                 );
                 let confirm = channel
                     .basic_publish(
-                        exchange.as_str().into(),
-                        routing_key.as_str().into(),
+                        reroute.exchange.as_str().into(),
+                        reroute.routing_key.as_str().into(),
                         BasicPublishOptions { mandatory: true, ..Default::default() },
                         &delivery.data,
-                        properties,
+                        reroute.properties,
                     )
                     .await?;
                 confirms.push(confirm);
@@ -362,12 +362,7 @@ impl Consumer {
         Some(out)
     }
 
-    fn dead_letter(
-        &self,
-        d: &Delivery,
-        reason: &str,
-        message: &str,
-    ) -> (String, String, BasicProperties, String) {
+    fn dead_letter(&self, d: &Delivery, reason: &str, message: &str) -> Reroute {
         let mut headers = d.properties.headers().clone().unwrap_or_default();
         headers.insert(
             "x-reject-reason".into(),
@@ -385,27 +380,34 @@ impl Consumer {
             "x-original-routing-key".into(),
             AMQPValue::LongString(d.routing_key.as_str().into()),
         );
-        let properties = d.properties.clone().with_headers(headers);
-        (
-            self.conf.dead_letter_exchange.clone(),
-            d.routing_key.to_string(),
-            properties,
-            reason.to_owned(),
-        )
+        Reroute {
+            exchange: self.conf.dead_letter_exchange.clone(),
+            routing_key: d.routing_key.to_string(),
+            properties: d.properties.clone().with_headers(headers),
+            reason: reason.to_owned(),
+        }
     }
 
-    fn retry_later(&self, d: &Delivery, attempt: i64) -> (String, String, BasicProperties, String) {
+    fn retry_later(&self, d: &Delivery, attempt: i64) -> Reroute {
         let mut headers = d.properties.headers().clone().unwrap_or_default();
         headers.insert("x-retry-count".into(), AMQPValue::LongLongInt(attempt));
-        let properties = d.properties.clone().with_headers(headers);
         // Through the default exchange straight into the retry queue.
-        (
-            String::new(),
-            self.conf.retry_queue.clone(),
-            properties,
-            format!("INSTANCE_NOT_FOUND (retry {attempt})"),
-        )
+        Reroute {
+            exchange: String::new(),
+            routing_key: self.conf.retry_queue.clone(),
+            properties: d.properties.clone().with_headers(headers),
+            reason: format!("INSTANCE_NOT_FOUND (retry {attempt})"),
+        }
     }
+}
+
+/// Where a delivery that was not applied goes instead: the dead-letter exchange or the
+/// retry queue, with its headers, and why (for the log).
+struct Reroute {
+    exchange: String,
+    routing_key: String,
+    properties: BasicProperties,
+    reason: String,
 }
 
 /// Decodes a delivery by content type: protobuf (absent, `application/x-protobuf`,
