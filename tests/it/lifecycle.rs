@@ -132,6 +132,17 @@ async fn creates_are_idempotent_per_user_and_request_id() {
     let count: i64 =
         sqlx::query_scalar("SELECT count(*) FROM instances").fetch_one(&app.pool).await.unwrap();
     assert_eq!(count, 4);
+
+    // The refusal is on the trail of the instance the request_id made.
+    let id = first["instance_id"].as_str().unwrap();
+    assert_eq!(
+        trail(&app, id).await,
+        [row("CREATE", "rejected", "http"), row("CREATE", "ok", "http")]
+    );
+    let (_, page) = send(&app, M::GET, &format!("/v1/resources/{id}/audit-logs"), None).await;
+    let refusal = &page["entries"][0];
+    assert!(refusal["reason"].as_str().unwrap().starts_with("REQUEST_ID_REUSED"), "{refusal}");
+    assert_eq!(refusal["before"], refusal["after"], "a refusal changes nothing");
 }
 
 #[tokio::test]

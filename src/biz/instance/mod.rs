@@ -8,7 +8,7 @@ use std::{fmt, str::FromStr, sync::Arc};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{Actor, Error, RepoError};
+use super::{Actor, AuditEntry, Error, RepoError, audit::Outcome as AuditOutcome};
 
 mod command;
 mod spec;
@@ -325,12 +325,34 @@ impl InstanceUsecase {
         Self { repo, limits, cluster_enabled, ids }
     }
 
+    /// The ranges specs and names are checked against.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// Creates an instance with a new id. With a `request_id`, the same request from the
     /// same owner returns the instance it created the first time.
     ///
     /// # Errors
     /// `InvalidSpec`, `InvalidArgument`, `RequestIdReused`, `Unavailable`.
     pub async fn create(
+        &self,
+        actor: Actor,
+        audit_id: String,
+        new: NewInstance,
+    ) -> Result<Instance, Error> {
+        if let Some(request_id) = &new.request_id {
+            validate_text("request_id", request_id)?;
+        }
+        // The whole create, including the audit of a refused request_id, runs to completion
+        // in its own task even if the caller goes away (see `run_to_completion`).
+        let this = self.clone();
+        tokio::spawn(async move { this.create_to_completion(actor, audit_id, new).await })
+            .await
+            .map_err(|e| Error::Internal(Arc::new(RepoError::Internal(e.to_string().into()))))?
+    }
+
+    async fn create_to_completion(
         &self,
         actor: Actor,
         audit_id: String,
@@ -345,7 +367,8 @@ impl InstanceUsecase {
             spec: new.spec.clone(),
         };
         let envelope = Envelope { key, actor, request_id: audit_id, command };
-        match self.run_to_completion(envelope).await? {
+        let mut outcomes = self.execute(std::slice::from_ref(&envelope)).await?;
+        match outcomes.remove(0) {
             Outcome::Applied(instance) => Ok(instance),
             Outcome::Duplicate => {
                 let key = key.expect("only keyed commands are duplicates");
@@ -359,10 +382,12 @@ impl InstanceUsecase {
                     && instance.name == new.name
                     && instance.spec == new.spec;
                 if same {
-                    Ok(instance)
-                } else {
-                    Err(Error::RequestIdReused { request_id: new.request_id.unwrap_or_default() })
+                    return Ok(instance);
                 }
+                let error =
+                    Error::RequestIdReused { request_id: new.request_id.unwrap_or_default() };
+                self.audit_refusal(&envelope, instance.id, &error).await?;
+                Err(error)
             }
             Outcome::Ignored { instance: Some(instance), .. } => Ok(instance),
             Outcome::Rejected(e) => Err(e),
@@ -370,6 +395,36 @@ impl InstanceUsecase {
                 Arc::new(RepoError::Internal("unexpected create outcome".into())),
             )),
         }
+    }
+
+    /// Records a refused command on the instance it concerned, in a unit of work of its
+    /// own: the refusal changes nothing else. Used where the refusal is decided outside
+    /// the planner (a create whose request_id made another instance).
+    async fn audit_refusal(
+        &self,
+        envelope: &Envelope,
+        id: InstanceId,
+        error: &Error,
+    ) -> Result<(), Error> {
+        let reason = format!("{}: {error}", error.reason());
+        let mut work = |snapshot: Snapshot| {
+            let snapshot_of = snapshot.instances.get(&id).map(command::snapshot_json);
+            Changes {
+                audit: vec![AuditEntry {
+                    instance_id: id.get(),
+                    actor: envelope.actor.clone(),
+                    action: envelope.command.action(),
+                    outcome: AuditOutcome::Rejected,
+                    reason: reason.clone(),
+                    request_id: envelope.request_id.clone(),
+                    before: snapshot_of.clone(),
+                    after: snapshot_of,
+                    at: Utc::now(),
+                }],
+                ..Changes::default()
+            }
+        };
+        self.repo.transact(&[id], &[], &mut work).await.map_err(Error::from)
     }
 
     /// Runs one lifecycle command on an existing instance and returns it afterwards.
@@ -469,6 +524,12 @@ impl InstanceUsecase {
         before: Option<InstanceId>,
     ) -> Result<Page<Instance>, Error> {
         let size = page_limit(page_size)?;
+        if let Some(user_id) = &filter.user_id {
+            validate_text("user_id", user_id)?;
+        }
+        if let Some(name) = &filter.name {
+            validate_text("name", name)?;
+        }
         // One extra row tells whether another page follows without a second query.
         let query = ListQuery { filter, before, limit: size + 1 };
         let (items, next) = split_page(self.repo.list(&query).await?, size, |i| i.id);
