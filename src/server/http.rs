@@ -7,10 +7,10 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State},
-    http::{HeaderName, StatusCode, header, request::Parts},
+    http::{HeaderName, Method, StatusCode, header, request::Parts},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{get, patch},
+    routing::{any, get, patch},
 };
 use serde::Deserialize;
 use tower::ServiceBuilder;
@@ -48,17 +48,19 @@ pub struct AppState {
 /// body size limit from `conf`.
 pub fn router(state: AppState, conf: &conf::HttpServer) -> Router {
     let limits = Limits { timeout: conf.timeout, max_body_bytes: conf.max_body_bytes };
+    let openapi = Bytes::from(super::openapi::document(state.resource.limits()).to_string());
     Router::new()
         .route("/helloworld/{name}", get(say_hello))
         .route("/v1/resources", get(list_resources).post(create_resource))
-        .route(
-            "/v1/resources/{instance_id}",
-            get(get_resource).delete(delete_resource).post(resource_action),
-        )
+        .route("/v1/resources/{instance_id}", any(instance_route))
         .route("/v1/resources/{instance_id}/spec", patch(update_resource_spec))
         .route("/v1/resources/{instance_id}/audit-logs", get(list_audit_logs))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route(
+            "/openapi.json",
+            get(move || async move { ([(header::CONTENT_TYPE, "application/json")], openapi) }),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(conf.max_body_bytes))
@@ -167,9 +169,46 @@ where
                 HttpError::from(biz::Error::invalid("body", rejection.body_text()))
             }
         })?;
-        serde_json::from_slice(&bytes)
+        decode_json(&bytes)
             .map(ApiJson)
             .map_err(|e| HttpError::from(biz::Error::invalid("body", format!("invalid JSON: {e}"))))
+    }
+}
+
+/// Decodes a proto3 JSON body. The proto3 JSON mapping accepts an integer written as
+/// `1.0` or `1e2` (Go's protojson, which the service replaces, does); pbjson does not,
+/// so a body it refuses is retried with such numbers rewritten as integers.
+fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
+    let err = match serde_json::from_slice(bytes) {
+        Ok(value) => return Ok(value),
+        Err(err) => err,
+    };
+    let mut value: serde_json::Value = serde_json::from_slice(bytes)?;
+    if integral_floats_to_integers(&mut value) { T::deserialize(value) } else { Err(err) }
+}
+
+/// Rewrites every float with no fractional part (within ±2^53, where every integer is an
+/// exact float; pbjson refuses larger integers in free JSON) as an integer; whether
+/// anything changed. Integers and floats are one number type in JSON, so this changes
+/// no value, only its spelling.
+fn integral_floats_to_integers(value: &mut serde_json::Value) -> bool {
+    const LIMIT: f64 = 9_007_199_254_740_992.0; // 2^53
+    match value {
+        serde_json::Value::Number(n) if n.is_f64() => match n.as_f64() {
+            #[allow(clippy::cast_possible_truncation)] // integral and below 2^53: exact
+            Some(f) if f.fract() == 0.0 && f.abs() < LIMIT => {
+                *value = serde_json::Value::from(f as i64);
+                true
+            }
+            _ => false,
+        },
+        serde_json::Value::Array(items) => {
+            items.iter_mut().fold(false, |changed, v| integral_floats_to_integers(v) | changed)
+        }
+        serde_json::Value::Object(map) => {
+            map.values_mut().fold(false, |changed, v| integral_floats_to_integers(v) | changed)
+        }
+        _ => false,
     }
 }
 
@@ -200,10 +239,7 @@ impl<S: Send + Sync> FromRequestParts<S> for InstanceIdPath {
         let Path(raw) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|r| HttpError::from(biz::Error::invalid("instance_id", r.body_text())))?;
-        raw.parse::<i64>().map(InstanceIdPath).map_err(|_| {
-            biz::Error::invalid("instance_id", format!("expected a positive integer, got {raw:?}"))
-                .into()
-        })
+        parse_instance_id(&raw).map(InstanceIdPath)
     }
 }
 
@@ -230,7 +266,8 @@ impl TryFrom<ListParams> for pb::ListResourcesRequest {
     fn try_from(p: ListParams) -> Result<Self, biz::Error> {
         let page_size = parse_page_size(p.page_size.as_deref())?;
         let status = match p.status.as_deref() {
-            None | Some("") => pb::Status::Unspecified,
+            // The enum's zero value means "no status filter", as on gRPC.
+            None | Some("") | Some("STATUS_UNSPECIFIED") => pb::Status::Unspecified,
             Some(raw) => {
                 let status: biz::InstanceStatus = raw.parse()?;
                 pb::Status::from(status)
@@ -264,12 +301,73 @@ async fn list_resources(
     Ok(Json(app.resource.list_resources(req).await?))
 }
 
-async fn get_resource(
+/// `/v1/resources/{instance_id}` (GET, DELETE) and its custom methods
+/// `{instance_id}:start` and `{instance_id}:stop` (POST). axum allows one parameter per
+/// path segment and no suffix after it, so one route takes the segment and dispatches
+/// here, answering 405 with the `Allow` header of the resource that was addressed.
+async fn instance_route(
     State(app): State<AppState>,
-    InstanceIdPath(instance_id): InstanceIdPath,
-) -> Result<Json<pb::Resource>, HttpError> {
-    let req = pb::GetResourceRequest { instance_id };
-    Ok(Json(app.resource.get_resource(req).await?))
+    HttpCaller(caller): HttpCaller,
+    method: Method,
+    Path(segment): Path<String>,
+) -> Response {
+    let result = match segment.split_once(':') {
+        None => match method {
+            Method::GET | Method::HEAD => get_resource(&app, &segment).await,
+            Method::DELETE => act(&app, &caller, ResourceAction::Delete, &segment).await,
+            _ => return not_allowed(&method, &segment, "GET, HEAD, DELETE"),
+        },
+        Some((raw_id, verb)) => {
+            let action = match verb {
+                "start" => ResourceAction::Start,
+                "stop" => ResourceAction::Stop,
+                other => {
+                    return HttpError(ApiError::new(
+                        ErrorKind::NotFound,
+                        "NOT_FOUND",
+                        format!("unknown custom method {other:?}; use :start or :stop"),
+                    ))
+                    .into_response();
+                }
+            };
+            if method != Method::POST {
+                return not_allowed(&method, &segment, "POST");
+            }
+            act(&app, &caller, action, raw_id).await
+        }
+    };
+    result.map(Json).into_response()
+}
+
+fn parse_instance_id(raw: &str) -> Result<i64, HttpError> {
+    raw.parse::<i64>().map_err(|_| {
+        biz::Error::invalid("instance_id", format!("expected a positive integer, got {raw:?}"))
+            .into()
+    })
+}
+
+async fn get_resource(app: &AppState, raw_id: &str) -> Result<pb::Resource, HttpError> {
+    let req = pb::GetResourceRequest { instance_id: parse_instance_id(raw_id)? };
+    Ok(app.resource.get_resource(req).await?)
+}
+
+async fn act(
+    app: &AppState,
+    caller: &Caller,
+    action: ResourceAction,
+    raw_id: &str,
+) -> Result<pb::Resource, HttpError> {
+    let req = pb::ResourceActionRequest { instance_id: parse_instance_id(raw_id)? };
+    Ok(app.resource.act_on_resource(caller, action, req).await?)
+}
+
+fn not_allowed(method: &Method, segment: &str, allow: &'static str) -> Response {
+    let error = HttpError(ApiError::new(
+        ErrorKind::MethodNotAllowed,
+        "METHOD_NOT_ALLOWED",
+        format!("{method} is not allowed on /v1/resources/{segment}; allowed: {allow}"),
+    ));
+    ([(header::ALLOW, allow)], error).into_response()
 }
 
 async fn create_resource(
@@ -278,46 +376,6 @@ async fn create_resource(
     ApiJson(req): ApiJson<pb::CreateResourceRequest>,
 ) -> Result<Json<pb::Resource>, HttpError> {
     Ok(Json(app.resource.create_resource(&caller, req).await?))
-}
-
-async fn delete_resource(
-    State(app): State<AppState>,
-    HttpCaller(caller): HttpCaller,
-    InstanceIdPath(instance_id): InstanceIdPath,
-) -> Result<Json<pb::Resource>, HttpError> {
-    let req = pb::ResourceActionRequest { instance_id };
-    Ok(Json(app.resource.act_on_resource(&caller, ResourceAction::Delete, req).await?))
-}
-
-/// `POST /v1/resources/{instance_id}:start` and `:stop` (one path segment in axum).
-async fn resource_action(
-    State(app): State<AppState>,
-    HttpCaller(caller): HttpCaller,
-    Path(segment): Path<String>,
-) -> Result<Json<pb::Resource>, HttpError> {
-    let (raw_id, verb) = segment.rsplit_once(':').ok_or_else(|| {
-        HttpError(ApiError::new(
-            ErrorKind::MethodNotAllowed,
-            "METHOD_NOT_ALLOWED",
-            format!("POST is not allowed on /v1/resources/{segment}; use :start or :stop"),
-        ))
-    })?;
-    let action = match verb {
-        "start" => ResourceAction::Start,
-        "stop" => ResourceAction::Stop,
-        other => {
-            return Err(HttpError(ApiError::new(
-                ErrorKind::NotFound,
-                "NOT_FOUND",
-                format!("unknown action {other:?}; use :start or :stop"),
-            )));
-        }
-    };
-    let instance_id = raw_id.parse::<i64>().map_err(|_| {
-        biz::Error::invalid("instance_id", format!("expected a positive integer, got {raw_id:?}"))
-    })?;
-    let req = pb::ResourceActionRequest { instance_id };
-    Ok(Json(app.resource.act_on_resource(&caller, action, req).await?))
 }
 
 async fn update_resource_spec(

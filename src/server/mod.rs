@@ -6,6 +6,7 @@
 pub mod grpc;
 pub mod http;
 pub mod mq;
+pub mod openapi;
 pub mod status;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};

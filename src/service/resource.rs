@@ -44,6 +44,11 @@ impl ResourceService {
         Self { instances, audits }
     }
 
+    /// The ranges requests are checked against (published in the OpenAPI document).
+    pub fn limits(&self) -> &crate::biz::Limits {
+        self.instances.limits()
+    }
+
     /// `CreateResource`. The owner is `req.user_id`, or the caller when empty.
     ///
     /// # Errors

@@ -6,5 +6,6 @@ mod helpers;
 mod http;
 mod lifecycle;
 mod mq;
+mod openapi;
 mod postgres;
 mod proxy;

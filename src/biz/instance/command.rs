@@ -6,7 +6,10 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
-use super::{Endpoint, Instance, InstanceId, InstanceSpec, InstanceStatus, Limits, validate_name};
+use super::{
+    Endpoint, Instance, InstanceId, InstanceSpec, InstanceStatus, Limits, validate_name,
+    validate_text,
+};
 use crate::biz::{
     Error,
     audit::{Action, Actor, AuditEntry, Outcome as AuditOutcome},
@@ -328,6 +331,9 @@ impl Planner<'_> {
         }
         if user_id.is_empty() {
             return self.reject(envelope, Some(id), Error::invalid("user_id", "required"));
+        }
+        if let Err(e) = validate_text("user_id", user_id) {
+            return self.reject(envelope, Some(id), e);
         }
         if let Some(existing) = self.state.get(&id).cloned() {
             let same =

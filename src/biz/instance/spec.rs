@@ -162,8 +162,45 @@ impl InstanceSpec {
                 message: "must be a JSON object".into(),
             });
         }
+        if contains_nul(&self.config) {
+            return Err(Error::InvalidSpec {
+                field: "config_json",
+                message: "must not contain the NUL character (\\u0000)".into(),
+            });
+        }
         Ok(())
     }
+}
+
+/// Whether a key or string anywhere in `value` holds U+0000, which PostgreSQL cannot
+/// store in `jsonb` or `text`.
+fn contains_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().any(contains_nul),
+        serde_json::Value::Object(map) => {
+            map.iter().any(|(key, value)| key.contains('\0') || contains_nul(value))
+        }
+        _ => false,
+    }
+}
+
+/// Longest user id, request id or filter value, in characters.
+pub const MAX_TEXT_LEN: usize = 256;
+
+/// Checks an identifier or filter value from a client: at most [`MAX_TEXT_LEN`]
+/// characters and no control characters (PostgreSQL cannot store NUL at all).
+///
+/// # Errors
+/// `InvalidArgument` for `field`.
+pub fn validate_text(field: &'static str, value: &str) -> Result<(), Error> {
+    if value.chars().count() > MAX_TEXT_LEN {
+        return Err(Error::invalid(field, format!("must be at most {MAX_TEXT_LEN} characters")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    Ok(())
 }
 
 /// Checks an instance name: 1 to `limits.max_name_len` characters, no control characters.
@@ -183,6 +220,24 @@ pub fn validate_name(name: &str, limits: &Limits) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// The references [`validate_image`] accepts, as one regular expression (published in the
+/// OpenAPI document; the tests hold the two to the same answers). The length bound (1 to
+/// 512 characters) is separate.
+pub const IMAGE_PATTERN: &str = concat!(
+    "^(?:",
+    // A registry host: dotted labels, a port, or both, then the path.
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+(?::[0-9]{1,5})?",
+    r"|[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?:[0-9]{1,5}",
+    // ... or a first path component without '.' (which would make it a host).
+    r"|[a-z0-9]+(?:(?:_|__|-+)[a-z0-9]+)*)",
+    r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)+",
+    // A single path component.
+    r"|[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*",
+    ")",
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?",
+    r"(?:@[a-z0-9+._-]+:[A-Fa-f0-9]{32,})?$",
+);
 
 /// Checks a container image reference against the OCI distribution grammar:
 /// `[registry[:port]/]path[:tag][@algorithm:digest]`, path components lower case.
@@ -388,6 +443,8 @@ mod tests {
             InstanceSpec { memory_mb: 1025, ..spec.clone() },
             InstanceSpec { image: "BAD".into(), ..spec.clone() },
             InstanceSpec { config: serde_json::json!([1]), ..spec.clone() },
+            InstanceSpec { config: serde_json::json!({"env": {"A\0": "1"}}), ..spec.clone() },
+            InstanceSpec { config: serde_json::json!({"args": ["a\0"]}), ..spec.clone() },
         ] {
             assert!(matches!(bad.validate(&limits), Err(Error::InvalidSpec { .. })), "{bad:?}");
         }
@@ -395,5 +452,42 @@ mod tests {
         assert!(validate_name("", &limits).is_err());
         assert!(validate_name("abcde", &limits).is_err());
         assert!(validate_name("a\nb", &limits).is_err());
+        assert!(validate_text("user_id", "alice").is_ok());
+        assert!(validate_text("user_id", "a\0b").is_err());
+        assert!(validate_text("user_id", &"x".repeat(MAX_TEXT_LEN + 1)).is_err());
+    }
+
+    mod image_pattern {
+        use proptest::prelude::*;
+
+        use super::super::{IMAGE_PATTERN, validate_image};
+
+        fn pattern() -> regex::Regex {
+            regex::Regex::new(IMAGE_PATTERN).expect("IMAGE_PATTERN compiles")
+        }
+
+        /// Strings the pattern describes (proptest generates from it without its anchors).
+        fn described() -> impl Strategy<Value = String> {
+            let unanchored = &IMAGE_PATTERN[1..IMAGE_PATTERN.len() - 1];
+            proptest::string::string_regex(unanchored).expect("a generator for IMAGE_PATTERN")
+        }
+
+        proptest! {
+            #[test]
+            fn strings_of_the_pattern_are_accepted(image in described()) {
+                prop_assume!(image.len() <= 512);
+                prop_assert!(validate_image(&image).is_ok(), "{image:?}");
+            }
+
+            #[test]
+            fn pattern_and_validator_agree(image in "[a-zA-Z0-9._:/@+-]{1,24}") {
+                prop_assert_eq!(pattern().is_match(&image), validate_image(&image).is_ok(), "{:?}", image);
+            }
+
+            #[test]
+            fn near_misses_agree(image in "(localhost|[a-z]{1,3}\\.[a-z]{1,3}|[a-z_]{1,3})(:[0-9]{0,6})?/[a-z._-]{1,6}(:[a-zA-Z0-9._-]{0,4})?(@[a-z]{0,3}:[0-9a-fA-F]{30,34})?") {
+                prop_assert_eq!(pattern().is_match(&image), validate_image(&image).is_ok(), "{:?}", image);
+            }
+        }
     }
 }

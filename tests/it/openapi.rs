@@ -1,0 +1,97 @@
+//! `GET /openapi.json` against the running service: every documented route is served,
+//! and Schemathesis (PyPI, installed by `scripts/schemathesis.sh`) finds no 5xx and no
+//! response the document does not describe.
+
+use std::{path::PathBuf, process::Stdio};
+
+use serde_json::{Value, json};
+
+use crate::helpers::{repo_path, spawn_app};
+
+#[tokio::test]
+async fn every_documented_route_is_served_as_documented() {
+    let app = spawn_app().await;
+    let (status, doc) = app.get_json("/openapi.json").await;
+    assert_eq!(status, 200);
+    assert_eq!(doc["openapi"], "3.1.0");
+
+    let create = json!({"name": "doc", "user_id": "u1",
+                        "spec": {"cpu": 1, "memory": 256, "image": "nginx:1.25"}});
+
+    let mut answered = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (verb, operation) in item.as_object().unwrap() {
+            // A fresh instance for each call, so that a delete does not spoil a start.
+            let created: Value = app
+                .client
+                .post(format!("{}/v1/resources", app.http))
+                .json(&create)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let id = created["instance_id"].as_str().expect("an id");
+            let path_with_values = path.replace("{instance_id}", id).replace("{name}", "x");
+            let url = format!("{}{path_with_values}", app.http);
+            let method = reqwest::Method::from_bytes(verb.to_uppercase().as_bytes()).unwrap();
+            let mut req = app.client.request(method, &url);
+            if operation.get("requestBody").is_some() {
+                req = req.json(
+                    &json!({"name": "doc", "spec": {"cpu": 1, "memory": 256, "image": "nginx:1.25"},
+                                       "cpu": 2, "memory": 512, "image": "nginx:1.26"}),
+                );
+            }
+            let response = req.send().await.unwrap();
+            let status = response.status().as_u16().to_string();
+            let declared = operation["responses"].as_object().unwrap();
+            assert!(declared.contains_key(&status), "{verb} {path}: {status} is not documented");
+            assert!(
+                status.starts_with('2'),
+                "{verb} {path} answered {status}: {}",
+                response.text().await.unwrap()
+            );
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 12, "every route of the document was exercised");
+}
+
+/// The Schemathesis `st` command: `$SCHEMATHESIS`, else the pinned install under target/.
+fn schemathesis() -> PathBuf {
+    if let Ok(path) = std::env::var("SCHEMATHESIS") {
+        return PathBuf::from(path);
+    }
+    let output = std::process::Command::new(repo_path("scripts/schemathesis.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/schemathesis.sh");
+    assert!(output.status.success(), "scripts/schemathesis.sh could not install Schemathesis");
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}
+
+#[tokio::test]
+async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
+    let st = schemathesis();
+    let app = spawn_app().await;
+    let examples = std::env::var("SCHEMATHESIS_MAX_EXAMPLES").unwrap_or_else(|_| "100".into());
+    let seed = std::env::var("SCHEMATHESIS_SEED").unwrap_or_else(|_| "1".into());
+    let output = tokio::process::Command::new(st)
+        .arg("--no-color")
+        .arg("--config-file")
+        .arg(repo_path("schemathesis.toml"))
+        .arg("run")
+        .arg(format!("{}/openapi.json", app.http))
+        .args(["--max-examples", &examples, "--seed", &seed])
+        .output()
+        .await
+        .expect("run Schemathesis");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "Schemathesis found problems:\n{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(report.contains("passed"), "Schemathesis ran no test case:\n{report}");
+}
