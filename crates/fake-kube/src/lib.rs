@@ -4,6 +4,23 @@
 //! code is tested against this server through the real `kube` client and a kubeconfig,
 //! exactly as it would reach a cluster. It depends on axum, tokio and serde_json only.
 //!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use fake_kube::{FakeKube, Kind, Options};
+//! use kube::config::{KubeConfigOptions, Kubeconfig};
+//!
+//! let fake = FakeKube::start(Options::default()).await?;
+//! let kubeconfig = Kubeconfig::from_yaml(&fake.kubeconfig_yaml("default"))?;
+//! let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+//! let client = kube::Client::try_from(config)?;
+//! // … run the code under test with `client`, then look behind its back:
+//! assert!(fake.get(Kind::Pod, "default", "instance-42").is_some());
+//! println!("{:?}", fake.requests());
+//! fake.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # What it implements
 //! - Discovery: `/version`, `/api`, `/api/v1`, `/apis` (no groups; other paths are 404).
 //! - core/v1 `pods`, `services` and `namespaces`: get, list (label selectors, `limit` and
@@ -140,15 +157,15 @@ impl RequestCounts {
     /// The requests served between `earlier` and `self`.
     pub fn since(&self, earlier: &RequestCounts) -> RequestCounts {
         RequestCounts {
-            total: self.total - earlier.total,
-            get: self.get - earlier.get,
-            list: self.list - earlier.list,
-            watch: self.watch - earlier.watch,
-            create: self.create - earlier.create,
-            update: self.update - earlier.update,
-            patch: self.patch - earlier.patch,
-            delete: self.delete - earlier.delete,
-            other: self.other - earlier.other,
+            total: self.total.saturating_sub(earlier.total),
+            get: self.get.saturating_sub(earlier.get),
+            list: self.list.saturating_sub(earlier.list),
+            watch: self.watch.saturating_sub(earlier.watch),
+            create: self.create.saturating_sub(earlier.create),
+            update: self.update.saturating_sub(earlier.update),
+            patch: self.patch.saturating_sub(earlier.patch),
+            delete: self.delete.saturating_sub(earlier.delete),
+            other: self.other.saturating_sub(earlier.other),
         }
     }
 }
