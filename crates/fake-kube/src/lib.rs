@@ -1,0 +1,265 @@
+//! An in-process fake Kubernetes API server for tests and benchmarks.
+//!
+//! There is no cluster on developer or CI machines, so the `resource` service's Kubernetes
+//! code is tested against this server through the real `kube` client and a kubeconfig,
+//! exactly as it would reach a cluster. It depends on axum, tokio and serde_json only.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use fake_kube::{FakeKube, Kind, Options};
+//! use kube::config::{KubeConfigOptions, Kubeconfig};
+//!
+//! let fake = FakeKube::start(Options::default()).await?;
+//! let kubeconfig = Kubeconfig::from_yaml(&fake.kubeconfig_yaml("default"))?;
+//! let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+//! let client = kube::Client::try_from(config)?;
+//! // … run the code under test with `client`, then look behind its back:
+//! assert!(fake.get(Kind::Pod, "default", "instance-42").is_some());
+//! println!("{:?}", fake.requests());
+//! fake.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What it implements
+//! - Discovery: `/version`, `/api`, `/api/v1`, `/apis` (no groups; other paths are 404).
+//! - core/v1 `pods`, `services` and `namespaces`: get, list (label selectors, `limit` and
+//!   `continue`), watch (`resourceVersion`, `sendInitialEvents`, `timeoutSeconds`, 410 Gone
+//!   when the version is older than the kept history), create, replace (PUT), delete, and
+//!   patch as apply, merge, strategic-merge (treated as merge) and JSON patch. `pods/status`
+//!   may be read and patched. Cluster-wide lists and watches at `/api/v1/{pods,services}`.
+//! - One global `resourceVersion` counter; a write carrying a stale `metadata.resourceVersion`
+//!   is 409 `Conflict`. Errors are `Status` objects with the real reasons and codes.
+//! - Finalizers and graceful deletion: a deleted object with finalizers keeps a
+//!   `deletionTimestamp` until a patch empties them; a deleted pod keeps its name for
+//!   [`Options::termination_delay`] (immediately with `gracePeriodSeconds: 0`).
+//! - Pod spec immutability: any change but container images is 422 `Invalid`.
+//! - A kubelet: a pod is `Pending` when created, `Running` with a pod IP after
+//!   [`Options::kubelet_delay`], or stuck in `ErrImagePull` / `ImagePullBackOff` when an image
+//!   is failing, or `Unschedulable` when its `nodeSelector` is not met.
+//!
+//! # What it simplifies
+//! - Server-side apply has no managed fields: labels and annotations are merged, finalizers
+//!   are a set union (remove one with a merge or JSON patch), every other top-level field the
+//!   applied object names (`spec`, …) replaces the stored one, keeping server-defaulted
+//!   fields (`spec.clusterIP`, `spec.clusterIPs`, `spec.type`, `spec.nodeName`) when absent;
+//!   `status` is never applied. `force` is accepted and ignored: there are no conflicts
+//!   between managers. Bodies must be JSON (kube sends JSON, also for apply).
+//! - Only the fields the fake sets are defaulted (no `restartPolicy`, `dnsPolicy`, …).
+//! - A watch filters each event by the object's labels at that moment (an object that
+//!   stops matching produces no `DELETED`). `BOOKMARK` is sent only to end the initial
+//!   events of a streaming list.
+//! - `dryRun`, `fieldSelector`, `propagationPolicy` and preconditions are ignored.
+//!
+//! # What it does not do
+//! No authentication or authorisation, no TLS, no other API groups, no namespace deletion,
+//! no owner-reference garbage collection, no admission, no protobuf, no persistence.
+
+#![forbid(unsafe_code)]
+
+mod http;
+mod kubelet;
+mod patch;
+mod selector;
+mod store;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::task::JoinHandle;
+
+use crate::store::Shared;
+
+/// How the simulated kubelet and API server behave.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Time from a pod's creation to `Running` (and between image-pull retries).
+    pub kubelet_delay: Duration,
+    /// Time a deleted pod without finalizers keeps its name before it is gone.
+    pub termination_delay: Duration,
+    /// Image references whose pull fails (`ErrImagePull`, then `ImagePullBackOff`).
+    pub failing_images: Vec<String>,
+    /// Labels of the single node; `None` accepts every `nodeSelector`, `Some` only subsets.
+    pub node_labels: Option<BTreeMap<String, String>>,
+    /// Watch events kept for resuming watches; older versions answer 410 Gone.
+    pub watch_history: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            kubelet_delay: Duration::from_millis(50),
+            termination_delay: Duration::from_millis(50),
+            failing_images: Vec::new(),
+            node_labels: None,
+            watch_history: 10_000,
+        }
+    }
+}
+
+/// The kinds the fake stores, all in core/v1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Pod,
+    Service,
+    Namespace,
+}
+
+impl Kind {
+    /// The resource name in URLs (`pods`).
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Pod => "pods",
+            Kind::Service => "services",
+            Kind::Namespace => "namespaces",
+        }
+    }
+
+    /// The `kind` field of an object (`Pod`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::Namespace => "Namespace",
+        }
+    }
+
+    /// Whether objects of this kind live in a namespace.
+    pub fn is_namespaced(self) -> bool {
+        self != Kind::Namespace
+    }
+
+    fn from_plural(plural: &str) -> Option<Kind> {
+        [Kind::Pod, Kind::Service, Kind::Namespace].into_iter().find(|k| k.plural() == plural)
+    }
+}
+
+/// API requests served since start, by verb, to measure a client's request rate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    pub total: u64,
+    pub get: u64,
+    pub list: u64,
+    pub watch: u64,
+    pub create: u64,
+    pub update: u64,
+    pub patch: u64,
+    pub delete: u64,
+    /// `/version`, `/api`, `/apis` and everything else that is not an object verb.
+    pub other: u64,
+}
+
+impl RequestCounts {
+    /// The requests served between `earlier` and `self`.
+    pub fn since(&self, earlier: &RequestCounts) -> RequestCounts {
+        RequestCounts {
+            total: self.total.saturating_sub(earlier.total),
+            get: self.get.saturating_sub(earlier.get),
+            list: self.list.saturating_sub(earlier.list),
+            watch: self.watch.saturating_sub(earlier.watch),
+            create: self.create.saturating_sub(earlier.create),
+            update: self.update.saturating_sub(earlier.update),
+            patch: self.patch.saturating_sub(earlier.patch),
+            delete: self.delete.saturating_sub(earlier.delete),
+            other: self.other.saturating_sub(earlier.other),
+        }
+    }
+}
+
+/// A running fake API server; dropping it without [`FakeKube::shutdown`] leaves it serving
+/// until the runtime ends.
+pub struct FakeKube {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: JoinHandle<()>,
+}
+
+impl FakeKube {
+    /// Binds `127.0.0.1:0` and serves until [`FakeKube::shutdown`]; namespace `default` exists.
+    ///
+    /// # Errors
+    /// When the listener cannot be bound.
+    pub async fn start(opts: Options) -> std::io::Result<FakeKube> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let shared = Shared::new(opts);
+        let server = tokio::spawn(http::serve(listener, shared.clone()));
+        Ok(FakeKube { addr, shared, server })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The base URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig whose current context points at this server with `namespace` as default.
+    ///
+    /// The user carries a dummy bearer token so the client's auth layer runs as it would
+    /// against a cluster; the fake does not check it.
+    pub fn kubeconfig_yaml(&self, namespace: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake-kube\n  cluster:\n    \
+             server: {url}\nusers:\n- name: fake-kube\n  user:\n    token: fake-token\n\
+             contexts:\n- name: fake-kube\n  context:\n    cluster: fake-kube\n    \
+             user: fake-kube\n    namespace: {namespace:?}\ncurrent-context: fake-kube\n",
+            url = self.url(),
+        )
+    }
+
+    /// Writes [`FakeKube::kubeconfig_yaml`] to `path`.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn write_kubeconfig(&self, path: &Path, namespace: &str) -> std::io::Result<()> {
+        std::fs::write(path, self.kubeconfig_yaml(namespace))
+    }
+
+    /// The stored object, as the API would return it.
+    pub fn get(&self, kind: Kind, ns: &str, name: &str) -> Option<Value> {
+        self.shared.get(kind, ns, name)
+    }
+
+    /// Objects of `kind` in `ns` (every namespace when `ns` is empty), ordered by name.
+    pub fn list(&self, kind: Kind, ns: &str) -> Vec<Value> {
+        self.shared.list(kind, (!ns.is_empty()).then_some(ns))
+    }
+
+    /// Deletes as another client would (`kubectl delete`): finalizers and pod termination
+    /// are respected. Returns whether the object existed.
+    pub fn delete_out_of_band(&self, kind: Kind, ns: &str, name: &str) -> bool {
+        self.shared.delete(kind, ns, name, None).is_ok()
+    }
+
+    /// Creates namespace `name` unless it exists.
+    pub fn ensure_namespace(&self, name: &str) {
+        self.shared.ensure_namespace(name);
+    }
+
+    /// Makes pulls of `image` fail (or succeed again); pods already backing off recover.
+    pub fn set_image_failing(&self, image: &str, failing: bool) {
+        self.shared.set_image_failing(image, failing);
+    }
+
+    /// Requests served so far.
+    pub fn requests(&self) -> RequestCounts {
+        self.shared.requests()
+    }
+
+    /// Ends open watches, stops accepting and waits (at most 5 s) for requests in flight.
+    pub async fn shutdown(self) {
+        self.shared.close();
+        let abort = self.server.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), self.server).await.is_err() {
+            abort.abort();
+        }
+    }
+}
