@@ -17,9 +17,9 @@ build: ## release build (the Dockerfile runs exactly this)
 
 test: deps ## every test: unit and integration, against the local PostgreSQL and RabbitMQ
 	@if command -v cargo-nextest >/dev/null; then \
-		$(CARGO) nextest run --locked --no-fail-fast; \
+		$(CARGO) nextest run --workspace --locked --no-fail-fast; \
 	else \
-		$(CARGO) test --locked --no-fail-fast; \
+		$(CARGO) test --workspace --locked --no-fail-fast; \
 	fi
 
 test-it: deps ## integration tests only
@@ -27,7 +27,7 @@ test-it: deps ## integration tests only
 
 lint: ## formatting and clippy, as CI checks them
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --locked --all-targets -- -D warnings
 
 fmt: ## format the code
 	$(CARGO) fmt --all

@@ -4,6 +4,7 @@
 //!
 //! Depends on nothing else in the crate; each constructor receives only its sub-tree.
 
+use std::collections::BTreeMap;
 use std::{
     collections::HashMap,
     fmt,
@@ -180,11 +181,52 @@ pub struct Kubernetes {
     pub kubeconfig: String,
     /// Namespace of the instances' Pods and Services.
     pub namespace: String,
+    /// Node selector of each GPU type, by type code ("1" … "6").
+    pub gpu_node_selectors: BTreeMap<String, BTreeMap<String, String>>,
+    /// Instances reconciled at the same time.
+    pub concurrency: usize,
+    /// Most cluster writes (apply, delete) per second, per replica.
+    pub api_qps: u32,
+    /// How often instances waiting for the cluster are looked up.
+    #[serde(deserialize_with = "de_duration")]
+    pub poll_interval: Duration,
+    /// How often every instance is compared with the cluster.
+    #[serde(deserialize_with = "de_duration")]
+    pub resync_interval: Duration,
+    /// How long a replica holds an instance while reconciling it.
+    #[serde(deserialize_with = "de_duration")]
+    pub lease_ttl: Duration,
+    /// The Pod watch is re-established this often; readiness fails when it has not been
+    /// for twice as long.
+    #[serde(deserialize_with = "de_duration")]
+    pub watch_restart: Duration,
 }
 
 impl Default for Kubernetes {
     fn default() -> Self {
-        Self { enabled: false, kubeconfig: String::new(), namespace: "resource-instances".into() }
+        // The GPU table of SPEC §3, as the labels NVIDIA's GPU feature discovery sets.
+        let gpu = |product: &str| {
+            BTreeMap::from([("nvidia.com/gpu.product".to_owned(), product.to_owned())])
+        };
+        Self {
+            enabled: false,
+            kubeconfig: String::new(),
+            namespace: "resource-instances".into(),
+            gpu_node_selectors: BTreeMap::from([
+                ("1".to_owned(), gpu("Tesla-V100")),
+                ("2".to_owned(), gpu("Tesla-A100")),
+                ("3".to_owned(), gpu("Tesla-H100")),
+                ("4".to_owned(), gpu("Tesla-T4")),
+                ("5".to_owned(), gpu("NVIDIA-GeForce-RTX-3090")),
+                ("6".to_owned(), gpu("NVIDIA-GeForce-RTX-4060-Laptop-GPU")),
+            ]),
+            concurrency: 16,
+            api_qps: 50,
+            poll_interval: Duration::from_millis(500),
+            resync_interval: Duration::from_secs(60),
+            lease_ttl: Duration::from_secs(30),
+            watch_restart: Duration::from_secs(300),
+        }
     }
 }
 
@@ -416,12 +458,21 @@ impl Bootstrap {
                 "limits: max_cpu, max_memory_mb and max_name_length must be at least 1".into()
             );
         }
-        if self.data.kubernetes.enabled {
-            // TODO(#5): the reconciler. Until then instances would wait in CREATING forever.
-            return Err(
-                "data.kubernetes.enabled: true is not supported by this version yet; use false"
-                    .into(),
-            );
+        let k8s = &self.data.kubernetes;
+        if k8s.enabled {
+            if k8s.namespace.is_empty() {
+                return Err("data.kubernetes.namespace must not be empty".into());
+            }
+            if k8s.concurrency == 0 || k8s.api_qps == 0 {
+                return Err("data.kubernetes.concurrency and api_qps must be at least 1".into());
+            }
+            for code in k8s.gpu_node_selectors.keys() {
+                if !matches!(code.parse::<i32>(), Ok(1..=6)) {
+                    return Err(format!(
+                        "data.kubernetes.gpu_node_selectors: {code:?} is not a GPU type code (1-6)"
+                    ));
+                }
+            }
         }
         if self.auth.mode == AuthMode::Jwt {
             // TODO(#6): JWT authentication.

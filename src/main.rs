@@ -10,10 +10,20 @@ use resource::{
         Limits, OutboxRelay, OutboxRepo, Probe, StatusPublisher, snowflake::Snowflake,
     },
     conf::{self, AuthMode, LogFormat, NodeId},
-    data::{AmqpStatusPublisher, Data, PgAuditRepo, PgInstanceRepo, PgOutboxRepo, PgProbe},
+    data::{
+        AmqpStatusPublisher, Data, PgAuditRepo, PgInstanceRepo, PgOutboxRepo, PgProbe,
+        PgReconcileRepo,
+    },
     publish::PublishArgs,
     server::{Servers, Services, mq::Consumer},
     service::{EventService, GreeterService, HealthService, ResourceService},
+};
+use resource::{
+    biz::{
+        GpuType,
+        reconcile::{ReconcileConf, Reconciler},
+    },
+    data::kube::{self, KubeCluster, KubeSettings},
 };
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
@@ -245,6 +255,20 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     if let Some(consumer) = &consumer {
         probes.push(Arc::new(consumer.probe()));
     }
+    let reconciler = if conf.data.kubernetes.enabled {
+        match reconciler(&conf.data.kubernetes, instance_uc.clone(), data.pool().clone()).await {
+            Ok(reconciler) => {
+                probes.push(reconciler.watch_health());
+                Some(reconciler)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reach the Kubernetes cluster");
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        }
+    } else {
+        None
+    };
     let health_uc = Arc::new(HealthUsecase::new(probes, Duration::from_secs(1)));
     let services = Services {
         resource: Arc::new(ResourceService::new(instance_uc, audit_uc)),
@@ -272,6 +296,14 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
         let shutdown = shutdown.clone();
         async move { relay.run(shutdown.cancelled_owned()).await }
     });
+    let reconciling = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            if let Some(reconciler) = reconciler {
+                reconciler.run(shutdown).await;
+            }
+        }
+    });
     let pruning = tokio::spawn(prune_processed_events(
         outbox,
         conf.data.rabbitmq.dedup_window,
@@ -279,7 +311,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     ));
     let served = servers.serve(shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();
-    let _ = tokio::join!(consuming, relaying, pruning);
+    let _ = tokio::join!(consuming, relaying, reconciling, pruning);
     match served {
         Ok(()) => {
             tracing::info!("stopped");
@@ -290,6 +322,49 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The reconciler over the cluster `conf` names (the namespace is created if missing).
+async fn reconciler(
+    conf: &conf::Kubernetes,
+    instances: Arc<InstanceUsecase>,
+    pool: sqlx::PgPool,
+) -> Result<Arc<Reconciler>, resource::biz::BoxError> {
+    let client = kube::client(&conf.kubeconfig).await?;
+    let gpu_node_selectors = conf
+        .gpu_node_selectors
+        .iter()
+        .filter_map(|(code, selector)| {
+            let gpu = GpuType::from_code(code.parse().ok()?)?;
+            Some((gpu, selector.clone()))
+        })
+        .collect();
+    let settings = KubeSettings {
+        namespace: conf.namespace.clone(),
+        gpu_node_selectors,
+        watch_restart: conf.watch_restart,
+    };
+    let cluster =
+        tokio::time::timeout(Duration::from_secs(30), KubeCluster::connect(client, settings))
+            .await
+            .map_err(|_| "the API server did not answer within 30 s")??;
+    let reconcile = ReconcileConf {
+        concurrency: conf.concurrency,
+        api_qps: conf.api_qps,
+        poll_interval: conf.poll_interval,
+        resync_interval: conf.resync_interval,
+        lease_ttl: conf.lease_ttl,
+        watch_silence: conf.watch_restart * 2,
+    };
+    let owner = uuid::Uuid::new_v4().to_string();
+    tracing::info!(namespace = %conf.namespace, owner, "reconciling instances with the cluster");
+    Ok(Arc::new(Reconciler::new(
+        instances,
+        Arc::new(PgReconcileRepo::new(pool)),
+        Arc::new(cluster),
+        reconcile,
+        owner,
+    )))
 }
 
 /// Forgets processed event keys older than the de-duplication window, hourly.

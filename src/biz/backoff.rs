@@ -29,6 +29,13 @@ impl Backoff {
         self.next
     }
 
+    /// The delay after `attempt` consecutive failures (1 = `first`), for callers that
+    /// keep a count per item rather than one `Backoff` each.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(30);
+        self.first.saturating_mul(1 << doublings).min(self.max)
+    }
+
     /// Back to `first`, after a success.
     pub fn reset(&mut self) {
         self.next = self.first;
@@ -48,5 +55,7 @@ mod tests {
 
         assert_eq!(delays, [100, 200, 400, 500, 500]);
         assert_eq!(b.next_delay(), Duration::from_millis(100));
+        let by_count: Vec<u128> = (1..=5).map(|n| b.delay(n).as_millis()).collect();
+        assert_eq!(by_count, delays);
     }
 }

@@ -6,11 +6,13 @@
 
 pub mod audit;
 pub mod backoff;
+pub mod cluster;
 pub mod error;
 pub mod greeter;
 pub mod health;
 pub mod instance;
 pub mod outbox;
+pub mod reconcile;
 pub mod snowflake;
 
 pub use audit::{Action, Actor, AuditEntry, AuditRecord, AuditRepo, AuditUsecase, Source};

@@ -5,8 +5,10 @@
 
 mod audit;
 mod instance;
+pub mod kube;
 mod outbox;
 mod publisher;
+mod reconcile;
 
 use std::time::Duration;
 
@@ -26,6 +28,7 @@ pub use audit::PgAuditRepo;
 pub use instance::PgInstanceRepo;
 pub use outbox::PgOutboxRepo;
 pub use publisher::AmqpStatusPublisher;
+pub use reconcile::PgReconcileRepo;
 
 /// Migrations embedded in the binary, so the image needs no `migrations/` directory.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -110,7 +110,14 @@ fn every_mistake_is_one_line_naming_the_file_or_key() {
         (shipped(), &[("RESOURCE_DATA__DATABASE__DRIVER", "mysql")], "data.database.driver"),
         (shipped(), &[("RESOURCE_DATA__DATABASE__MAX_CONNECTIONS", "many")], "max_connections"),
         (shipped(), &[("RESOURCE_AUTH__MODE", "maybe")], "auth.mode"),
-        (shipped(), &[("RESOURCE_DATA__KUBERNETES__ENABLED", "true")], "data.kubernetes.enabled"),
+        (
+            shipped(),
+            &[
+                ("RESOURCE_DATA__KUBERNETES__ENABLED", "true"),
+                ("RESOURCE_DATA__KUBERNETES__API_QPS", "0"),
+            ],
+            "api_qps",
+        ),
         (
             shipped(),
             &[("RESOURCE_DATA__RABBITMQ__STATUS_ROUTING_KEY", "instance.changed")],

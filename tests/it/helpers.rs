@@ -296,7 +296,17 @@ pub fn repo_path(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
+/// A second process of the service on the same database, broker names and cluster.
+pub struct Replica {
+    _child: Child,
+}
+
 impl TestApp {
+    pub async fn replica(&self) -> Replica {
+        let (child, ..) = launch(&self.env, self.conf_dir.path()).await;
+        Replica { _child: child }
+    }
+
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client.get(format!("{}{path}", self.http)).send().await.expect("GET")
     }

@@ -4,6 +4,7 @@ mod config;
 mod grpc;
 mod helpers;
 mod http;
+mod kube;
 mod lifecycle;
 mod mq;
 mod openapi;

@@ -38,6 +38,24 @@ pub enum Command {
     /// Refused before it reached an instance (malformed input); audited when the
     /// instance exists.
     Refused { id: Option<InstanceId>, action: Action, error: Error },
+    /// What the reconciler found in the cluster. Applied only where it moves the
+    /// instance on; otherwise ignored without an audit row (the reconciler observes
+    /// converged instances all the time).
+    Observe { id: InstanceId, observation: Observation },
+}
+
+/// A fact about an instance's workload, reported by the reconciler.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observation {
+    /// The workload runs and is reachable here.
+    Running(Endpoint),
+    /// The workload cannot run, for this reason.
+    Failed(String),
+    /// Nothing of the workload remains.
+    Gone,
+    /// The workload went away without being asked to (deleted out of band); it is
+    /// recreated.
+    Lost(String),
 }
 
 impl Command {
@@ -48,7 +66,8 @@ impl Command {
             | Command::Delete { id }
             | Command::Start { id }
             | Command::Stop { id }
-            | Command::ChangeSpec { id, .. } => Some(*id),
+            | Command::ChangeSpec { id, .. }
+            | Command::Observe { id, .. } => Some(*id),
             Command::Sync { id } | Command::Refused { id, .. } => *id,
         }
     }
@@ -63,6 +82,7 @@ impl Command {
             Command::ChangeSpec { .. } => Action::ChangeSpec,
             Command::Sync { .. } => Action::K8sSync,
             Command::Refused { action, .. } => *action,
+            Command::Observe { .. } => Action::StatusChange,
         }
     }
 }
@@ -220,6 +240,7 @@ impl Planner<'_> {
                 self.create(envelope, *id, user_id, name, spec)
             }
             Command::Refused { id, error, .. } => self.reject(envelope, *id, error.clone()),
+            Command::Observe { id, observation } => self.observe(envelope, *id, observation),
             Command::Sync { id: None } => {
                 self.audit(envelope, 0, AuditOutcome::Ignored, self.sync_note(), None, None);
                 Outcome::Ignored { instance: None, note: self.sync_note() }
@@ -387,6 +408,59 @@ impl Planner<'_> {
         self.state.insert(id, instance.clone());
         self.created.push(id);
         Outcome::Applied(instance)
+    }
+
+    /// Applies what the reconciler observed when it moves the instance on.
+    fn observe(
+        &mut self,
+        envelope: &Envelope,
+        id: InstanceId,
+        observation: &Observation,
+    ) -> Outcome {
+        use InstanceStatus as S;
+        let Some(current) = self.state.get(&id).cloned() else {
+            return Outcome::Unknown(id);
+        };
+        let now = self.ctx.now;
+        let mut next = current.clone();
+        let moved = match (observation, current.status) {
+            (Observation::Running(endpoint), S::Creating) => {
+                next.endpoint = endpoint.clone();
+                next.transition(S::Running, "")
+            }
+            (Observation::Running(endpoint), S::Running) if *endpoint != current.endpoint => {
+                next.endpoint = endpoint.clone();
+                Ok(())
+            }
+            (Observation::Failed(reason), S::Creating | S::Running) => {
+                next.transition(S::Failed, reason.clone())
+            }
+            (Observation::Gone, S::Stopping) => {
+                next.endpoint = Endpoint::default();
+                next.transition(S::Stopped, "")
+            }
+            (Observation::Gone, S::Deleting) => {
+                next.endpoint = Endpoint::default();
+                next.deleted_at = Some(now);
+                next.transition(S::Deleted, "")
+            }
+            (Observation::Gone, S::Running) => {
+                next.endpoint = Endpoint::default();
+                next.transition(S::Creating, "workload disappeared; recreating")
+            }
+            (Observation::Lost(reason), S::Running) => {
+                next.endpoint = Endpoint::default();
+                next.transition(S::Creating, reason.clone())
+            }
+            _ => return Outcome::Ignored { instance: Some(current), note: "nothing to do".into() },
+        };
+        if let Err(e) = moved {
+            return self.reject(envelope, Some(id), e);
+        }
+        self.lifecycle(envelope, id, move |i, _| {
+            *i = next;
+            Ok(Some(()))
+        })
     }
 
     /// Runs a lifecycle change on an existing instance. `change` returns `Ok(None)` for

@@ -20,7 +20,7 @@ impl Default for Limits {
 }
 
 /// GPU type, by the codes of the original service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum GpuType {
     /// No GPU (code 0).
     #[default]
@@ -168,6 +168,8 @@ impl InstanceSpec {
                 message: "must not contain the NUL character (\\u0000)".into(),
             });
         }
+        // The keys that reach the container must fit their schema.
+        crate::biz::cluster::ContainerConfig::from_config(&self.config)?;
         Ok(())
     }
 }

@@ -1,0 +1,251 @@
+//! Kubernetes: the service against a fake API server (crates/fake-kube) that speaks the
+//! real HTTP API, reached through the real `kube` client and a kubeconfig.
+
+use std::time::Duration;
+
+use fake_kube::{FakeKube, Kind, Options};
+use serde_json::{Value, json};
+
+use crate::helpers::{AppOptions, TestApp, spawn_app_with};
+
+const NS: &str = "instances";
+
+struct Cluster {
+    fake: FakeKube,
+    _dir: tempfile::TempDir,
+}
+
+async fn app_with_cluster(opts: Options) -> (TestApp, Cluster) {
+    let fake = FakeKube::start(opts).await.expect("start the fake API server");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    fake.write_kubeconfig(&kubeconfig, NS).unwrap();
+    let env = [
+        ("RESOURCE_DATA__KUBERNETES__ENABLED", "true"),
+        ("RESOURCE_DATA__KUBERNETES__KUBECONFIG", kubeconfig.to_str().unwrap()),
+        ("RESOURCE_DATA__KUBERNETES__NAMESPACE", NS),
+        ("RESOURCE_DATA__KUBERNETES__POLL_INTERVAL", "100ms"),
+        ("RESOURCE_DATA__KUBERNETES__RESYNC_INTERVAL", "2s"),
+        ("RESOURCE_DATA__KUBERNETES__API_QPS", "500"),
+    ];
+    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let app = spawn_app_with(AppOptions { env, ..AppOptions::default() }).await;
+    (app, Cluster { fake, _dir: dir })
+}
+
+async fn call(app: &TestApp, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    let mut req = app.client.request(method, format!("{}{path}", app.http));
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let response = req.send().await.unwrap();
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
+    assert!(status.is_success(), "{path}: {status} {body}");
+    body
+}
+
+async fn create(app: &TestApp, name: &str, gpu: i32, image: &str, config: Value) -> String {
+    let body = json!({"name": name, "user_id": "u1",
+                      "spec": {"cpu": 2, "memory": 1024, "gpu": gpu, "image": image, "config_json": config}});
+    let created = call(app, reqwest::Method::POST, "/v1/resources", Some(body)).await;
+    assert_eq!(created["status"], "CREATING", "waits for the cluster: {created}");
+    created["instance_id"].as_str().unwrap().to_owned()
+}
+
+/// Polls the instance until `done` holds (10 s at most).
+async fn wait_for(app: &TestApp, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, instance) = app.get_json(&format!("/v1/resources/{id}")).await;
+        if done(&instance) {
+            return instance;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{id} never became {what}: {instance}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_status(app: &TestApp, id: &str, status: &str) -> Value {
+    wait_for(app, id, status, |i| i["status"] == status).await
+}
+
+fn pod(cluster: &Cluster, id: &str) -> Option<Value> {
+    cluster.fake.get(Kind::Pod, NS, &format!("inst-{id}"))
+}
+
+async fn wait_pod_gone(cluster: &Cluster, id: &str) {
+    for _ in 0..200 {
+        if pod(cluster, id).is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("pod of {id} still exists: {:?}", pod(cluster, id));
+}
+
+#[tokio::test]
+async fn cpu_and_gpu_instances_become_pods_and_services() {
+    let (app, cluster) = app_with_cluster(Options::default()).await;
+    let config = json!({"env": {"MODE": "web", "WORKERS": 4}, "command": ["/srv/app"], "args": ["--port", "8080"],
+                        "ports": [{"name": "http", "port": 8080}]});
+    let cpu = create(&app, "web", 0, "nginx:1.25", config).await;
+    let gpu = create(&app, "train", 2, "pytorch/pytorch:2.3.0", json!({})).await;
+
+    let running = wait_status(&app, &cpu, "RUNNING").await;
+    let endpoint = &running["endpoint"];
+    assert_eq!(endpoint["pod_name"], format!("inst-{cpu}"));
+    assert!(endpoint["pod_ip"].as_str().unwrap().starts_with("10.244."), "{endpoint}");
+    assert_eq!(endpoint["service_host"], format!("inst-{cpu}.{NS}.svc.cluster.local"));
+    assert_eq!(endpoint["ports"], json!([{"name": "http", "port": 8080, "protocol": "TCP"}]));
+
+    let p = pod(&cluster, &cpu).expect("the pod");
+    assert_eq!(p["metadata"]["labels"]["app.kubernetes.io/managed-by"], "resource");
+    assert_eq!(p["metadata"]["labels"]["resource.io/instance-id"], cpu);
+    assert_eq!(p["metadata"]["labels"]["resource.io/owner"], "u1");
+    assert_eq!(p["metadata"]["finalizers"], json!(["resource.io/instance-protection"]));
+    let c = &p["spec"]["containers"][0];
+    assert_eq!(c["image"], "nginx:1.25");
+    assert_eq!(c["resources"]["requests"], json!({"cpu": "2", "memory": "1024Mi"}));
+    assert_eq!(c["resources"]["limits"], json!({"cpu": "2", "memory": "1024Mi"}));
+    assert_eq!(c["command"], json!(["/srv/app"]));
+    assert_eq!(c["args"], json!(["--port", "8080"]));
+    assert_eq!(
+        c["env"],
+        json!([{"name": "MODE", "value": "web"}, {"name": "WORKERS", "value": "4"}])
+    );
+    assert_eq!(c["ports"], json!([{"name": "http", "containerPort": 8080, "protocol": "TCP"}]));
+    assert!(p["spec"].get("nodeSelector").is_none(), "no GPU, no node selector");
+    let svc = cluster.fake.get(Kind::Service, NS, &format!("inst-{cpu}")).expect("the service");
+    assert_eq!(svc["spec"]["selector"], json!({"resource.io/instance-id": cpu}));
+    assert_eq!(svc["spec"]["ports"][0]["port"], 8080);
+
+    wait_status(&app, &gpu, "RUNNING").await;
+    let p = pod(&cluster, &gpu).expect("the GPU pod");
+    let c = &p["spec"]["containers"][0];
+    assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "1");
+    assert_eq!(p["spec"]["nodeSelector"], json!({"nvidia.com/gpu.product": "Tesla-A100"}));
+    assert!(
+        cluster.fake.get(Kind::Service, NS, &format!("inst-{gpu}")).is_none(),
+        "no ports, no service"
+    );
+}
+
+#[tokio::test]
+async fn the_whole_lifecycle_by_api_is_reflected_in_the_cluster() {
+    let (app, cluster) = app_with_cluster(Options::default()).await;
+    use reqwest::Method as M;
+    let id = create(&app, "life", 0, "nginx:1.25", json!({"ports": [{"port": 80}]})).await;
+    wait_status(&app, &id, "RUNNING").await;
+    let first_uid = pod(&cluster, &id).unwrap()["metadata"]["uid"].clone();
+
+    call(&app, M::POST, &format!("/v1/resources/{id}:stop"), None).await;
+    let stopped = wait_status(&app, &id, "STOPPED").await;
+    assert_eq!(stopped["endpoint"]["pod_ip"], "");
+    wait_pod_gone(&cluster, &id).await;
+    assert!(cluster.fake.get(Kind::Service, NS, &format!("inst-{id}")).is_none());
+
+    call(&app, M::POST, &format!("/v1/resources/{id}:start"), None).await;
+    wait_status(&app, &id, "RUNNING").await;
+
+    // A resize replaces the Pod: the old one is gone before the new one runs.
+    let spec = json!({"cpu": 4, "memory": 2048, "image": "nginx:1.26", "config_json": {"ports": [{"port": 80}]}});
+    let changed = call(&app, M::PATCH, &format!("/v1/resources/{id}/spec"), Some(spec)).await;
+    assert_eq!(changed["status"], "CREATING");
+    wait_for(&app, &id, "RUNNING on the new spec", |i| {
+        i["status"] == "RUNNING" && i["spec"]["cpu"] == 4
+    })
+    .await;
+    let p = pod(&cluster, &id).unwrap();
+    assert_ne!(p["metadata"]["uid"], first_uid, "a new pod");
+    assert_eq!(p["spec"]["containers"][0]["resources"]["limits"]["cpu"], "4");
+    assert_eq!(p["spec"]["containers"][0]["image"], "nginx:1.26");
+
+    call(&app, M::DELETE, &format!("/v1/resources/{id}"), None).await;
+    let deleted = wait_status(&app, &id, "DELETED").await;
+    assert!(deleted["deleted_at"].is_string());
+    wait_pod_gone(&cluster, &id).await;
+
+    let trail =
+        call(&app, M::GET, &format!("/v1/resources/{id}/audit-logs?page_size=100"), None).await;
+    let moves: Vec<(String, String)> = trail["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["source"] == "reconciler")
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["after"]["status"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    // Newest first: DELETED, RUNNING (resized), RUNNING (started), STOPPED, RUNNING.
+    let statuses: Vec<&str> = moves.iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(statuses, ["DELETED", "RUNNING", "RUNNING", "STOPPED", "RUNNING"], "{trail}");
+    assert!(moves.iter().all(|(a, _)| a == "STATUS_CHANGE"));
+}
+
+#[tokio::test]
+async fn a_pod_deleted_behind_the_services_back_is_recreated() {
+    let (app, cluster) = app_with_cluster(Options::default()).await;
+    let id = create(&app, "victim", 0, "nginx:1.25", json!({})).await;
+    wait_status(&app, &id, "RUNNING").await;
+    let uid = pod(&cluster, &id).unwrap()["metadata"]["uid"].clone();
+
+    assert!(cluster.fake.delete_out_of_band(Kind::Pod, NS, &format!("inst-{id}")));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(p) = pod(&cluster, &id) {
+            if p["metadata"]["uid"] != uid && p["status"]["phase"] == "Running" {
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the pod was not recreated");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_status(&app, &id, "RUNNING").await;
+    let trail =
+        call(&app, reqwest::Method::GET, &format!("/v1/resources/{id}/audit-logs"), None).await;
+    let lost = trail["entries"].as_array().unwrap().iter().any(|e| {
+        e["source"] == "reconciler"
+            && e["after"]["status_reason"].as_str().unwrap_or("").contains("out of band")
+    });
+    assert!(lost, "the out-of-band deletion is on the trail: {trail}");
+}
+
+#[tokio::test]
+async fn a_failing_image_ends_failed_with_the_reason() {
+    let opts =
+        Options { failing_images: vec!["nginx:does-not-exist".into()], ..Options::default() };
+    let (app, _cluster) = app_with_cluster(opts).await;
+    let id = create(&app, "broken", 0, "nginx:does-not-exist", json!({})).await;
+    let failed = wait_status(&app, &id, "FAILED").await;
+    let reason = failed["status_reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("ErrImagePull") || reason.starts_with("ImagePullBackOff"),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn two_replicas_on_one_database_never_handle_an_instance_twice() {
+    let (app, cluster) = app_with_cluster(Options::default()).await;
+    let _second = app.replica().await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(create(&app, &format!("r{i}"), 0, "nginx:1.25", json!({})).await);
+    }
+    for id in &ids {
+        wait_status(&app, id, "RUNNING").await;
+    }
+    assert_eq!(cluster.fake.list(Kind::Pod, NS).len(), 30);
+    // One CREATING -> RUNNING per instance, whichever replica did it.
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_logs WHERE source = 'reconciler' AND after->>'status' = 'RUNNING'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, 30);
+}
