@@ -6,7 +6,13 @@ use std::time::Duration;
 use fake_kube::{FakeKube, Kind, Options};
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, TestApp, spawn_app_with};
+use resource::pb::mq::v1::EventType;
+
+use crate::{
+    helpers::{AppOptions, TestApp, spawn_app_with},
+    mq::{Broker, created, event},
+    proxy::Proxy,
+};
 
 const NS: &str = "instances";
 
@@ -17,9 +23,22 @@ struct Cluster {
 
 async fn app_with_cluster(opts: Options) -> (TestApp, Cluster) {
     let fake = FakeKube::start(opts).await.expect("start the fake API server");
+    app_on(fake, None, &[]).await
+}
+
+/// The service against `fake`, reached through `proxy` when given.
+async fn app_on(
+    fake: FakeKube,
+    proxy: Option<&Proxy>,
+    extra_env: &[(&str, &str)],
+) -> (TestApp, Cluster) {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
-    fake.write_kubeconfig(&kubeconfig, NS).unwrap();
+    let mut yaml = fake.kubeconfig_yaml(NS);
+    if let Some(proxy) = proxy {
+        yaml = yaml.replace(&fake.url(), &format!("http://{}", proxy.addr));
+    }
+    std::fs::write(&kubeconfig, yaml).unwrap();
     let env = [
         ("RESOURCE_DATA__KUBERNETES__ENABLED", "true"),
         ("RESOURCE_DATA__KUBERNETES__KUBECONFIG", kubeconfig.to_str().unwrap()),
@@ -28,7 +47,7 @@ async fn app_with_cluster(opts: Options) -> (TestApp, Cluster) {
         ("RESOURCE_DATA__KUBERNETES__RESYNC_INTERVAL", "2s"),
         ("RESOURCE_DATA__KUBERNETES__API_QPS", "500"),
     ];
-    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let env = env.iter().chain(extra_env).map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let app = spawn_app_with(AppOptions { env, ..AppOptions::default() }).await;
     (app, Cluster { fake, _dir: dir })
 }
@@ -248,4 +267,61 @@ async fn two_replicas_on_one_database_never_handle_an_instance_twice() {
     .await
     .unwrap();
     assert_eq!(rows, 30);
+}
+
+#[tokio::test]
+async fn the_lifecycle_by_events_is_reflected_in_the_cluster() {
+    let (app, cluster) = app_with_cluster(Options::default()).await;
+    let broker = Broker::connect().await;
+    let id = 77_001_i64;
+    broker.publish(&app, &created(id)).await;
+    wait_status(&app, &id.to_string(), "RUNNING").await;
+    assert!(pod(&cluster, &id.to_string()).is_some());
+
+    broker.publish(&app, &event(EventType::InstanceStopped, id, 2)).await;
+    wait_status(&app, &id.to_string(), "STOPPED").await;
+    wait_pod_gone(&cluster, &id.to_string()).await;
+
+    broker.publish(&app, &event(EventType::InstanceStarted, id, 3)).await;
+    wait_status(&app, &id.to_string(), "RUNNING").await;
+
+    broker.publish(&app, &event(EventType::InstanceDeleted, id, 4)).await;
+    wait_status(&app, &id.to_string(), "DELETED").await;
+    wait_pod_gone(&cluster, &id.to_string()).await;
+}
+
+#[tokio::test]
+async fn an_api_server_outage_delays_but_loses_nothing() {
+    let fake = FakeKube::start(Options::default()).await.unwrap();
+    let proxy = Proxy::start(fake.addr()).await;
+    let fast = [
+        ("RESOURCE_DATA__KUBERNETES__RESYNC_INTERVAL", "1s"),
+        ("RESOURCE_DATA__KUBERNETES__WATCH_RESTART", "1s"),
+    ];
+    let (app, cluster) = app_on(fake, Some(&proxy), &fast).await;
+
+    proxy.cut();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(create(&app, &format!("o{i}"), 0, "nginx:1.25", json!({})).await);
+    }
+    // Readiness follows the watch: it fails while the API server is away.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.get("/readyz").await.status() != 503 {
+        assert!(tokio::time::Instant::now() < deadline, "readiness never noticed the outage");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, one) = app.get_json(&format!("/v1/resources/{}", ids[0])).await;
+    assert_eq!(one["status"], "CREATING", "nothing can run without the cluster");
+
+    proxy.restore();
+    for id in &ids {
+        wait_status(&app, id, "RUNNING").await;
+    }
+    assert_eq!(cluster.fake.list(Kind::Pod, NS).len(), 10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.get("/readyz").await.status() != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "readiness never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

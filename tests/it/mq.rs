@@ -33,13 +33,13 @@ const SEED_JSON: &str = r#"{
 }"#;
 
 /// The test's own connection to the broker, for publishing and inspecting queues.
-struct Broker {
+pub(crate) struct Broker {
     _conn: Connection,
     channel: Channel,
 }
 
 impl Broker {
-    async fn connect() -> Self {
+    pub(crate) async fn connect() -> Self {
         let conn =
             Connection::connect(&amqp_url(), Default::default()).await.expect("reach RabbitMQ");
         let channel = conn.create_channel().await.unwrap();
@@ -70,7 +70,7 @@ impl Broker {
         assert!(confirm.is_ack());
     }
 
-    async fn publish(&self, app: &TestApp, event: &Event) {
+    pub(crate) async fn publish(&self, app: &TestApp, event: &Event) {
         let key = routing_key(event);
         self.publish_raw(
             &app.mq.exchange,
@@ -120,7 +120,7 @@ fn spec(cpus: i32, memory_mb: i32, gpu: &str) -> Option<InstanceSpec> {
     Some(InstanceSpec { cpus, memory_mb, gpu: gpu.into(), image: "ubuntu:22.04".into() })
 }
 
-fn created(id: i64) -> Event {
+pub(crate) fn created(id: i64) -> Event {
     Event {
         event_type: EventType::InstanceCreated as i32,
         instance_id: id,
@@ -131,7 +131,7 @@ fn created(id: i64) -> Event {
     }
 }
 
-fn event(kind: EventType, id: i64, timestamp: i64) -> Event {
+pub(crate) fn event(kind: EventType, id: i64, timestamp: i64) -> Event {
     Event { event_type: kind as i32, instance_id: id, timestamp, ..Default::default() }
 }
 
