@@ -212,6 +212,8 @@ pub struct Observed {
     /// Still carries the service's finalizer: if it is terminating, someone else
     /// deleted it (the service removes its finalizer before it deletes).
     pub protected: bool,
+    /// Its Service exists where its ports need one.
+    pub service_ok: bool,
 }
 
 /// Why a cluster call failed.

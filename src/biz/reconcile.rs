@@ -145,6 +145,10 @@ pub fn decide(desired: Option<Desired<'_>>, observed: Option<&Observed>) -> Step
         (Some((_, workload)), Some(o)) if wants_workload && o.spec_hash != workload.spec_hash => {
             Step::Remove
         }
+        // The Service went missing (deleted by hand): applying again restores it.
+        (Some((_, workload)), Some(o)) if wants_workload && !o.service_ok => {
+            Step::Apply(Box::new(workload.clone()))
+        }
         (Some((status, _)), Some(o)) if wants_workload => match &o.phase {
             Phase::Running
                 if status == S::Creating || desired.is_some_and(|d| *d.endpoint != o.endpoint) =>
@@ -518,6 +522,7 @@ mod tests {
             endpoint: Endpoint { pod_ip: "10.0.0.1".into(), ..Endpoint::default() },
             terminating: false,
             protected: true,
+            service_ok: true,
         }
     }
 
@@ -531,6 +536,7 @@ mod tests {
         let outdated = observed("old", Phase::Running);
         let pending = observed("a", Phase::Pending);
         let failing = observed("a", Phase::Failed("ErrImagePull".into()));
+        let no_service = Observed { service_ok: false, ..running.clone() };
         let none = Endpoint::default();
         let at = |status| Some(Desired { status, endpoint: &none, workload: &w });
         let cases: Vec<(Option<Desired<'_>>, Option<&Observed>, Step)> = vec![
@@ -563,6 +569,7 @@ mod tests {
             (at(S::Failed), Some(&running), Step::Remove),
             (None, Some(&running), Step::Remove),
             (None, None, Step::Wait(None)),
+            (at(S::Running), Some(&no_service), Step::Apply(Box::new(w.clone()))),
         ];
         for (desired, obs, expected) in cases {
             assert_eq!(decide(desired, obs), expected, "{desired:?} / {obs:?}");

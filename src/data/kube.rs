@@ -7,7 +7,10 @@
 //! events can be missed by a watch: kube-rs/kube#290). The service removes its finalizer
 //! before it deletes a Pod itself.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -214,7 +217,9 @@ impl KubeCluster {
         }
     }
 
-    fn observed(&self, pod: &Pod) -> Option<Observed> {
+    /// What `pod` says about its instance; `service_ok` is whether its Service exists
+    /// (looked up by the caller).
+    fn observed(&self, pod: &Pod, service_exists: bool) -> Option<Observed> {
         let meta = &pod.metadata;
         let id = meta.labels.as_ref()?.get(INSTANCE_LABEL)?.parse::<i64>().ok()?;
         let id = InstanceId::try_from(id).ok()?;
@@ -234,9 +239,10 @@ impl KubeCluster {
                 .and_then(|a| a.get(SPEC_HASH).cloned())
                 .unwrap_or_default(),
             phase: phase(pod),
-            endpoint,
             terminating: meta.deletion_timestamp.is_some(),
             protected: meta.finalizers.as_ref().is_some_and(|f| f.iter().any(|f| f == FINALIZER)),
+            service_ok: endpoint.ports.is_empty() || service_exists,
+            endpoint,
         })
     }
 
@@ -400,15 +406,39 @@ impl Cluster for KubeCluster {
     }
 
     async fn observe(&self, id: InstanceId) -> Result<Option<Observed>, ClusterError> {
-        let pod = self.pods.get_opt(&object_name(id)).await.map_err(cluster_error)?;
-        Ok(pod.as_ref().and_then(|p| self.observed(p)))
+        let name = object_name(id);
+        let Some(pod) = self.pods.get_opt(&name).await.map_err(cluster_error)? else {
+            return Ok(None);
+        };
+        let service_exists = if container_ports(&pod).is_empty() {
+            false
+        } else {
+            self.services.get_opt(&name).await.map_err(cluster_error)?.is_some()
+        };
+        Ok(self.observed(&pod, service_exists))
     }
 
     async fn list(&self) -> Result<Vec<Observed>, ClusterError> {
         let params =
             kube::api::ListParams::default().labels(&format!("{MANAGED_BY}={FIELD_MANAGER}"));
         let pods = self.pods.list(&params).await.map_err(cluster_error)?;
-        Ok(pods.items.iter().filter_map(|p| self.observed(p)).collect())
+        let services: HashSet<String> = self
+            .services
+            .list(&params)
+            .await
+            .map_err(cluster_error)?
+            .items
+            .into_iter()
+            .filter_map(|s| s.metadata.name)
+            .collect();
+        Ok(pods
+            .items
+            .iter()
+            .filter_map(|p| {
+                let name = p.metadata.name.as_deref().unwrap_or_default();
+                self.observed(p, services.contains(name))
+            })
+            .collect())
     }
 
     async fn watch(
@@ -439,7 +469,7 @@ impl Cluster for KubeCluster {
                     | watcher::Event::InitApply(pod),
                 )) => pod,
             };
-            if let Some(observed) = self.observed(&pod) {
+            if let Some(observed) = self.observed(&pod, true) {
                 if changed.send(observed.id).await.is_err() {
                     return Ok(());
                 }

@@ -325,3 +325,25 @@ async fn an_api_server_outage_delays_but_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn k8s_sync_restores_a_service_deleted_by_hand() {
+    // A long resync: only the sync event can bring the Service back in time.
+    let fake = FakeKube::start(Options::default()).await.unwrap();
+    let (app, cluster) =
+        app_on(fake, None, &[("RESOURCE_DATA__KUBERNETES__RESYNC_INTERVAL", "10m")]).await;
+    let id = create(&app, "svc", 0, "nginx:1.25", json!({"ports": [{"port": 80}]})).await;
+    wait_status(&app, &id, "RUNNING").await;
+    let name = format!("inst-{id}");
+    assert!(cluster.fake.delete_out_of_band(Kind::Service, NS, &name));
+
+    let broker = Broker::connect().await;
+    broker.publish(&app, &event(EventType::InstanceK8sSync, id.parse().unwrap(), 9)).await;
+    for _ in 0..100 {
+        if cluster.fake.get(Kind::Service, NS, &name).is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the service was not restored by INSTANCE_K8S_SYNC");
+}
