@@ -253,6 +253,39 @@ impl Default for Limits {
 pub struct Auth {
     /// Must be set explicitly.
     pub mode: AuthMode,
+    /// Bearer token verification, for `mode: jwt`.
+    #[serde(default)]
+    pub jwt: Jwt,
+}
+
+/// How bearer JWTs are verified. The secret comes from `RESOURCE_AUTH__JWT__SECRET` or
+/// `secret_file` (a mounted secret), never necessarily from the YAML.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Jwt {
+    /// `HS256` (shared secret) or `RS256` (public key).
+    pub algorithm: String,
+    /// The HS256 secret.
+    pub secret: SecretString,
+    /// A file holding the HS256 secret (wins over `secret`).
+    pub secret_file: String,
+    /// PEM file of the RS256 public key.
+    pub public_key_file: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(deserialize_with = "de_duration")]
+    pub leeway: Duration,
+}
+
+impl Default for Jwt {
+    fn default() -> Self {
+        Self {
+            algorithm: "HS256".into(),
+            secret: SecretString::from(String::new()),
+            secret_file: String::new(),
+            public_key_file: String::new(),
+            leeway: Duration::from_secs(30),
+        }
+    }
 }
 
 /// How callers authenticate.
@@ -475,10 +508,22 @@ impl Bootstrap {
             }
         }
         if self.auth.mode == AuthMode::Jwt {
-            // TODO(#6): JWT authentication.
-            return Err(
-                "auth.mode: \"jwt\" is not supported by this version yet; use \"none\"".into()
-            );
+            let jwt = &self.auth.jwt;
+            match jwt.algorithm.as_str() {
+                "HS256" if jwt.secret.expose_secret().is_empty() && jwt.secret_file.is_empty() => {
+                    return Err(
+                        "auth.jwt: HS256 needs RESOURCE_AUTH__JWT__SECRET or auth.jwt.secret_file"
+                            .into(),
+                    );
+                }
+                "RS256" if jwt.public_key_file.is_empty() => {
+                    return Err("auth.jwt: RS256 needs auth.jwt.public_key_file".into());
+                }
+                "HS256" | "RS256" => {}
+                other => {
+                    return Err(format!("auth.jwt.algorithm {other:?}: expected HS256 or RS256"));
+                }
+            }
         }
         Ok(())
     }

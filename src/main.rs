@@ -24,6 +24,7 @@ use resource::{
         reconcile::{ReconcileConf, Reconciler},
     },
     data::kube::{self, KubeCluster, KubeSettings},
+    server::auth::Authenticator,
 };
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
@@ -195,6 +196,13 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     if conf.auth.mode == AuthMode::None {
         tracing::warn!("auth.mode is none: every caller is trusted and sees every instance");
     }
+    let auth = match Authenticator::from_conf(&conf.auth) {
+        Ok(auth) => Arc::new(auth),
+        Err(e) => {
+            eprintln!("resource: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();
@@ -209,11 +217,11 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
         Ok(data) => data,
         Err(code) => return code,
     };
-    if conf.data.database.migrate {
-        if let Err(e) = data.migrate().await {
-            tracing::error!(error = %e, "migration failed");
-            return ExitCode::FAILURE;
-        }
+    if conf.data.database.migrate
+        && let Err(e) = data.migrate().await
+    {
+        tracing::error!(error = %e, "migration failed");
+        return ExitCode::FAILURE;
     }
 
     // repositories
@@ -274,6 +282,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
         resource: Arc::new(ResourceService::new(instance_uc, audit_uc)),
         greeter: Arc::new(GreeterService::new(GreeterUsecase)),
         health: HealthService::new(health_uc),
+        auth,
     };
 
     // servers and background work

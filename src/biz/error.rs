@@ -33,6 +33,13 @@ pub enum Error {
     /// `page_token` is not one this service issued for these filters.
     #[error("invalid page_token: {message}")]
     InvalidPageToken { message: &'static str },
+    /// The caller presented no valid credentials. The message never says why
+    /// verification failed.
+    #[error("missing or invalid credentials")]
+    Unauthenticated,
+    /// The caller may not do this (e.g. create an instance for another user).
+    #[error("permission denied: {message}")]
+    PermissionDenied { message: String },
     /// The instance does not exist (or is not visible to the caller).
     #[error("instance {instance_id} not found")]
     InstanceNotFound { instance_id: i64 },
@@ -103,6 +110,8 @@ impl Error {
             | Error::InvalidPageSize { .. }
             | Error::InvalidPageToken { .. } => ErrorKind::InvalidArgument,
             Error::InstanceNotFound { .. } => ErrorKind::NotFound,
+            Error::Unauthenticated => ErrorKind::Unauthenticated,
+            Error::PermissionDenied { .. } => ErrorKind::PermissionDenied,
             Error::InstanceAlreadyExists { .. } | Error::RequestIdReused { .. } => {
                 ErrorKind::AlreadyExists
             }
@@ -129,6 +138,8 @@ impl Error {
             Error::InvalidPageSize { .. } => "INVALID_PAGE_SIZE",
             Error::InvalidPageToken { .. } => "INVALID_PAGE_TOKEN",
             Error::InstanceNotFound { .. } => "INSTANCE_NOT_FOUND",
+            Error::Unauthenticated => "UNAUTHENTICATED",
+            Error::PermissionDenied { .. } => "PERMISSION_DENIED",
             Error::IllegalTransition { .. } => "ILLEGAL_TRANSITION",
             Error::VersionConflict { .. } => "VERSION_CONFLICT",
             Error::Timeout { .. } => "TIMEOUT",
@@ -148,7 +159,9 @@ impl Error {
                 m.insert("field".into(), "gpu".into());
                 m.insert("value".into(), value.clone());
             }
-            Error::InvalidEvent { .. } => {}
+            Error::InvalidEvent { .. }
+            | Error::Unauthenticated
+            | Error::PermissionDenied { .. } => {}
             Error::InstanceAlreadyExists { instance_id } => {
                 m.insert("instance_id".into(), instance_id.to_string());
             }

@@ -32,10 +32,11 @@ impl AmqpStatusPublisher {
         &self,
         link: &mut Option<(Connection, Channel)>,
     ) -> Result<Channel, RepoError> {
-        if let Some((conn, channel)) = link.as_ref() {
-            if conn.status().connected() && channel.status().connected() {
-                return Ok(channel.clone());
-            }
+        if let Some((conn, channel)) = link.as_ref()
+            && conn.status().connected()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
         }
         *link = None;
         let unavailable = |e: amqp::AmqpError| RepoError::Unavailable(e.into());

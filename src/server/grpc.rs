@@ -5,27 +5,39 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
-use super::status::to_status;
+use super::{auth::Authenticator, status::to_status};
 use crate::{
     biz::{self, Source},
     pb::{helloworld::v1 as hello, resource::v1 as pb},
     service::{Caller, GreeterService, ResourceAction, ResourceService},
 };
 
-/// The user id of callers while `auth.mode` is `none`.
-pub const ANONYMOUS: &str = "anonymous";
-
 /// `resource.v1.resourceService`.
 pub struct ResourceApi {
     svc: Arc<ResourceService>,
+    auth: Arc<Authenticator>,
     timeout: Duration,
 }
 
 impl ResourceApi {
-    /// The gRPC face of `svc`; every call is bounded by `timeout` (or the client's shorter
-    /// `grpc-timeout`).
-    pub fn new(svc: Arc<ResourceService>, timeout: Duration) -> Self {
-        Self { svc, timeout }
+    /// The gRPC face of `svc`; callers are authenticated by `auth`; every call is bounded
+    /// by `timeout` (or the client's shorter `grpc-timeout`).
+    pub fn new(svc: Arc<ResourceService>, auth: Arc<Authenticator>, timeout: Duration) -> Self {
+        Self { svc, auth, timeout }
+    }
+
+    /// The authenticated caller of a request.
+    fn caller(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
+        let authorization = metadata.get("authorization").and_then(|v| v.to_str().ok());
+        let principal = self.auth.authenticate(authorization).map_err(to_status)?;
+        let request_id =
+            metadata.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
+        Ok(Caller {
+            user_id: principal.user_id,
+            admin: principal.admin,
+            source: Source::Grpc,
+            request_id: request_id.to_owned(),
+        })
     }
 }
 
@@ -35,8 +47,9 @@ impl pb::resource_service_server::ResourceService for ResourceApi {
         &self,
         req: Request<pb::ListResourcesRequest>,
     ) -> Result<Response<pb::ListResourcesReply>, Status> {
-        let timeout = deadline(self.timeout, req.metadata());
-        let reply = within(timeout, self.svc.list_resources(req.into_inner())).await?;
+        let (timeout, caller) =
+            (deadline(self.timeout, req.metadata()), self.caller(req.metadata())?);
+        let reply = within(timeout, self.svc.list_resources(&caller, req.into_inner())).await?;
         Ok(Response::new(reply))
     }
 
@@ -44,8 +57,9 @@ impl pb::resource_service_server::ResourceService for ResourceApi {
         &self,
         req: Request<pb::GetResourceRequest>,
     ) -> Result<Response<pb::Resource>, Status> {
-        let timeout = deadline(self.timeout, req.metadata());
-        let reply = within(timeout, self.svc.get_resource(req.into_inner())).await?;
+        let (timeout, caller) =
+            (deadline(self.timeout, req.metadata()), self.caller(req.metadata())?);
+        let reply = within(timeout, self.svc.get_resource(&caller, req.into_inner())).await?;
         Ok(Response::new(reply))
     }
 
@@ -53,7 +67,8 @@ impl pb::resource_service_server::ResourceService for ResourceApi {
         &self,
         req: Request<pb::CreateResourceRequest>,
     ) -> Result<Response<pb::Resource>, Status> {
-        let (timeout, caller) = (deadline(self.timeout, req.metadata()), caller(req.metadata()));
+        let (timeout, caller) =
+            (deadline(self.timeout, req.metadata()), self.caller(req.metadata())?);
         let reply = within(timeout, self.svc.create_resource(&caller, req.into_inner())).await?;
         Ok(Response::new(reply))
     }
@@ -83,7 +98,8 @@ impl pb::resource_service_server::ResourceService for ResourceApi {
         &self,
         req: Request<pb::UpdateResourceSpecRequest>,
     ) -> Result<Response<pb::Resource>, Status> {
-        let (timeout, caller) = (deadline(self.timeout, req.metadata()), caller(req.metadata()));
+        let (timeout, caller) =
+            (deadline(self.timeout, req.metadata()), self.caller(req.metadata())?);
         let reply =
             within(timeout, self.svc.update_resource_spec(&caller, req.into_inner())).await?;
         Ok(Response::new(reply))
@@ -93,8 +109,9 @@ impl pb::resource_service_server::ResourceService for ResourceApi {
         &self,
         req: Request<pb::ListAuditLogsRequest>,
     ) -> Result<Response<pb::ListAuditLogsReply>, Status> {
-        let timeout = deadline(self.timeout, req.metadata());
-        let reply = within(timeout, self.svc.list_audit_logs(req.into_inner())).await?;
+        let (timeout, caller) =
+            (deadline(self.timeout, req.metadata()), self.caller(req.metadata())?);
+        let reply = within(timeout, self.svc.list_audit_logs(&caller, req.into_inner())).await?;
         Ok(Response::new(reply))
     }
 }
@@ -105,17 +122,12 @@ impl ResourceApi {
         action: ResourceAction,
         req: Request<pb::ResourceActionRequest>,
     ) -> Result<Response<pb::Resource>, Status> {
-        let (timeout, caller) = (deadline(self.timeout, req.metadata()), caller(req.metadata()));
+        let (timeout, caller) =
+            (deadline(self.timeout, req.metadata()), self.caller(req.metadata())?);
         let reply =
             within(timeout, self.svc.act_on_resource(&caller, action, req.into_inner())).await?;
         Ok(Response::new(reply))
     }
-}
-
-/// The caller of a gRPC request. Without authentication every caller is `anonymous`.
-fn caller(metadata: &MetadataMap) -> Caller {
-    let request_id = metadata.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
-    Caller { user_id: ANONYMOUS.into(), source: Source::Grpc, request_id: request_id.to_owned() }
 }
 
 /// `helloworld.v1.Greeter`.

@@ -21,13 +21,15 @@ use tower_http::{
 };
 use tracing::Level;
 
-use super::status::{ApiError, HttpError};
+use super::{
+    auth::Authenticator,
+    status::{ApiError, HttpError},
+};
 use crate::{
     biz::Source,
     biz::{self, ErrorKind},
     conf,
     pb::{helloworld::v1 as hello, resource::v1 as pb},
-    server::grpc::ANONYMOUS,
     service::{Caller, GreeterService, HealthService, ResourceAction, ResourceService},
 };
 
@@ -42,13 +44,17 @@ pub struct AppState {
     pub greeter: Arc<GreeterService>,
     /// Readiness.
     pub health: HealthService,
+    /// Who callers are.
+    pub auth: Arc<Authenticator>,
 }
 
 /// The REST API with its middleware: request ids, tracing, per-request timeout and the
 /// body size limit from `conf`.
 pub fn router(state: AppState, conf: &conf::HttpServer) -> Router {
     let limits = Limits { timeout: conf.timeout, max_body_bytes: conf.max_body_bytes };
-    let openapi = Bytes::from(super::openapi::document(state.resource.limits()).to_string());
+    let openapi = Bytes::from(
+        super::openapi::document(state.resource.limits(), state.auth.required()).to_string(),
+    );
     Router::new()
         .route("/helloworld/{name}", get(say_hello))
         .route("/v1/resources", get(list_resources).post(create_resource))
@@ -212,17 +218,20 @@ fn integral_floats_to_integers(value: &mut serde_json::Value) -> bool {
     }
 }
 
-/// The caller of an HTTP request. Without authentication every caller is `anonymous`.
+/// The authenticated caller of an HTTP request (`authorization: Bearer …`).
 pub struct HttpCaller(pub Caller);
 
-impl<S: Send + Sync> FromRequestParts<S> for HttpCaller {
+impl FromRequestParts<AppState> for HttpCaller {
     type Rejection = HttpError;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, HttpError> {
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, HttpError> {
+        let authorization = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let principal = app.auth.authenticate(authorization)?;
         let request_id =
             parts.headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default();
         Ok(HttpCaller(Caller {
-            user_id: ANONYMOUS.into(),
+            user_id: principal.user_id,
+            admin: principal.admin,
             source: Source::Http,
             request_id: request_id.to_owned(),
         }))
@@ -295,10 +304,11 @@ fn parse_page_size(raw: Option<&str>) -> Result<i32, biz::Error> {
 
 async fn list_resources(
     State(app): State<AppState>,
+    HttpCaller(caller): HttpCaller,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<Json<pb::ListResourcesReply>, HttpError> {
     let req = pb::ListResourcesRequest::try_from(params)?;
-    Ok(Json(app.resource.list_resources(req).await?))
+    Ok(Json(app.resource.list_resources(&caller, req).await?))
 }
 
 /// `/v1/resources/{instance_id}` (GET, DELETE) and its custom methods
@@ -313,7 +323,7 @@ async fn instance_route(
 ) -> Response {
     let result = match segment.split_once(':') {
         None => match method {
-            Method::GET | Method::HEAD => get_resource(&app, &segment).await,
+            Method::GET | Method::HEAD => get_resource(&app, &caller, &segment).await,
             Method::DELETE => act(&app, &caller, ResourceAction::Delete, &segment).await,
             _ => return not_allowed(&method, &segment, "GET, HEAD, DELETE"),
         },
@@ -346,9 +356,13 @@ fn parse_instance_id(raw: &str) -> Result<i64, HttpError> {
     })
 }
 
-async fn get_resource(app: &AppState, raw_id: &str) -> Result<pb::Resource, HttpError> {
+async fn get_resource(
+    app: &AppState,
+    caller: &Caller,
+    raw_id: &str,
+) -> Result<pb::Resource, HttpError> {
     let req = pb::GetResourceRequest { instance_id: parse_instance_id(raw_id)? };
-    Ok(app.resource.get_resource(req).await?)
+    Ok(app.resource.get_resource(caller, req).await?)
 }
 
 async fn act(
@@ -397,6 +411,7 @@ struct AuditParams {
 
 async fn list_audit_logs(
     State(app): State<AppState>,
+    HttpCaller(caller): HttpCaller,
     InstanceIdPath(instance_id): InstanceIdPath,
     ApiQuery(params): ApiQuery<AuditParams>,
 ) -> Result<Json<pb::ListAuditLogsReply>, HttpError> {
@@ -406,7 +421,7 @@ async fn list_audit_logs(
         page_size,
         page_token: params.page_token.unwrap_or_default(),
     };
-    Ok(Json(app.resource.list_audit_logs(req).await?))
+    Ok(Json(app.resource.list_audit_logs(&caller, req).await?))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

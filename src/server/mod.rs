@@ -3,6 +3,7 @@
 //!
 //! Depends on `service`, `pb`, `conf` and `biz::Error`; never on repositories or `data`.
 
+pub mod auth;
 pub mod grpc;
 pub mod http;
 pub mod mq;
@@ -41,6 +42,8 @@ pub struct Services {
     pub greeter: Arc<GreeterService>,
     /// Readiness.
     pub health: HealthService,
+    /// Who callers are.
+    pub auth: Arc<auth::Authenticator>,
 }
 
 /// Both listeners, bound and ready to serve.
@@ -122,7 +125,11 @@ impl Servers {
                 self.services.greeter.clone(),
             )))
             .add_service(res::resource_service_server::ResourceServiceServer::new(
-                grpc::ResourceApi::new(self.services.resource.clone(), self.conf.grpc.timeout),
+                grpc::ResourceApi::new(
+                    self.services.resource.clone(),
+                    self.services.auth.clone(),
+                    self.conf.grpc.timeout,
+                ),
             ))
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
@@ -133,6 +140,7 @@ impl Servers {
             resource: self.services.resource.clone(),
             greeter: self.services.greeter.clone(),
             health: self.services.health.clone(),
+            auth: self.services.auth.clone(),
         };
         let app = http::router(state, &self.conf.http);
         let rest =

@@ -35,12 +35,12 @@ const SCHEMA_PREFIX: &str = "#/components/schemas/";
 
 /// Builds the document from the descriptor set compiled into the binary; the ranges the
 /// service enforces (`limits`) become schema constraints.
-pub fn document(limits: &Limits) -> Value {
+pub fn document(limits: &Limits, authenticated: bool) -> Value {
     // The descriptor set is produced by build.rs from the same protos the servers are
     // generated from; the unit tests below decode it, so this cannot fail at run time.
     let pool = DescriptorPool::decode(pb::FILE_DESCRIPTOR_SET)
         .expect("build.rs compiles a valid descriptor set into the binary");
-    Generator::new(&pool, limits).document()
+    Generator::new(&pool, limits, authenticated).document()
 }
 
 /// Text without control characters (Unicode category Cc), as `biz::validate_text` checks.
@@ -111,6 +111,8 @@ fn required(message: &str) -> &'static [&'static str] {
 struct Generator<'a> {
     pool: &'a DescriptorPool,
     limits: &'a Limits,
+    /// Bearer tokens are required (`auth.mode: jwt`).
+    authenticated: bool,
     http: Option<ExtensionDescriptor>,
     /// Message and enum schemas referenced so far, by full name.
     referenced: BTreeSet<String>,
@@ -126,10 +128,11 @@ struct Binding {
 }
 
 impl<'a> Generator<'a> {
-    fn new(pool: &'a DescriptorPool, limits: &'a Limits) -> Self {
+    fn new(pool: &'a DescriptorPool, limits: &'a Limits, authenticated: bool) -> Self {
         Self {
             pool,
             limits,
+            authenticated,
             http: pool.get_extension_by_name("google.api.http"),
             referenced: BTreeSet::new(),
             operations: Vec::new(),
@@ -176,6 +179,10 @@ impl<'a> Generator<'a> {
             "components": {
                 "schemas": self.schemas(),
                 "responses": error_responses(),
+                "securitySchemes": {
+                    "bearer": { "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                        "description": "`sub` is the user id; `role: admin` sees every instance." },
+                },
             },
         })
     }
@@ -191,10 +198,10 @@ impl<'a> Generator<'a> {
             return Vec::new();
         };
         let mut bindings: Vec<Binding> = binding(&rule).into_iter().collect();
-        if let Some(more) = rule.get_field_by_name("additional_bindings") {
-            if let Some(list) = more.as_list() {
-                bindings.extend(list.iter().filter_map(|v| v.as_message()).filter_map(binding));
-            }
+        if let Some(more) = rule.get_field_by_name("additional_bindings")
+            && let Some(list) = more.as_list()
+        {
+            bindings.extend(list.iter().filter_map(|v| v.as_message()).filter_map(binding));
         }
         bindings
     }
@@ -241,6 +248,9 @@ impl<'a> Generator<'a> {
         if let Some(body) = self.request_body(&input, &binding.body, &path_fields) {
             operation["requestBody"] = body;
         }
+        if self.authenticated && method.parent_service().full_name() != "helloworld.v1.Greeter" {
+            operation["security"] = json!([{ "bearer": [] }]);
+        }
         operation
     }
 
@@ -285,6 +295,12 @@ impl<'a> Generator<'a> {
         }
         if binding.verb != "get" {
             errors.extend(MUTATION_ERRORS);
+        }
+        if self.authenticated && method.parent_service().full_name() != "helloworld.v1.Greeter" {
+            errors.push("401");
+            if method.name() == "CreateResource" {
+                errors.push("403");
+            }
         }
         for code in errors {
             responses
@@ -598,7 +614,9 @@ fn first_sentence(text: &str) -> String {
 fn error_responses() -> Value {
     let described = [
         ("400", "The request is malformed: a parameter, the body or the page token."),
-        ("404", "The instance does not exist."),
+        ("401", "No valid bearer token (the reason is never given)."),
+        ("403", "Only an admin creates instances for another user."),
+        ("404", "The instance does not exist (or belongs to another user)."),
         ("409", "The change conflicts with the instance's state or a previous request."),
         ("413", "The body exceeds `server.http.max_body_bytes`."),
         ("500", "An unexpected failure; the cause is in the service log."),
@@ -672,7 +690,7 @@ mod tests {
 
     #[test]
     fn every_rest_route_is_documented_from_the_proto() {
-        let doc = document(&Limits::default());
+        let doc = document(&Limits::default(), false);
         let mut routes: Vec<String> = Vec::new();
         for (path, item) in doc["paths"].as_object().unwrap() {
             for verb in item.as_object().unwrap().keys() {
@@ -701,7 +719,7 @@ mod tests {
 
     #[test]
     fn schemas_follow_the_proto3_json_mapping() {
-        let doc = document(&Limits::default());
+        let doc = document(&Limits::default(), false);
         let resource = &doc["components"]["schemas"]["resource.v1.Resource"]["properties"];
         assert_eq!(resource["instance_id"]["type"], "string", "int64 is a JSON string");
         assert_eq!(resource["created_at"]["format"], "date-time");
@@ -717,7 +735,7 @@ mod tests {
 
     #[test]
     fn parameters_and_bodies_follow_the_http_rules() {
-        let doc = document(&Limits::default());
+        let doc = document(&Limits::default(), false);
         let list = &doc["paths"]["/v1/resources"]["get"];
         let query: Vec<&str> = list["parameters"]
             .as_array()
@@ -738,5 +756,11 @@ mod tests {
         );
         assert!(patch["responses"]["409"].is_object());
         assert!(list["responses"].get("409").is_none(), "a list changes nothing");
+        assert!(list.get("security").is_none() && list["responses"].get("401").is_none());
+        let secured = document(&Limits::default(), true);
+        let list = &secured["paths"]["/v1/resources"]["get"];
+        assert_eq!(list["security"], json!([{ "bearer": [] }]));
+        assert!(list["responses"]["401"].is_object());
+        assert!(secured["paths"]["/healthz"]["get"].get("security").is_none(), "probes stay open");
     }
 }

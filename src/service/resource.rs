@@ -17,8 +17,10 @@ use crate::{
 /// Who calls, from which transport, under which request id.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    /// The caller's user id (`anonymous` without authentication).
+    /// The caller's user id (the token's `sub`; `anonymous` without authentication).
     pub user_id: String,
+    /// Sees and acts on every instance (`role: admin`, or no authentication).
+    pub admin: bool,
     /// The transport.
     pub source: Source,
     /// The request id, for the audit trail.
@@ -28,6 +30,11 @@ pub struct Caller {
 impl Caller {
     fn actor(&self) -> Actor {
         Actor { id: self.user_id.clone(), source: self.source }
+    }
+
+    /// Whether `instance` exists for this caller: a user sees their own instances only.
+    fn sees(&self, instance: &Instance) -> bool {
+        self.admin || instance.user_id == self.user_id
     }
 }
 
@@ -60,6 +67,11 @@ impl ResourceService {
     ) -> Result<pb::Resource, Error> {
         let spec = spec_from(req.spec)?;
         let user_id = if req.user_id.is_empty() { caller.user_id.clone() } else { req.user_id };
+        if !caller.admin && user_id != caller.user_id {
+            return Err(Error::PermissionDenied {
+                message: "only an admin creates instances for another user".into(),
+            });
+        }
         let new =
             NewInstance { user_id, name: req.name, spec, request_id: non_empty(req.request_id) };
         let instance =
@@ -78,6 +90,7 @@ impl ResourceService {
         req: pb::ResourceActionRequest,
     ) -> Result<pb::Resource, Error> {
         let id = InstanceId::try_from(req.instance_id)?;
+        self.visible(caller, id).await?;
         let command = match action {
             ResourceAction::Delete => Command::Delete { id },
             ResourceAction::Start => Command::Start { id },
@@ -99,6 +112,7 @@ impl ResourceService {
     ) -> Result<pb::Resource, Error> {
         let id = InstanceId::try_from(req.instance_id)?;
         let spec = spec_from(req.spec)?;
+        self.visible(caller, id).await?;
         let command = Command::ChangeSpec { id, spec, keep_config: false };
         let instance =
             self.instances.act(caller.actor(), caller.request_id.clone(), command).await?;
@@ -112,11 +126,12 @@ impl ResourceService {
     /// `Unavailable`.
     pub async fn list_audit_logs(
         &self,
+        caller: &Caller,
         req: pb::ListAuditLogsRequest,
     ) -> Result<pb::ListAuditLogsReply, Error> {
         let id = InstanceId::try_from(req.instance_id)?;
         // The trail of an instance that never existed is a 404, not an empty page.
-        self.instances.get(id).await?;
+        self.visible(caller, id).await?;
         let before = page_token::decode_audit(&req.page_token, id)?;
         let (rows, next) = self.audits.list(id, i64::from(req.page_size), before).await?;
         Ok(pb::ListAuditLogsReply {
@@ -133,13 +148,21 @@ impl ResourceService {
     /// `InvalidPageSize`, `InvalidPageToken`, `InvalidArgument` (status), `Unavailable`.
     pub async fn list_resources(
         &self,
+        caller: &Caller,
         req: pb::ListResourcesRequest,
     ) -> Result<pb::ListResourcesReply, Error> {
-        let filter = ListFilter {
-            user_id: non_empty(req.user_id),
-            status: status_filter(req.status)?,
-            name: non_empty(req.name),
-        };
+        let mut user_id = non_empty(req.user_id);
+        if !caller.admin {
+            // A user lists their own instances; another user's are not there.
+            match &user_id {
+                Some(asked) if *asked != caller.user_id => {
+                    return Ok(pb::ListResourcesReply::default());
+                }
+                _ => user_id = Some(caller.user_id.clone()),
+            }
+        }
+        let filter =
+            ListFilter { user_id, status: status_filter(req.status)?, name: non_empty(req.name) };
         let before = page_token::decode(&req.page_token, &filter)?;
         let page = self.instances.list(filter.clone(), i64::from(req.page_size), before).await?;
         Ok(pb::ListResourcesReply {
@@ -155,10 +178,24 @@ impl ResourceService {
     ///
     /// # Errors
     /// `InvalidArgument` (id), `InstanceNotFound`, `Unavailable`.
-    pub async fn get_resource(&self, req: pb::GetResourceRequest) -> Result<pb::Resource, Error> {
+    pub async fn get_resource(
+        &self,
+        caller: &Caller,
+        req: pb::GetResourceRequest,
+    ) -> Result<pb::Resource, Error> {
         let id = InstanceId::try_from(req.instance_id)?;
+        Ok(pb::Resource::from(self.visible(caller, id).await?))
+    }
+
+    /// The instance, if it exists for `caller`; another user's instance is
+    /// `InstanceNotFound`, exactly as one that does not exist.
+    async fn visible(&self, caller: &Caller, id: InstanceId) -> Result<Instance, Error> {
         let instance = self.instances.get(id).await?;
-        Ok(pb::Resource::from(instance))
+        if caller.sees(&instance) {
+            Ok(instance)
+        } else {
+            Err(Error::InstanceNotFound { instance_id: id.get() })
+        }
     }
 }
 

@@ -280,13 +280,12 @@ async fn collect_logs<R: tokio::io::AsyncRead + Unpin>(
         if echo {
             eprintln!("[resource] {line}");
         }
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-            if v["message"] == "serving" {
-                if let Some(tx) = ready.take() {
-                    let addr = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
-                    let _ = tx.send((addr("http"), addr("grpc")));
-                }
-            }
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && v["message"] == "serving"
+            && let Some(tx) = ready.take()
+        {
+            let addr = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+            let _ = tx.send((addr("http"), addr("grpc")));
         }
         logs.lock().unwrap().push(line);
     }

@@ -215,10 +215,11 @@ async fn a_pod_deleted_behind_the_services_back_is_recreated() {
     assert!(cluster.fake.delete_out_of_band(Kind::Pod, NS, &format!("inst-{id}")));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        if let Some(p) = pod(&cluster, &id) {
-            if p["metadata"]["uid"] != uid && p["status"]["phase"] == "Running" {
-                break;
-            }
+        if let Some(p) = pod(&cluster, &id)
+            && p["metadata"]["uid"] != uid
+            && p["status"]["phase"] == "Running"
+        {
+            break;
         }
         assert!(tokio::time::Instant::now() < deadline, "the pod was not recreated");
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -1,5 +1,6 @@
 //! Integration tests: the real binary against real PostgreSQL, one database per test.
 
+mod auth;
 mod config;
 mod grpc;
 mod helpers;

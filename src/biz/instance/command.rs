@@ -217,10 +217,10 @@ struct Planner<'a> {
 
 impl Planner<'_> {
     fn apply(&mut self, envelope: &Envelope) -> Outcome {
-        if let Some(key) = envelope.key {
-            if self.seen.contains(&key) {
-                return Outcome::Duplicate;
-            }
+        if let Some(key) = envelope.key
+            && self.seen.contains(&key)
+        {
+            return Outcome::Duplicate;
         }
         let outcome = self.run(envelope);
         if let (Some(key), Outcome::Applied(_) | Outcome::Ignored { .. }) = (envelope.key, &outcome)

@@ -97,10 +97,10 @@ impl GpuType {
         if s.is_empty() || s.eq_ignore_ascii_case("none") {
             return Ok(GpuType::None);
         }
-        if s.bytes().all(|b| b.is_ascii_digit()) {
-            if let Some(gpu) = s.parse().ok().and_then(GpuType::from_code) {
-                return Ok(gpu);
-            }
+        if s.bytes().all(|b| b.is_ascii_digit())
+            && let Some(gpu) = s.parse().ok().and_then(GpuType::from_code)
+        {
+            return Ok(gpu);
         }
         let wanted = normalize_model(s);
         GpuType::ALL
