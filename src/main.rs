@@ -24,6 +24,7 @@ use resource::{
         reconcile::{ReconcileConf, Reconciler},
     },
     data::kube::{self, KubeCluster, KubeSettings},
+    data::snowflake::NodeLease,
     server::auth::Authenticator,
 };
 use tokio_util::sync::CancellationToken;
@@ -237,16 +238,20 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
         max_memory_mb: conf.limits.max_memory_mb,
         max_name_len: conf.limits.max_name_length,
     };
-    let node = match conf.snowflake.node_id {
-        NodeId::Fixed(node) => node,
+    let (node, lease) = match conf.snowflake.node_id {
+        NodeId::Fixed(node) => (node, None),
         NodeId::Auto => {
-            // TODO(#6): lease the node id through PostgreSQL so replicas never share one.
-            let node = (uuid::Uuid::new_v4().as_u128() % 1024) as u16;
-            tracing::warn!(
-                node,
-                "snowflake.node_id is auto: using a random node id until leasing lands"
-            );
-            node
+            let owner = uuid::Uuid::new_v4().to_string();
+            match NodeLease::acquire(data.pool().clone(), owner, NODE_LEASE_TTL).await {
+                Ok(lease) => {
+                    tracing::info!(node = lease.node(), "snowflake node id leased");
+                    (lease.node(), Some(Arc::new(lease)))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot lease a snowflake node id");
+                    return ExitCode::from(EXIT_UNAVAILABLE);
+                }
+            }
         }
     };
     let ids = Arc::new(Snowflake::new(node));
@@ -313,6 +318,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
             }
         }
     });
+    let leasing = tokio::spawn(keep_node_lease(lease.clone(), shutdown.clone()));
     let pruning = tokio::spawn(prune_processed_events(
         outbox,
         conf.data.rabbitmq.dedup_window,
@@ -320,7 +326,12 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     ));
     let served = servers.serve(shutdown.clone().cancelled_owned()).await;
     shutdown.cancel();
-    let _ = tokio::join!(consuming, relaying, reconciling, pruning);
+    let _ = tokio::join!(consuming, relaying, reconciling, pruning, leasing);
+    if let Some(lease) = lease
+        && let Err(e) = lease.release().await
+    {
+        tracing::warn!(error = %e, "could not release the snowflake node id; it expires");
+    }
     match served {
         Ok(()) => {
             tracing::info!("stopped");
@@ -374,6 +385,39 @@ async fn reconciler(
         reconcile,
         owner,
     )))
+}
+
+/// How long a leased snowflake node id stays ours without renewal.
+const NODE_LEASE_TTL: Duration = Duration::from_secs(60);
+
+/// Renews the snowflake node lease every third of its ttl. A replica that cannot keep
+/// its lease stops (exit 0 after a normal shutdown), rather than risk generating ids with
+/// a node id another replica may take over; its orchestrator starts it again.
+async fn keep_node_lease(lease: Option<Arc<NodeLease>>, shutdown: CancellationToken) {
+    let Some(lease) = lease else { return };
+    let mut every = tokio::time::interval(NODE_LEASE_TTL / 3);
+    every.tick().await;
+    let mut last_renewed = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match lease.renew().await {
+            Ok(true) => last_renewed = tokio::time::Instant::now(),
+            Ok(false) => {
+                tracing::error!(node = lease.node(), "the snowflake node lease was lost; stopping");
+                shutdown.cancel();
+                return;
+            }
+            Err(e) if last_renewed.elapsed() + NODE_LEASE_TTL / 3 >= NODE_LEASE_TTL => {
+                tracing::error!(error = %e, "the snowflake node lease could not be renewed in time; stopping");
+                shutdown.cancel();
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "snowflake node lease renewal failed; retrying"),
+        }
+    }
 }
 
 /// Forgets processed event keys older than the de-duplication window, hourly.

@@ -9,6 +9,7 @@ pub mod kube;
 mod outbox;
 mod publisher;
 mod reconcile;
+pub mod snowflake;
 
 use std::time::Duration;
 

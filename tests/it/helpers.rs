@@ -297,13 +297,31 @@ pub fn repo_path(rel: &str) -> PathBuf {
 
 /// A second process of the service on the same database, broker names and cluster.
 pub struct Replica {
-    _child: Child,
+    pub http: String,
+    pub logs: Arc<Mutex<Vec<String>>>,
+    child: Child,
+}
+
+impl Replica {
+    /// SIGTERM, then its exit status (within 15 s).
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        terminate(&mut self.child).await
+    }
+}
+
+async fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let pid = child.id().expect("running") as i32;
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits within 15 s")
+        .expect("exit status")
 }
 
 impl TestApp {
     pub async fn replica(&self) -> Replica {
-        let (child, ..) = launch(&self.env, self.conf_dir.path()).await;
-        Replica { _child: child }
+        let (child, logs, http, _) = launch(&self.env, self.conf_dir.path()).await;
+        Replica { http, logs, child }
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
@@ -358,12 +376,7 @@ impl TestApp {
 
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().expect("running") as i32;
-        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
-        tokio::time::timeout(Duration::from_secs(15), self.child.wait())
-            .await
-            .expect("exits within 15 s")
-            .expect("exit status")
+        terminate(&mut self.child).await
     }
 }
 

@@ -11,3 +11,4 @@ mod mq;
 mod openapi;
 mod postgres;
 mod proxy;
+mod replicas;

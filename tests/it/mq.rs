@@ -35,7 +35,7 @@ const SEED_JSON: &str = r#"{
 /// The test's own connection to the broker, for publishing and inspecting queues.
 pub(crate) struct Broker {
     _conn: Connection,
-    channel: Channel,
+    pub(crate) channel: Channel,
 }
 
 impl Broker {

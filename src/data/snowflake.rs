@@ -1,0 +1,96 @@
+//! Snowflake node ids leased through PostgreSQL (`snowflake.node_id: auto`): each running
+//! replica holds one of the 1,024 node ids, renews it while it runs and gives it back
+//! when it stops; an expired lease (a replica that died) can be taken over.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use super::map_sqlx;
+use crate::biz::{RepoError, snowflake::MAX_NODE};
+
+/// A node id held by this replica.
+pub struct NodeLease {
+    pool: PgPool,
+    owner: String,
+    node: u16,
+    ttl: Duration,
+}
+
+fn ttl_ms(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl NodeLease {
+    /// Takes the lowest node id that is free or expired.
+    ///
+    /// # Errors
+    /// `Unavailable` when the database does not answer, `Conflict` when every node id is
+    /// held by a live replica.
+    pub async fn acquire(pool: PgPool, owner: String, ttl: Duration) -> Result<Self, RepoError> {
+        // Two replicas may pick the same free id at once; the loser's upsert returns no
+        // row and it tries the next one.
+        for _ in 0..16 {
+            let node: Option<i32> = sqlx::query_scalar(
+                "INSERT INTO snowflake_nodes (node_id, owner, expires_at)
+                 SELECT n, $1, now() + make_interval(secs => $2::double precision / 1000)
+                 FROM generate_series(0, $3) AS n
+                 WHERE NOT EXISTS (
+                     SELECT 1 FROM snowflake_nodes s WHERE s.node_id = n AND s.expires_at > now())
+                 ORDER BY n LIMIT 1
+                 ON CONFLICT (node_id) DO UPDATE
+                    SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
+                    WHERE snowflake_nodes.expires_at <= now()
+                 RETURNING node_id",
+            )
+            .bind(&owner)
+            .bind(ttl_ms(ttl))
+            .bind(i32::from(MAX_NODE))
+            .fetch_optional(&pool)
+            .await
+            .map_err(map_sqlx)?;
+            if let Some(node) = node.and_then(|n| u16::try_from(n).ok()) {
+                return Ok(Self { pool, owner, node, ttl });
+            }
+        }
+        Err(RepoError::Conflict)
+    }
+
+    /// The leased node id.
+    pub fn node(&self) -> u16 {
+        self.node
+    }
+
+    /// Extends the lease by its ttl; false when it was lost (taken over after expiring).
+    ///
+    /// # Errors
+    /// `Unavailable` when the database does not answer.
+    pub async fn renew(&self) -> Result<bool, RepoError> {
+        let renewed = sqlx::query(
+            "UPDATE snowflake_nodes
+             SET expires_at = now() + make_interval(secs => $3::double precision / 1000)
+             WHERE node_id = $1 AND owner = $2",
+        )
+        .bind(i32::from(self.node))
+        .bind(&self.owner)
+        .bind(ttl_ms(self.ttl))
+        .execute(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(renewed.rows_affected() == 1)
+    }
+
+    /// Gives the node id back.
+    ///
+    /// # Errors
+    /// `Unavailable` when the database does not answer (the lease then expires).
+    pub async fn release(&self) -> Result<(), RepoError> {
+        sqlx::query("DELETE FROM snowflake_nodes WHERE node_id = $1 AND owner = $2")
+            .bind(i32::from(self.node))
+            .bind(&self.owner)
+            .execute(&self.pool)
+            .await
+            .map_err(map_sqlx)?;
+        Ok(())
+    }
+}
