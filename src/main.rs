@@ -197,6 +197,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     if conf.auth.mode == AuthMode::None {
         tracing::warn!("auth.mode is none: every caller is trusted and sees every instance");
     }
+    let metrics_handle = resource::server::metrics::install();
     let auth = match Authenticator::from_conf(&conf.auth) {
         Ok(auth) => Arc::new(auth),
         Err(e) => {
@@ -288,9 +289,12 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
         greeter: Arc::new(GreeterService::new(GreeterUsecase)),
         health: HealthService::new(health_uc),
         auth,
+        metrics: metrics_handle.clone(),
     };
 
     // servers and background work
+    tokio::spawn(resource::server::metrics::upkeep(metrics_handle, shutdown.clone()));
+    tokio::spawn(sample_gauges(data.pool().clone(), shutdown.clone()));
     let servers = match Servers::bind(&conf.server, services).await {
         Ok(servers) => servers,
         Err(e) => {
@@ -385,6 +389,41 @@ async fn reconciler(
         reconcile,
         owner,
     )))
+}
+
+/// Samples the database pool and the outbox backlog into gauges every 5 s.
+async fn sample_gauges(pool: sqlx::PgPool, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let (size, idle) = (pool.size(), u32::try_from(pool.num_idle()).unwrap_or(u32::MAX));
+        metrics::gauge!("resource_db_pool_connections", "state" => "idle").set(f64::from(idle));
+        metrics::gauge!("resource_db_pool_connections", "state" => "in_use")
+            .set(f64::from(size.saturating_sub(idle)));
+        metrics::gauge!("resource_db_pool_max_connections")
+            .set(f64::from(pool.options().get_max_connections()));
+        if let Some(rss) = resident_memory_bytes() {
+            metrics::gauge!("process_resident_memory_bytes").set(rss);
+        }
+        match sqlx::query_scalar::<_, i64>("SELECT count(*) FROM status_outbox")
+            .fetch_one(&pool)
+            .await
+        {
+            #[allow(clippy::cast_precision_loss)] // a count far below 2^52
+            Ok(backlog) => metrics::gauge!("resource_outbox_backlog").set(backlog as f64),
+            Err(e) => tracing::debug!(error = %e, "could not sample the outbox backlog"),
+        }
+    }
+}
+
+/// Resident memory of this process (Linux `/proc/self/statm`, 4 KiB pages).
+fn resident_memory_bytes() -> Option<f64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096.0)
 }
 
 /// How long a leased snowflake node id stays ours without renewal.

@@ -257,19 +257,25 @@ impl Reconciler {
         tokio::spawn(self.clone().supervise_watch(changed_tx, alive_tx, shutdown.clone()));
 
         let mut due: HashMap<InstanceId, Instant> = HashMap::new();
+        // Instances the watch reported: fresh facts, handled before the backlog.
+        let mut urgent: HashSet<InstanceId> = HashSet::new();
         let mut failures: HashMap<InstanceId, u32> = HashMap::new();
         let mut audit_mark: Option<i64> = None;
         let mut poll = tokio::time::interval(self.conf.poll_interval);
         let mut resync = tokio::time::interval(self.conf.resync_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut more = false;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
+                // Work is left from the last chunk: go on at once (the other branches are
+                // still polled, so the watch is read between chunks).
+                () = std::future::ready(()), if more => {}
                 Some(id) = changed.recv() => {
-                    due.insert(id, Instant::now());
+                    urgent.insert(id);
                     while let Ok(id) = changed.try_recv() {
-                        due.insert(id, Instant::now());
+                        urgent.insert(id);
                     }
                 }
                 Some(()) = alive.recv() => {
@@ -287,7 +293,9 @@ impl Reconciler {
                     }
                 }
             }
-            self.work_off(&mut due, &mut failures, &shutdown).await;
+            self.work_off(&mut due, &mut urgent, &mut failures, &shutdown).await;
+            let now = Instant::now();
+            more = !urgent.is_empty() || due.values().any(|at| *at <= now);
         }
     }
 
@@ -334,21 +342,37 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Reconciles every due instance, `concurrency` at a time.
+    /// Reconciles a bounded chunk of due instances, `concurrency` at a time: what the
+    /// watch reported first, then the backlog, oldest first. The chunk is bounded so the
+    /// loop soon reads the watch again (a flood of creates must not delay the news that
+    /// their Pods run).
     async fn work_off(
         &self,
         due: &mut HashMap<InstanceId, Instant>,
+        urgent: &mut HashSet<InstanceId>,
         failures: &mut HashMap<InstanceId, u32>,
         shutdown: &CancellationToken,
     ) {
         let now = Instant::now();
-        let ready: Vec<InstanceId> =
-            due.iter().filter(|(_, at)| **at <= now).map(|(id, _)| *id).collect();
+        let chunk = self.conf.concurrency.max(1) * 4;
+        // Instances backing off after a failure wait for their turn even when reported.
+        urgent.retain(|id| due.get(id).is_none_or(|at| *at <= now || !failures.contains_key(id)));
+        let mut ready: Vec<InstanceId> = urgent.iter().copied().take(chunk).collect();
+        for id in &ready {
+            urgent.remove(id);
+            due.remove(id);
+        }
+        if ready.len() < chunk {
+            let mut backlog: Vec<(Instant, InstanceId)> =
+                due.iter().filter(|(_, at)| **at <= now).map(|(id, at)| (*at, *id)).collect();
+            backlog.sort_unstable();
+            for (_, id) in backlog.into_iter().take(chunk - ready.len()) {
+                due.remove(&id);
+                ready.push(id);
+            }
+        }
         if ready.is_empty() {
             return;
-        }
-        for id in &ready {
-            due.remove(id);
         }
         let mut results = futures::stream::iter(ready)
             .map(|id| async move { (id, self.reconcile(id).await) })
@@ -365,6 +389,7 @@ impl Reconciler {
                     failures.remove(&id);
                 }
                 Err(e) => {
+                    metrics::counter!("resource_reconcile_errors_total").increment(1);
                     let attempt = failures.entry(id).or_insert(0);
                     *attempt += 1;
                     let delay = Backoff::new(Duration::from_millis(200), Duration::from_secs(30))
@@ -416,10 +441,22 @@ impl Reconciler {
             endpoint: &i.endpoint,
             workload,
         });
-        match decide(desired, observed.as_ref()) {
+        let step = decide(desired, observed.as_ref());
+        let name = match &step {
+            Step::Wait(_) => "wait",
+            Step::Apply(_) => "apply",
+            Step::Remove => "remove",
+            Step::Report(_) | Step::ReportThenRemove(_) => "report",
+        };
+        metrics::counter!("resource_reconcile_operations_total", "step" => name).increment(1);
+        match step {
             Step::Wait(after) => Ok(after),
             Step::Apply(workload) => {
+                // One write for the Pod, one for the Service.
                 self.limiter.acquire().await;
+                if !workload.container.ports.is_empty() {
+                    self.limiter.acquire().await;
+                }
                 self.cluster.apply(&workload).await?;
                 Ok(Some(APPLIED_RECHECK))
             }
@@ -440,7 +477,10 @@ impl Reconciler {
         id: InstanceId,
         status: Option<InstanceStatus>,
     ) -> Result<Option<Duration>, Failure> {
-        self.limiter.acquire().await;
+        // Up to three writes: the Service, the finalizer, the Pod.
+        for _ in 0..3 {
+            self.limiter.acquire().await;
+        }
         let gone = self.cluster.remove(id).await?;
         if gone && matches!(status, Some(InstanceStatus::Stopping | InstanceStatus::Deleting)) {
             self.report(id, Observation::Gone).await?;

@@ -46,6 +46,8 @@ pub struct AppState {
     pub health: HealthService,
     /// Who callers are.
     pub auth: Arc<Authenticator>,
+    /// Renders `GET /metrics`.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 /// The REST API with its middleware: request ids, tracing, per-request timeout and the
@@ -63,12 +65,15 @@ pub fn router(state: AppState, conf: &conf::HttpServer) -> Router {
         .route("/v1/resources/{instance_id}/audit-logs", get(list_audit_logs))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(|State(app): State<AppState>| super::metrics::render(app.metrics)))
         .route(
             "/openapi.json",
             get(move || async move { ([(header::CONTENT_TYPE, "application/json")], openapi) }),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Router::layer wraps each route, so the middleware sees the matched route.
+        .layer(middleware::from_fn(super::metrics::track_http))
         .layer(DefaultBodyLimit::max(conf.max_body_bytes))
         .layer(middleware::from_fn_with_state(limits, enforce_limits))
         .layer(

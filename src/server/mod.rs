@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod mq;
 pub mod openapi;
 pub mod status;
@@ -44,6 +45,8 @@ pub struct Services {
     pub health: HealthService,
     /// Who callers are.
     pub auth: Arc<auth::Authenticator>,
+    /// Renders `GET /metrics`.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 /// Both listeners, bound and ready to serve.
@@ -107,6 +110,7 @@ impl Servers {
 
         let request_id = axum::http::HeaderName::from_static("x-request-id");
         let grpc = tonic::transport::Server::builder()
+            .layer(metrics::GrpcMetricsLayer)
             .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
             .layer(TraceLayer::new_for_grpc().make_span_with(|req: &axum::http::Request<_>| {
                 let request_id = req
@@ -141,6 +145,7 @@ impl Servers {
             greeter: self.services.greeter.clone(),
             health: self.services.health.clone(),
             auth: self.services.auth.clone(),
+            metrics: self.services.metrics.clone(),
         };
         let app = http::router(state, &self.conf.http);
         let rest =

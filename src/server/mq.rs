@@ -243,6 +243,12 @@ impl Consumer {
 
         let mut confirms = Vec::new();
         for ((delivery, inbound), disposition) in work.iter().zip(&inbound).zip(dispositions) {
+            let kind = inbound
+                .event
+                .as_ref()
+                .ok()
+                .and_then(|e| pb::EventType::try_from(e.event_type).ok())
+                .map_or("UNDECODABLE", |t| t.as_str_name());
             let outgoing = match disposition {
                 Disposition::Ack => None,
                 Disposition::DeadLetter { reason, message } => {
@@ -264,7 +270,20 @@ impl Consumer {
                     }
                 }
             };
+            let outcome = match &outgoing {
+                None => "acked",
+                Some(reroute) if reroute.exchange == self.conf.dead_letter_exchange => {
+                    "dead_lettered"
+                }
+                Some(_) => "retried",
+            };
+            metrics::counter!("resource_events_consumed_total", "type" => kind, "outcome" => outcome)
+                .increment(1);
             if let Some(reroute) = outgoing {
+                if outcome == "dead_lettered" {
+                    metrics::counter!("resource_events_dead_lettered_total", "reason" => reroute.reason.to_string())
+                        .increment(1);
+                }
                 tracing::info!(
                     message_id = %inbound.message_id,
                     routing_key = %delivery.routing_key,

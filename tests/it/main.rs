@@ -7,6 +7,7 @@ mod helpers;
 mod http;
 mod kube;
 mod lifecycle;
+mod metrics;
 mod mq;
 mod openapi;
 mod postgres;
