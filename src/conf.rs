@@ -43,6 +43,14 @@ pub struct Server {
     pub http: HttpServer,
     /// gRPC (tonic).
     pub grpc: GrpcServer,
+    /// On SIGTERM/SIGINT, in-flight requests and the batch being applied get this long;
+    /// connections still open after it (long-lived HTTP/2 clients) are dropped.
+    #[serde(default = "default_shutdown_timeout", deserialize_with = "de_duration")]
+    pub shutdown_timeout: Duration,
+}
+
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(20)
 }
 
 /// REST listener.
@@ -68,6 +76,14 @@ pub struct GrpcServer {
     /// Longest a call may take (a shorter `grpc-timeout` from the client wins).
     #[serde(deserialize_with = "de_duration")]
     pub timeout: Duration,
+    /// A client connection is closed (gracefully, after its calls) after this long, so
+    /// long-lived clients spread over replicas as they come and go.
+    #[serde(default = "default_max_connection_age", deserialize_with = "de_duration")]
+    pub max_connection_age: Duration,
+}
+
+fn default_max_connection_age() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// Backing services.

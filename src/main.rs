@@ -328,9 +328,28 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
         conf.data.rabbitmq.dedup_window,
         shutdown.clone(),
     ));
-    let served = servers.serve(shutdown.clone().cancelled_owned()).await;
+    // In-flight requests finish after SIGTERM, within server.shutdown_timeout: an HTTP/2
+    // connection that stays open (hyper#4170) cannot hold the process past it.
+    let deadline = {
+        let (shutdown, timeout) = (shutdown.clone(), conf.server.shutdown_timeout);
+        async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(timeout).await;
+        }
+    };
+    let served = tokio::select! {
+        served = servers.serve(shutdown.clone().cancelled_owned()) => served,
+        () = deadline => {
+            tracing::warn!(timeout = ?conf.server.shutdown_timeout, "connections still open at the shutdown deadline; closing them");
+            Ok(())
+        }
+    };
     shutdown.cancel();
-    let _ = tokio::join!(consuming, relaying, reconciling, pruning, leasing);
+    // Background work stops at the next batch boundary; bounded by the same deadline.
+    let background = async { tokio::join!(consuming, relaying, reconciling, pruning, leasing) };
+    if tokio::time::timeout(conf.server.shutdown_timeout, background).await.is_err() {
+        tracing::warn!("background work still running at the shutdown deadline; leaving it");
+    }
     if let Some(lease) = lease
         && let Err(e) = lease.release().await
     {

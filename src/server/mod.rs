@@ -110,6 +110,7 @@ impl Servers {
 
         let request_id = axum::http::HeaderName::from_static("x-request-id");
         let grpc = tonic::transport::Server::builder()
+            .max_connection_age(self.conf.grpc.max_connection_age)
             .layer(metrics::GrpcMetricsLayer)
             .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
             .layer(TraceLayer::new_for_grpc().make_span_with(|req: &axum::http::Request<_>| {

@@ -194,6 +194,8 @@ pub struct AppOptions {
     pub database_via: Option<std::net::SocketAddr>,
     /// Reach the broker through this address (a test-controlled proxy).
     pub broker_via: Option<std::net::SocketAddr>,
+    /// Put this password in the database URL (trust authentication ignores it).
+    pub database_password: Option<String>,
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -208,10 +210,14 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
 
     let amqp = opts.broker_via.map_or(amqp_url(), |addr| crate::proxy::via(&amqp_url(), addr));
     let mut env: HashMap<String, String> = HashMap::from([
-        (
-            "RESOURCE_DATA__DATABASE__SOURCE".into(),
-            opts.database_via.map_or(db.url.clone(), |addr| crate::proxy::via(&db.url, addr)),
-        ),
+        ("RESOURCE_DATA__DATABASE__SOURCE".into(), {
+            let url =
+                opts.database_via.map_or(db.url.clone(), |addr| crate::proxy::via(&db.url, addr));
+            match &opts.database_password {
+                Some(pw) => url.replacen("://postgres@", &format!("://postgres:{pw}@"), 1),
+                None => url,
+            }
+        }),
         ("RESOURCE_DATA__RABBITMQ__URL".into(), amqp),
         ("RESOURCE_DATA__RABBITMQ__RETRY_DELAY".into(), "200ms".into()),
         ("RESOURCE_DATA__RABBITMQ__CONNECT_TIMEOUT".into(), "2s".into()),

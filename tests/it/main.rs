@@ -13,3 +13,5 @@ mod openapi;
 mod postgres;
 mod proxy;
 mod replicas;
+mod secrets;
+mod shutdown;
