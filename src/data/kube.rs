@@ -369,13 +369,9 @@ impl Cluster for KubeCluster {
             .patch(&name, &params, &Patch::Apply(&self.pod(workload)))
             .await
             .map_err(cluster_error)?;
-        if workload.container.ports.is_empty() {
-            match self.services.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(e) if status_code(&e) == Some(404) => {}
-                Err(e) => return Err(cluster_error(e)),
-            }
-        } else {
+        // Without ports there is no Service: a previous one went with the previous Pod
+        // (`remove` deletes both), so nothing is deleted here.
+        if !workload.container.ports.is_empty() {
             self.services
                 .patch(&name, &params, &Patch::Apply(&self.service(workload)))
                 .await
@@ -469,10 +465,10 @@ impl Cluster for KubeCluster {
                     | watcher::Event::InitApply(pod),
                 )) => pod,
             };
-            if let Some(observed) = self.observed(&pod, true) {
-                if changed.send(observed.id).await.is_err() {
-                    return Ok(());
-                }
+            if let Some(observed) = self.observed(&pod, true)
+                && changed.send(observed.id).await.is_err()
+            {
+                return Ok(());
             }
         }
     }
