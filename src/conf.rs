@@ -355,11 +355,14 @@ pub struct Log {
     pub level: String,
     /// `text` or `json`.
     pub format: LogFormat,
+    /// OTLP/HTTP collector (e.g. `http://otel-collector:4318`) that receives the spans;
+    /// empty: no trace export.
+    pub otlp_endpoint: String,
 }
 
 impl Default for Log {
     fn default() -> Self {
-        Self { level: "info".into(), format: LogFormat::Text }
+        Self { level: "info".into(), format: LogFormat::Text, otlp_endpoint: String::new() }
     }
 }
 

@@ -4,6 +4,9 @@
 use std::{ffi::OsString, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
 use resource::{
     biz::{
         AuditRepo, AuditUsecase, GreeterUsecase, HealthUsecase, InstanceRepo, InstanceUsecase,
@@ -90,7 +93,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_tracing(&conf.log);
+    let traces = init_tracing(&conf.log);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -99,14 +102,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         match command {
             Command::Migrate => migrate(&conf).await,
             Command::Publish(args) => publish(&conf, &args).await,
             Command::Serve => serve(conf).await,
             Command::Version => unreachable!("handled above"),
         }
-    })
+    });
+    if let Some(provider) = traces
+        && let Err(e) = provider.shutdown()
+    {
+        eprintln!("resource: flushing traces failed: {e}");
+    }
+    code
 }
 
 /// Rewrites the Go flag spelling `-conf DIR` / `-conf=DIR` to `--conf`, so operators'
@@ -120,14 +129,43 @@ fn go_style_args(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
     .collect()
 }
 
-fn init_tracing(conf: &conf::Log) {
+/// Logs to stdout as text or JSON and, with `log.otlp_endpoint`, exports spans over
+/// OTLP/HTTP; the returned provider is shut down (flushed) on exit.
+fn init_tracing(conf: &conf::Log) -> Option<SdkTracerProvider> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&conf.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
+    let provider =
+        (!conf.otlp_endpoint.is_empty()).then(|| tracer_provider(&conf.otlp_endpoint)).flatten();
+    let otel =
+        provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("resource")));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     match conf.format {
         LogFormat::Json => registry.with(fmt::layer().json().flatten_event(true)).init(),
         LogFormat::Text => registry.with(fmt::layer()).init(),
+    }
+    if provider.is_some() {
+        tracing::info!(endpoint = %conf.otlp_endpoint, "exporting traces over OTLP/HTTP");
+    }
+    provider
+}
+
+fn tracer_provider(endpoint: &str) -> Option<SdkTracerProvider> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+        .build();
+    match exporter {
+        Ok(exporter) => Some(
+            SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(Resource::builder().with_service_name("resource").build())
+                .build(),
+        ),
+        Err(e) => {
+            eprintln!("resource: OTLP trace export disabled: {e}");
+            None
+        }
     }
 }
 

@@ -15,3 +15,4 @@ mod proxy;
 mod replicas;
 mod secrets;
 mod shutdown;
+mod tracing;
