@@ -304,7 +304,11 @@ async fn main() {
         verdict(errors + event_errors == 0),
         errors
     );
-    println!("{}: RSS growth <= 10 % ({growth:+.1} %)", verdict(growth <= 10.0));
+    if let Ok(Some(status)) = child.try_wait() {
+        println!("the service exited during the run: {status}");
+    }
+    // No resident memory at the end means the service is gone: that is no pass.
+    println!("{}: RSS growth <= 10 % ({growth:+.1} %)", verdict(rss_end > 0 && growth <= 10.0));
 
     let _ = conn.close(200, "done".into()).await;
     let _ = child.start_kill();
