@@ -281,7 +281,13 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
         NodeId::Fixed(node) => (node, None),
         NodeId::Auto => {
             let owner = uuid::Uuid::new_v4().to_string();
-            match NodeLease::acquire(data.pool().clone(), owner, NODE_LEASE_TTL).await {
+            // A connection of its own: a flood of API requests exhausting the shared pool
+            // must not stop the renewals (the replica would stop itself to stay safe).
+            let lease_pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy_with(data.pool().connect_options().as_ref().clone());
+            match NodeLease::acquire(lease_pool, owner, NODE_LEASE_TTL).await {
                 Ok(lease) => {
                     tracing::info!(node = lease.node(), "snowflake node id leased");
                     (lease.node(), Some(Arc::new(lease)))
