@@ -6,19 +6,20 @@
 //! (default 10), `BENCH_ROWS` (default 1,000,000), `BENCH_CLIENTS` (default 2).
 //! The database `resource_bench` is created and loaded once and reused by later runs.
 
+mod common;
+
 use std::{
-    process::Stdio,
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use common::{admin_url, db_url, env_or};
 use resource::{
     biz::{InstanceId, ListFilter},
     pb::resource::v1::{ListResourcesRequest, resource_service_client::ResourceServiceClient},
     service::page_token,
 };
 use sqlx::{Connection, Executor, PgConnection};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Instance ids are spread like snowflakes: BASE + n * STEP.
 const BASE: i64 = 400_000_000_000_000_000;
@@ -40,27 +41,17 @@ struct Settings {
     clients: usize,
 }
 
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn db_url(admin: &str, name: &str) -> String {
-    let i = admin.rfind('/').expect("URL with a database");
-    format!("{}/{name}", &admin[..i])
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let s = Settings {
-        admin_url: std::env::var("BENCH_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
+        admin_url: admin_url(),
         seconds: env_or("BENCH_SECONDS", 10),
         rows: env_or("BENCH_ROWS", 1_000_000),
         clients: env_or("BENCH_CLIENTS", 2),
     };
     let url = db_url(&s.admin_url, "resource_bench");
     prepare(&s, &url).await;
-    let (mut child, http, grpc) = start_service(&url).await;
+    let (child, http, grpc) = start_service(&url).await;
 
     println!(
         "\n== ListResources: {} rows, page_size {PAGE_SIZE}, {} clients, {} s per run ==",
@@ -98,8 +89,7 @@ async fn main() {
     let deep = depth_latency(&http, Some(s.rows - 10_000 * i64::from(PAGE_SIZE))).await;
     println!("REST mean latency: page 1 {first:.3} ms, page 10,000 {deep:.3} ms");
 
-    let _ = child.start_kill();
-    let _ = child.wait().await;
+    common::stop(child).await;
 }
 
 async fn prepare(s: &Settings, url: &str) {
@@ -155,34 +145,17 @@ async fn prepare(s: &Settings, url: &str) {
     pool.close().await;
 }
 
+/// Starts the service on database `url`; returns it with its REST and gRPC base URLs.
 async fn start_service(url: &str) -> (tokio::process::Child, String, String) {
-    let conf = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_resource"))
-        .arg("-conf")
-        .arg(conf)
-        .env("RESOURCE_DATA__DATABASE__SOURCE", url)
-        .env("RESOURCE_SERVER__HTTP__ADDR", "127.0.0.1:0")
-        .env("RESOURCE_SERVER__GRPC__ADDR", "127.0.0.1:0")
+    let mut service = common::service(url);
+    service
         .env("RESOURCE_SERVER__HTTP__TIMEOUT", "10s")
         .env("RESOURCE_SERVER__GRPC__TIMEOUT", "10s")
-        .env("RESOURCE_LOG__FORMAT", "json")
-        .env("RESOURCE_LOG__LEVEL", "warn,resource::server=info")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the service");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "serving" {
-            let http = format!("http://{}", v["http"].as_str().unwrap());
-            let grpc = format!("http://{}", v["grpc"].as_str().unwrap());
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return (child, http, grpc);
-        }
-    }
-    panic!("the service did not start");
+        .env("RESOURCE_LOG__LEVEL", "warn,resource::server=info");
+    let (child, logged) = common::start(&mut service, &["serving"], false).await;
+    let http = format!("http://{}", logged[0]["http"].as_str().unwrap());
+    let grpc = format!("http://{}", logged[0]["grpc"].as_str().unwrap());
+    (child, http, grpc)
 }
 
 /// pgbench over the same statement at random depths; returns transactions per second.

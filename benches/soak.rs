@@ -8,8 +8,9 @@
 //! 200), `BENCH_SOAK_EVENTS_PER_S` (default 200), `BENCH_DATABASE_URL`, `BENCH_AMQP_URL`,
 //! `BENCH_SERVICE_LOG` (echo the service's logs).
 
+mod common;
+
 use std::{
-    process::Stdio,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -17,14 +18,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{Run, env_or, rss_kib};
 use lapin::{BasicProperties, Confirmation, options::BasicPublishOptions};
 use prost::Message;
 use resource::{
     biz::snowflake::Snowflake,
     pb::mq::v1::{Event, EventType, InstanceSpec},
 };
-use sqlx::{Connection as _, Executor, PgConnection};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Kinds of request, and the kind of request `n` by `n % 20`: 50, 20, 15, 10 and 5 %.
 const KINDS: [&str; 5] = ["list page_size=50", "create", "get", "stop/start", "audit-logs"];
@@ -45,84 +45,22 @@ struct Stats {
     event_errors: AtomicU64,
 }
 
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let secs: u64 = env_or("BENCH_SOAK_SECONDS", 600);
     let api_rps: f64 = env_or("BENCH_SOAK_API_RPS", 200.0);
     let events_per_s: f64 = env_or("BENCH_SOAK_EVENTS_PER_S", 200.0);
     let warmup = 10.min(secs / 2);
-    let admin_url = std::env::var("BENCH_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let amqp_url = std::env::var("BENCH_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let configs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let suffix = Run::suffix();
     println!("\n== Soak: {secs} s, {api_rps} API requests/s + {events_per_s} events/s ==");
 
     // A fresh database and its own exchanges and queues.
-    let db = format!("resource_bench_soak_{suffix}");
-    let mut admin = PgConnection::connect(&admin_url).await.expect("reach PostgreSQL");
-    admin.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}"))).await.unwrap();
-    let db_url = format!("{}/{db}", &admin_url[..admin_url.rfind('/').unwrap()]);
-    let mut conf = resource::conf::load(&configs).expect("configs/ loads");
-    let mq = &mut conf.data.rabbitmq;
-    mq.url = amqp_url.clone().into();
-    mq.exchange = format!("bench.{suffix}.events");
-    mq.queue = format!("bench.{suffix}.instance-events");
-    mq.dead_letter_exchange = format!("bench.{suffix}.dlx");
-    mq.dead_letter_queue = format!("bench.{suffix}.dead");
-    mq.retry_queue = format!("bench.{suffix}.retry");
-    mq.status_queue = format!("bench.{suffix}.status");
-    let mq = conf.data.rabbitmq.clone();
-
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_resource"))
-        .arg("-conf")
-        .arg(&configs)
-        .env("RESOURCE_DATA__DATABASE__SOURCE", &db_url)
-        .env("RESOURCE_DATA__RABBITMQ__URL", &amqp_url)
-        .env("RESOURCE_DATA__RABBITMQ__EXCHANGE", &mq.exchange)
-        .env("RESOURCE_DATA__RABBITMQ__QUEUE", &mq.queue)
-        .env("RESOURCE_DATA__RABBITMQ__DEAD_LETTER_EXCHANGE", &mq.dead_letter_exchange)
-        .env("RESOURCE_DATA__RABBITMQ__DEAD_LETTER_QUEUE", &mq.dead_letter_queue)
-        .env("RESOURCE_DATA__RABBITMQ__RETRY_QUEUE", &mq.retry_queue)
-        .env("RESOURCE_DATA__RABBITMQ__STATUS_QUEUE", &mq.status_queue)
-        .env("RESOURCE_SERVER__HTTP__ADDR", "127.0.0.1:0")
-        .env("RESOURCE_SERVER__GRPC__ADDR", "127.0.0.1:0")
-        .env("RESOURCE_LOG__FORMAT", "json")
-        .env(
-            "RESOURCE_LOG__LEVEL",
-            std::env::var("BENCH_SERVICE_LOG")
-                .unwrap_or_else(|_| "warn,resource::server=info".into()),
-        )
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the service");
+    let run = Run::new(&format!("resource_bench_soak_{suffix}"), &suffix).await;
+    let mut service = run.service("warn,resource::server=info");
+    let (mut child, logged) =
+        common::start(&mut service, &["serving", "consuming events"], Run::echo()).await;
     let pid = child.id().expect("running");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut http, mut consuming) = (None, false);
-    while http.is_none() || !consuming {
-        let line = lines.next_line().await.unwrap().expect("the service started");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "serving" {
-            http = Some(format!("http://{}", v["http"].as_str().unwrap()));
-        }
-        consuming |= v["message"] == "consuming events";
-    }
-    let base = http.unwrap();
-    tokio::spawn(async move {
-        let echo = std::env::var("BENCH_SERVICE_LOG").is_ok();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if echo {
-                eprintln!("{line}");
-            }
-        }
-    });
+    let base = format!("http://{}", logged[0]["http"].as_str().unwrap());
 
     let stats = Arc::new(Stats::default());
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
@@ -132,8 +70,8 @@ async fn main() {
         let v: serde_json::Value = r.send().await.unwrap().json().await.unwrap();
         stats.ids.lock().unwrap().push(v["instance_id"].as_str().expect("created").to_owned());
     }
-    let conn = resource::amqp::connect(&mq, "soak-publisher").await.expect("reach RabbitMQ");
-    let channel = resource::amqp::confirm_channel(&mq, &conn).await.unwrap();
+    let conn = resource::amqp::connect(&run.mq, "soak-publisher").await.expect("reach RabbitMQ");
+    let channel = resource::amqp::confirm_channel(&run.mq, &conn).await.unwrap();
 
     let started = Instant::now();
     let end = tokio::time::Instant::now() + Duration::from_secs(secs);
@@ -156,7 +94,7 @@ async fn main() {
         }
     });
     let events = tokio::spawn({
-        let (stats, exchange) = (stats.clone(), mq.exchange.clone());
+        let (stats, exchange) = (stats.clone(), run.mq.exchange.clone());
         async move {
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / events_per_s));
             let (ids, mut created) = (Snowflake::new(1002), Vec::new());
@@ -252,7 +190,7 @@ async fn main() {
     let elapsed = started.elapsed().as_secs_f64();
 
     // Drain: wait until every created event is an instance, or 30 s without progress.
-    let pool = sqlx::PgPool::connect(&db_url).await.unwrap();
+    let pool = sqlx::PgPool::connect(&run.db_url).await.unwrap();
     let (mut applied, mut last_progress) = (0, Instant::now());
     let wanted = stats.created_events.load(Relaxed) as i64;
     while applied < wanted && last_progress.elapsed() < Duration::from_secs(30) {
@@ -311,14 +249,9 @@ async fn main() {
     println!("{}: RSS growth <= 10 % ({growth:+.1} %)", verdict(rss_end > 0 && growth <= 10.0));
 
     let _ = conn.close(200, "done".into()).await;
-    let _ = child.start_kill();
-    let _ = child.wait().await;
+    common::stop(child).await;
     pool.close().await;
-    cleanup(&amqp_url, &mq).await;
-    admin
-        .execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")))
-        .await
-        .unwrap();
+    run.finish().await;
 }
 
 fn create_body(suffix: &str, n: u64) -> serde_json::Value {
@@ -390,28 +323,4 @@ fn print_latency(name: &str, lat: &mut [u64]) {
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1e3;
     let p: Vec<_> = [0.5, 0.9, 0.99, 1.0].map(|q| format!("{:>9.2}", pct(q))).into();
     println!("{name:<22} {:>8} {}", lat.len(), p.join(" "));
-}
-
-async fn cleanup(amqp_url: &str, mq: &resource::conf::RabbitMq) {
-    let conn = lapin::Connection::connect(amqp_url, Default::default()).await.unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    for q in [&mq.queue, &mq.dead_letter_queue, &mq.retry_queue, &mq.status_queue] {
-        let _ = channel.queue_delete(q.as_str().into(), Default::default()).await;
-    }
-    for e in [&mq.exchange, &mq.dead_letter_exchange] {
-        let _ = channel.exchange_delete(e.as_str().into(), Default::default()).await;
-    }
-    let _ = conn.close(200, "done".into()).await;
-}
-
-/// Resident memory of `pid` in KiB (Linux).
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
-        })
-        .unwrap_or(0)
 }
