@@ -306,7 +306,7 @@ impl Reconciler {
         audit_mark: &mut Option<i64>,
     ) -> Result<(), Failure> {
         let now = Instant::now();
-        for id in self.instances_waiting().await? {
+        for id in self.repo.unsettled().await.map_err(Error::from)? {
             due.entry(id).or_insert(now);
         }
         let (requests, newest) = self.repo.sync_requests(*audit_mark).await.map_err(Error::from)?;
@@ -325,10 +325,6 @@ impl Reconciler {
             }
         }
         Ok(())
-    }
-
-    async fn instances_waiting(&self) -> Result<Vec<InstanceId>, Failure> {
-        Ok(self.repo.unsettled().await.map_err(Error::from)?)
     }
 
     /// Everything the database or the cluster knows becomes due.

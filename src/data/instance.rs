@@ -167,17 +167,14 @@ impl InstanceRepo for PgInstanceRepo {
     ) -> Result<(), RepoError> {
         let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
         // NOTE: every read and write of a unit of work is a primary-key lookup of a few
-        // hundred keys. The planner's cost model prefers sequential scans and hash joins
-        // for them until tables are large (and a generic plan cached while they were small
-        // keeps them), which made ingest slow down as it went; so this transaction is
-        // told to use the indexes.
-        sqlx::query(
-            "SELECT set_config('enable_seqscan', 'off', true), \
-             set_config('plan_cache_mode', 'force_custom_plan', true)",
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(map_sqlx)?;
+        // hundred keys. A generic plan cached while the tables were small keeps hash joins
+        // over them as they grow, which made ingest slow down as it went; so this
+        // transaction plans each statement for its own arguments. (Seq scans are off for
+        // the whole pool: `Data::connect`.)
+        sqlx::query("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
         let snapshot = load(&mut tx, ids, keys).await?;
         let changes = work(snapshot);
         if !changes.is_empty() {

@@ -62,13 +62,9 @@ impl TryFrom<OutboxRow> for Pending {
 #[async_trait]
 impl OutboxRepo for PgOutboxRepo {
     async fn claim(&self, limit: u32, lease: Duration) -> Result<Vec<Pending>, RepoError> {
-        // The outbox churns: it is mostly dead tuples, and a sequential scan reads them
-        // all; walk the primary key instead (see `instance::transact`).
-        let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
-        sqlx::query("SELECT set_config('enable_seqscan', 'off', true)")
-            .execute(&mut *tx)
-            .await
-            .map_err(map_sqlx)?;
+        // The outbox churns: it is mostly dead tuples, and a sequential scan would read
+        // them all; the pool's connections never seq scan (`Data::connect`), so this walks
+        // the primary key.
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "UPDATE status_outbox SET claimed_until = now() + make_interval(secs => $1), \
              attempts = attempts + 1 \
@@ -79,10 +75,9 @@ impl OutboxRepo for PgOutboxRepo {
         )
         .bind(lease.as_secs_f64())
         .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await
         .map_err(map_sqlx)?;
-        tx.commit().await.map_err(map_sqlx)?;
         let mut pending: Vec<Pending> =
             rows.into_iter().map(Pending::try_from).collect::<Result<_, _>>()?;
         // RETURNING does not keep the subquery's order; publish oldest first.
