@@ -1,7 +1,9 @@
 //! The `resource` binary: command line, configuration, logging, and the wiring of
 //! data → repositories → use cases → services → servers, by hand, in that order.
 
-use std::{ffi::OsString, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    ffi::OsString, io::IsTerminal, path::PathBuf, process::ExitCode, sync::Arc, time::Duration,
+};
 
 use clap::{Parser, Subcommand};
 use opentelemetry::trace::TracerProvider as _;
@@ -142,7 +144,10 @@ fn init_tracing(conf: &conf::Log) -> Option<SdkTracerProvider> {
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     match conf.format {
         LogFormat::Json => registry.with(fmt::layer().json().flatten_event(true)).init(),
-        LogFormat::Text => registry.with(fmt::layer()).init(),
+        // Colours for a terminal only: not in a container's log or a file.
+        LogFormat::Text => {
+            registry.with(fmt::layer().with_ansi(std::io::stdout().is_terminal())).init();
+        }
     }
     if provider.is_some() {
         tracing::info!(endpoint = %conf.otlp_endpoint, "exporting traces over OTLP/HTTP");
