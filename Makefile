@@ -4,7 +4,7 @@
 CONF ?= ./configs
 CARGO ?= cargo
 
-.PHONY: help build test test-it lint fmt proto migrate run bench docker deps
+.PHONY: help build test test-it lint fmt proto migrate run bench image image-smoke deps
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -47,5 +47,8 @@ run: ## start the service (PostgreSQL and RabbitMQ prepared, database created an
 bench: deps ## benchmarks with printed figures (ListResources vs pgbench, ...)
 	$(CARGO) bench --locked
 
-docker: ## build the container image
-	docker build -t resource:latest .
+image: ## build the container image resource:latest (docker, else podman with local base images)
+	@scripts/image.sh
+
+image-smoke: deps ## build the image, run it against the local PostgreSQL and RabbitMQ, check it
+	@scripts/image.sh --smoke
