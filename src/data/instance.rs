@@ -190,6 +190,12 @@ fn key_uuid(key: &EventKey) -> Uuid {
 
 /// Reads what a unit of work decides on, locking the instances in id order (so two
 /// batches over the same instances cannot deadlock).
+///
+/// Both joined rows are locked, not only the instance: under READ COMMITTED a statement
+/// that waited for a row lock re-reads the newest version of the rows it locks, but keeps
+/// its start-of-statement snapshot of every other joined row. Locking `instances` alone
+/// returned, after a concurrent spec change committed, the new instance row with the old
+/// spec, and the next write put the old spec back (a lost update).
 async fn load(
     conn: &mut PgConnection,
     ids: &[InstanceId],
@@ -214,7 +220,7 @@ async fn load(
         let rows: Vec<InstanceRow> = sqlx::query_as(concat!(
             select_instances!(),
             " JOIN UNNEST($1::bigint[]) AS k(instance_id) ON k.instance_id = i.instance_id \
-             ORDER BY i.instance_id FOR UPDATE OF i"
+             ORDER BY i.instance_id FOR UPDATE OF i, s"
         ))
         .bind(&raw)
         .fetch_all(&mut *conn)

@@ -334,6 +334,15 @@ impl TestApp {
         self.client.get(format!("{}{path}", self.http)).send().await.expect("GET")
     }
 
+    /// Creates an instance through the REST API at `http` (this process or a replica's
+    /// address) and returns the created resource.
+    pub async fn create_at(&self, http: &str, body: &serde_json::Value) -> serde_json::Value {
+        let response =
+            self.client.post(format!("{http}/v1/resources")).json(body).send().await.expect("POST");
+        assert_eq!(response.status(), 200, "create refused");
+        response.json().await.expect("a JSON body")
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
         let response = self.get(path).await;
         let status = response.status().as_u16();

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::helpers::{TestApp, spawn_app};
+use crate::helpers::{AppOptions, TestApp, spawn_app, spawn_app_with};
 
 async fn send(
     app: &TestApp,
@@ -267,7 +267,12 @@ async fn the_lifecycle_over_grpc_is_audited_as_grpc() {
 
 #[tokio::test]
 async fn twenty_concurrent_conflicting_updates_are_serialised_with_one_audit_row_each() {
-    let app = spawn_app().await;
+    // Each request must answer: on a loaded machine the default 1 s could cut one short.
+    let app = spawn_app_with(AppOptions {
+        env: vec![("RESOURCE_SERVER__HTTP__TIMEOUT".into(), "30s".into())],
+        ..Default::default()
+    })
+    .await;
     let (_, created) =
         send(&app, reqwest::Method::POST, "/v1/resources", Some(create_body("web", ""))).await;
     let id = created["instance_id"].as_str().unwrap().to_owned();

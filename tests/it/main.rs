@@ -12,6 +12,7 @@ mod mq;
 mod openapi;
 mod postgres;
 mod proxy;
+mod races;
 mod replicas;
 mod secrets;
 mod shutdown;

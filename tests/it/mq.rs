@@ -47,7 +47,7 @@ impl Broker {
         Self { _conn: conn, channel }
     }
 
-    async fn publish_raw(
+    pub(crate) async fn publish_raw(
         &self,
         exchange: &str,
         routing_key: &str,
@@ -81,6 +81,13 @@ impl Broker {
         .await;
     }
 
+    /// Publishes `event` as protobuf with AMQP `message_id` set, as producers should.
+    pub(crate) async fn publish_with_id(&self, app: &TestApp, event: &Event, message_id: &str) {
+        let props = BasicProperties::default().with_message_id(message_id.into());
+        self.publish_raw(&app.mq.exchange, &routing_key(event), &event.encode_to_vec(), props)
+            .await;
+    }
+
     async fn publish_json(&self, app: &TestApp, routing_key: &str, body: &str) {
         let props = BasicProperties::default().with_content_type("application/json".into());
         self.publish_raw(&app.mq.exchange, routing_key, body.as_bytes(), props).await;
@@ -103,7 +110,7 @@ impl Broker {
     }
 }
 
-fn routing_key(event: &Event) -> String {
+pub(crate) fn routing_key(event: &Event) -> String {
     let kind = match EventType::try_from(event.event_type) {
         Ok(EventType::InstanceCreated) => "created",
         Ok(EventType::InstanceDeleted) => "deleted",

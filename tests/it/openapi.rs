@@ -4,7 +4,7 @@
 
 use std::{path::PathBuf, process::Stdio};
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::helpers::{repo_path, spawn_app};
 
@@ -22,16 +22,7 @@ async fn every_documented_route_is_served_as_documented() {
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (verb, operation) in item.as_object().unwrap() {
             // A fresh instance for each call, so that a delete does not spoil a start.
-            let created: Value = app
-                .client
-                .post(format!("{}/v1/resources", app.http))
-                .json(&create)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let created = app.create_at(&app.http, &create).await;
             let id = created["instance_id"].as_str().expect("an id");
             let path_with_values = path.replace("{instance_id}", id).replace("{name}", "x");
             let url = format!("{}{path_with_values}", app.http);

@@ -42,16 +42,7 @@ async fn two_replicas_share_10000_events_and_one_stopping_midway_loses_nothing()
         json!({"name": "n", "user_id": "u", "spec": {"cpu": 1, "memory": 64, "image": "nginx"}});
     let mut nodes = Vec::new();
     for http in [&app.http, &second.http] {
-        let created: Value = app
-            .client
-            .post(format!("{http}/v1/resources"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let created = app.create_at(http, &body).await;
         let id: i64 = created["instance_id"].as_str().unwrap().parse().unwrap();
         nodes.push((id >> 12) & 0x3ff);
     }

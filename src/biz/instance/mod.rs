@@ -3,7 +3,12 @@
 //! Nothing here knows about PostgreSQL, Kubernetes or a transport; those are reached
 //! through the traits declared in this module.
 
-use std::{fmt, str::FromStr, sync::Arc};
+use std::{
+    collections::HashMap,
+    fmt,
+    str::FromStr,
+    sync::{Arc, Mutex, Weak},
+};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -291,6 +296,39 @@ pub trait InstanceRepo: Send + Sync {
 /// How often a unit of work is retried after losing a race to a concurrent writer.
 const CONFLICT_RETRIES: usize = 5;
 
+/// Queues this process's API mutations of one instance in memory, one at a time, so
+/// that concurrent writers of a hot instance wait here rather than on its row lock, each
+/// holding a pooled database connection: one contended instance cannot take the pool.
+/// (The row lock still serialises writers across processes and entry points.)
+#[derive(Default)]
+struct Gates {
+    open: Mutex<GateMap>,
+}
+
+#[derive(Default)]
+struct GateMap {
+    gates: HashMap<InstanceId, Weak<tokio::sync::Mutex<()>>>,
+    /// Dead entries are swept when the map reaches this size.
+    sweep_at: usize,
+}
+
+impl Gates {
+    /// The gate of `id`, shared with every caller holding it now.
+    fn of(&self, id: InstanceId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(gate) = map.gates.get(&id).and_then(Weak::upgrade) {
+            return gate;
+        }
+        if map.gates.len() >= map.sweep_at {
+            map.gates.retain(|_, gate| gate.strong_count() > 0);
+            map.sweep_at = (map.gates.len() * 2).max(64);
+        }
+        let gate = Arc::new(tokio::sync::Mutex::new(()));
+        map.gates.insert(id, Arc::downgrade(&gate));
+        gate
+    }
+}
+
 /// Reads and lifecycle of instances.
 #[derive(Clone)]
 pub struct InstanceUsecase {
@@ -298,6 +336,7 @@ pub struct InstanceUsecase {
     limits: Limits,
     cluster_enabled: bool,
     ids: Arc<crate::biz::snowflake::Snowflake>,
+    gates: Arc<Gates>,
 }
 
 /// A new instance asked for through the API.
@@ -322,7 +361,7 @@ impl InstanceUsecase {
         cluster_enabled: bool,
         ids: Arc<crate::biz::snowflake::Snowflake>,
     ) -> Self {
-        Self { repo, limits, cluster_enabled, ids }
+        Self { repo, limits, cluster_enabled, ids, gates: Arc::default() }
     }
 
     /// The ranges specs and names are checked against.
@@ -453,10 +492,18 @@ impl InstanceUsecase {
 
     /// Executes one command in a task of its own: once accepted it runs to completion
     /// (row, audit and outbox committed together) even if the caller goes away, since a
-    /// database connection must not be abandoned mid-transaction (sqlx#563).
+    /// database connection must not be abandoned mid-transaction (sqlx#563). Commands on
+    /// one instance pass its gate one at a time.
     async fn run_to_completion(&self, envelope: Envelope) -> Result<Outcome, Error> {
         let this = self.clone();
-        let task = tokio::spawn(async move { this.execute(std::slice::from_ref(&envelope)).await });
+        let gate = envelope.command.instance_id().map(|id| self.gates.of(id));
+        let task = tokio::spawn(async move {
+            let _turn = match &gate {
+                Some(gate) => Some(gate.lock().await),
+                None => None,
+            };
+            this.execute(std::slice::from_ref(&envelope)).await
+        });
         let mut outcomes = task
             .await
             .map_err(|e| Error::Internal(Arc::new(RepoError::Internal(e.to_string().into()))))??;
@@ -630,6 +677,21 @@ mod tests {
             assert_eq!(status.as_str().to_lowercase().parse::<InstanceStatus>().unwrap(), status);
         }
         assert!("PAUSED".parse::<InstanceStatus>().is_err());
+    }
+
+    #[test]
+    fn one_gate_per_instance_while_held_and_none_kept_after() {
+        let gates = Gates::default();
+        let (a, b) = (InstanceId(1), InstanceId(2));
+        let held = gates.of(a);
+        assert!(Arc::ptr_eq(&held, &gates.of(a)), "callers of one instance share its gate");
+        assert!(!Arc::ptr_eq(&held, &gates.of(b)), "instances do not share gates");
+        drop(held);
+        for n in 3..200 {
+            drop(gates.of(InstanceId(n)));
+        }
+        let live = gates.open.lock().unwrap().gates.len();
+        assert!(live < 64, "dropped gates are swept ({live} entries left)");
     }
 
     #[test]

@@ -1,0 +1,288 @@
+//! Many concurrent writers on one instance — REST and gRPC calls on two replicas and
+//! events competing for the same row — and the proof that nothing was lost: every
+//! applied change is in the final state's history, and the audit trail is an unbroken
+//! chain (each row's `before` is the previous row's `after`, the last `after` is the row
+//! as stored).
+
+use std::time::Duration;
+
+use futures::{FutureExt, future::BoxFuture};
+use resource::pb::{
+    mq::v1::EventType,
+    resource::v1::{
+        ResourceActionRequest, ResourceSpec, UpdateResourceSpecRequest,
+        resource_service_client::ResourceServiceClient,
+    },
+};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::{
+    helpers::{AppOptions, spawn_app_with},
+    mq::{Broker, event},
+};
+
+/// One audit row, as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct AuditRow {
+    pub id: i64,
+    pub action: String,
+    pub outcome: String,
+    pub request_id: String,
+    pub before: Option<Value>,
+    pub after: Option<Value>,
+}
+
+/// The trail of `instance_id`, oldest first.
+pub(crate) async fn audit_rows(pool: &PgPool, instance_id: i64) -> Vec<AuditRow> {
+    sqlx::query_as(
+        "SELECT id, action, outcome, request_id, before, after FROM audit_logs \
+         WHERE instance_id = $1 ORDER BY id",
+    )
+    .bind(instance_id)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Asserts the trail of `instance_id` is an unbroken chain ending at the stored row.
+pub(crate) async fn assert_unbroken_chain(pool: &PgPool, instance_id: i64) -> Vec<AuditRow> {
+    let rows = audit_rows(pool, instance_id).await;
+    assert!(!rows.is_empty(), "instance {instance_id} has no audit trail");
+    assert_eq!(rows[0].action, "CREATE", "the trail starts with the create");
+    assert!(rows[0].before.is_none(), "a create has no before");
+    for pair in rows.windows(2) {
+        let (prev, next) = (&pair[0], &pair[1]);
+        assert_eq!(
+            next.before,
+            prev.after,
+            "audit row {} ({} {} by {:?}) does not start where row {} ({} {} by {:?}) ended",
+            next.id,
+            next.action,
+            next.outcome,
+            next.request_id,
+            prev.id,
+            prev.action,
+            prev.outcome,
+            prev.request_id
+        );
+    }
+    let last = rows.last().unwrap().after.clone().expect("the last row has an after");
+    let (status, reason, version, cpu, memory, gpu, image, config): (
+        String,
+        String,
+        i64,
+        i32,
+        i32,
+        i32,
+        String,
+        Value,
+    ) = sqlx::query_as(
+        "SELECT i.status, i.status_reason, i.version, s.cpu, s.memory, s.gpu, s.image, s.config_json \
+         FROM instances i JOIN instance_specs s USING (instance_id) WHERE i.instance_id = $1",
+    )
+    .bind(instance_id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let stored = json!({
+        "status": status, "status_reason": reason, "version": version,
+        "spec": {"cpu": cpu, "memory": memory, "gpu": gpu, "image": image},
+    });
+    let seen = json!({
+        "status": last["status"], "status_reason": last["status_reason"], "version": last["version"],
+        "spec": {"cpu": last["spec"]["cpu"], "memory": last["spec"]["memory"],
+                 "gpu": last["spec"]["gpu"], "image": last["spec"]["image"]},
+    });
+    assert_eq!(seen, stored, "the last audited state is the state stored");
+    if let Some(audited_config) = last["spec"].get("config_json") {
+        assert_eq!(audited_config, &config, "the audited config_json is the stored one");
+    }
+    let applied = rows.iter().filter(|r| r.outcome == "ok").count() as i64;
+    assert_eq!(version, applied, "the create and every applied change bumped the version once");
+    rows
+}
+
+/// What one concurrent mutation asked for.
+struct Asked {
+    request_id: String,
+    /// The image a spec change asked for.
+    image: Option<String>,
+    /// Where it answered (`None` for events, which answer nothing).
+    answer: Option<u16>,
+}
+
+#[tokio::test]
+async fn two_hundred_forty_concurrent_mutations_on_one_instance_lose_nothing() {
+    // Calls are not cut by the request timeout: every one of them must answer.
+    let app = spawn_app_with(AppOptions {
+        env: vec![
+            ("RESOURCE_SERVER__HTTP__TIMEOUT".into(), "60s".into()),
+            ("RESOURCE_SERVER__GRPC__TIMEOUT".into(), "60s".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let replica = app.replica().await;
+    let body = json!({"name": "contended", "user_id": "u1",
+                      "spec": {"cpu": 1, "memory": 1024, "gpu": 0, "image": "nginx:1.0"}});
+    let created = app.create_at(&app.http, &body).await;
+    let id: i64 = created["instance_id"].as_str().unwrap().parse().unwrap();
+    let broker = Broker::connect().await;
+    let grpc = ResourceServiceClient::new(app.grpc_channel().await);
+
+    let mut ops: Vec<BoxFuture<'_, Asked>> = Vec::new();
+    for n in 0..240_usize {
+        let request_id = format!("race-{n}");
+        let http = if n % 2 == 0 { app.http.clone() } else { replica.http.clone() };
+        let client = app.client.clone();
+        let rest = move |method: reqwest::Method,
+                         path: String,
+                         body: Option<Value>,
+                         rid: String| {
+            async move {
+                let mut req = client
+                    .request(method, format!("{http}{path}"))
+                    .header("x-request-id", rid.as_str());
+                if let Some(body) = body {
+                    req = req.json(&body);
+                }
+                req.send().await.expect("a REST answer").status().as_u16()
+            }
+        };
+        let cpu = i32::try_from(n % 8 + 1).unwrap();
+        let op: BoxFuture<'_, Asked> = match n % 8 {
+            0 | 1 => {
+                let image = format!("nginx:1.{n}");
+                let body = json!({"cpu": cpu, "memory": 1024, "gpu": 0, "image": image});
+                let path = format!("/v1/resources/{id}/spec");
+                async move {
+                    let answer = rest(reqwest::Method::PATCH, path, Some(body), request_id.clone());
+                    Asked { request_id, image: Some(image), answer: Some(answer.await) }
+                }
+                .boxed()
+            }
+            2 | 3 => {
+                let verb = if n % 8 == 2 { "stop" } else { "start" };
+                let path = format!("/v1/resources/{id}:{verb}");
+                async move {
+                    let answer = rest(reqwest::Method::POST, path, None, request_id.clone()).await;
+                    Asked { request_id, image: None, answer: Some(answer) }
+                }
+                .boxed()
+            }
+            4 => {
+                let mut grpc = grpc.clone();
+                let image = format!("redis:7.{n}");
+                let spec =
+                    ResourceSpec { cpu, memory: 2048, image: image.clone(), ..Default::default() };
+                async move {
+                    let mut req = tonic::Request::new(UpdateResourceSpecRequest {
+                        instance_id: id,
+                        spec: Some(spec),
+                    });
+                    req.metadata_mut().insert("x-request-id", request_id.parse().unwrap());
+                    let answer = match grpc.update_resource_spec(req).await {
+                        Ok(_) => 200,
+                        Err(status) => panic!("gRPC UpdateResourceSpec failed: {status:?}"),
+                    };
+                    Asked { request_id, image: Some(image), answer: Some(answer) }
+                }
+                .boxed()
+            }
+            5 => {
+                let mut grpc = grpc.clone();
+                async move {
+                    let mut req = tonic::Request::new(ResourceActionRequest { instance_id: id });
+                    req.metadata_mut().insert("x-request-id", request_id.parse().unwrap());
+                    let result = if n % 16 == 5 {
+                        grpc.stop_resource(req).await
+                    } else {
+                        grpc.start_resource(req).await
+                    };
+                    let answer = match result {
+                        Ok(_) => 200,
+                        Err(status) => panic!("gRPC stop/start failed: {status:?}"),
+                    };
+                    Asked { request_id, image: None, answer: Some(answer) }
+                }
+                .boxed()
+            }
+            _ => {
+                let broker = &broker;
+                let app = &app;
+                // Distinct timestamps as well as distinct message ids, so these events are
+                // distinct commands whichever identity rule applies.
+                let timestamp = 1_800_000_000 + i64::try_from(n).unwrap();
+                let (e, image) = match n % 24 {
+                    6 | 7 => (event(EventType::InstanceStopped, id, timestamp), None),
+                    14 | 15 => (event(EventType::InstanceStarted, id, timestamp), None),
+                    _ => {
+                        let image = format!("busybox:1.{n}");
+                        let mut e = event(EventType::InstanceSpecChanged, id, timestamp);
+                        e.spec = Some(resource::pb::mq::v1::InstanceSpec {
+                            cpus: cpu,
+                            memory_mb: 512,
+                            gpu: String::new(),
+                            image: image.clone(),
+                        });
+                        (e, Some(image))
+                    }
+                };
+                async move {
+                    broker.publish_with_id(app, &e, &request_id).await;
+                    Asked { request_id, image, answer: None }
+                }
+                .boxed()
+            }
+        };
+        ops.push(op);
+    }
+    let asked = futures::future::join_all(ops).await;
+
+    for a in &asked {
+        if let Some(answer) = a.answer {
+            assert_eq!(answer, 200, "{} was answered {answer}", a.request_id);
+        }
+    }
+    let events = asked.iter().filter(|a| a.answer.is_none()).count();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let consumed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM audit_logs WHERE instance_id = $1 AND source = 'mq'",
+        )
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if consumed >= events as i64 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {consumed} of {events} events applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let rows = assert_unbroken_chain(&app.pool, id).await;
+    // Every mutation has exactly one audit row, and every applied spec change is the one
+    // its request asked for.
+    for a in &asked {
+        let mine: Vec<&crate::races::AuditRow> =
+            rows.iter().filter(|r| r.request_id == a.request_id).collect();
+        assert_eq!(mine.len(), 1, "{} has {} audit rows", a.request_id, mine.len());
+        if let (Some(image), "ok") = (&a.image, mine[0].outcome.as_str()) {
+            let after = mine[0].after.as_ref().unwrap();
+            assert_eq!(
+                after["spec"]["image"],
+                json!(image),
+                "{} applied another spec",
+                a.request_id
+            );
+        }
+    }
+    let applied_specs =
+        rows.iter().filter(|r| r.action == "CHANGE_SPEC" && r.outcome == "ok").count();
+    assert!(applied_specs > 50, "the race exercised spec changes ({applied_specs} applied)");
+}
