@@ -125,6 +125,7 @@ async fn main() {
                     if event.spec.is_some() { "instance.created" } else { "instance.stopped" };
                 let props = BasicProperties::default()
                     .with_content_type("application/x-protobuf".into())
+                    .with_message_id(uuid::Uuid::new_v4().to_string().into())
                     .with_delivery_mode(2);
                 let options = BasicPublishOptions { mandatory: true, ..Default::default() };
                 let body = event.encode_to_vec();

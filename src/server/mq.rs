@@ -285,7 +285,7 @@ impl Consumer {
                         .increment(1);
                 }
                 tracing::info!(
-                    message_id = %inbound.message_id,
+                    message_id = %inbound.audit_id,
                     routing_key = %delivery.routing_key,
                     exchange = %reroute.exchange,
                     reason = %reroute.reason,
@@ -363,7 +363,7 @@ impl Consumer {
                     Err(e) => {
                         attempt += 1;
                         if attempt >= INTERNAL_ATTEMPTS {
-                            tracing::error!(error = ?e, message_id = %message.message_id, "event keeps failing; dead-lettering it");
+                            tracing::error!(error = ?e, message_id = %message.audit_id, "event keeps failing; dead-lettering it");
                             break Disposition::DeadLetter {
                                 reason: "INTERNAL",
                                 message: "internal error".into(),
@@ -446,11 +446,9 @@ fn decode(d: &Delivery) -> Inbound {
             .map_err(|e| format!("undecodable JSON body: {e}")),
         Some(other) => Err(format!("unsupported content type {other:?}")),
     };
-    let message_id = d
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|m| m.to_string())
-        .unwrap_or_else(|| format!("{}#{}", d.routing_key, d.delivery_tag));
-    Inbound { event, message_id }
+    let message_id =
+        d.properties.message_id().as_ref().map(|m| m.to_string()).filter(|m| !m.is_empty());
+    let audit_id =
+        message_id.clone().unwrap_or_else(|| format!("{}#{}", d.routing_key, d.delivery_tag));
+    Inbound { event, message_id, audit_id }
 }

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use prost::Message;
 use sha2::{Digest, Sha256};
 
 use crate::{
@@ -19,8 +18,11 @@ use crate::{
 pub struct Inbound {
     /// The event, or why the body could not be decoded.
     pub event: Result<pb::Event, String>,
-    /// AMQP message id, or a transport-made id, for the audit trail.
-    pub message_id: String,
+    /// The producer's AMQP `message_id`, when it set one: the event's identity.
+    pub message_id: Option<String>,
+    /// What the audit trail and the logs call this delivery: the message id, or one the
+    /// transport made up when there is none.
+    pub audit_id: String,
 }
 
 /// What the consumer does with a delivery.
@@ -61,28 +63,30 @@ impl EventService {
     }
 }
 
-/// The de-duplication key of an event: equal for equal content, whatever the encoding
-/// (protobuf or JSON) it arrived in.
-pub fn event_key(event: &pb::Event) -> EventKey {
-    let digest = Sha256::digest(event.encode_to_vec());
+/// The de-duplication key of an event: its producer's message id. Two messages with
+/// different ids are two commands, even with equal bodies; a message id seen again (a
+/// redelivery, a publisher's retry) is the same command.
+pub fn message_key(message_id: &str) -> EventKey {
+    let digest =
+        Sha256::new().chain_update(b"amqp-message-id\0").chain_update(message_id).finalize();
     let mut key = [0u8; 16];
     key.copy_from_slice(&digest[..16]);
     EventKey(key)
 }
 
 fn envelope(inbound: &Inbound) -> Envelope {
-    let (key, command) = match &inbound.event {
-        Ok(event) => (Some(event_key(event)), command(event)),
-        Err(why) => (
-            None,
-            Command::Refused {
-                id: None,
-                action: Action::Create,
-                error: Error::InvalidEvent { message: why.clone() },
-            },
-        ),
+    let command = match &inbound.event {
+        Ok(event) => command(event),
+        Err(why) => Command::Refused {
+            id: None,
+            action: Action::Create,
+            error: Error::InvalidEvent { message: why.clone() },
+        },
     };
-    Envelope { key, actor: Actor::mq(), request_id: inbound.message_id.clone(), command }
+    // Without a message id an event has no identity: it is a level command, applied as
+    // it comes (asking again for the state an instance is in is an audited no-op).
+    let key = inbound.message_id.as_deref().filter(|id| !id.is_empty()).map(message_key);
+    Envelope { key, actor: Actor::mq(), request_id: inbound.audit_id.clone(), command }
 }
 
 /// Maps an event onto a command, refusing what is malformed.
@@ -184,19 +188,23 @@ mod tests {
     }
 
     #[test]
-    fn the_key_ignores_the_encoding() {
-        let from_json: pb::Event = serde_json::from_str(SEED_JSON).unwrap();
-        let camel = SEED_JSON
-            .replace("event_type", "eventType")
-            .replace("\"instance_id\": 1234567890", "\"instanceId\": \"1234567890\"");
-        let from_camel: pb::Event = serde_json::from_str(&camel).unwrap();
-        let from_proto = pb::Event::decode(from_json.encode_to_vec().as_slice()).unwrap();
+    fn an_event_is_identified_by_its_message_id_not_its_body() {
+        let event: pb::Event = serde_json::from_str(SEED_JSON).unwrap();
+        let inbound = |message_id: Option<&str>| Inbound {
+            event: Ok(event.clone()),
+            message_id: message_id.map(str::to_owned),
+            audit_id: message_id.unwrap_or("instance.created#1").to_owned(),
+        };
 
-        assert_eq!(event_key(&from_json), event_key(&from_camel));
-        assert_eq!(event_key(&from_json), event_key(&from_proto));
-        let mut later = from_json.clone();
-        later.timestamp += 1;
-        assert_ne!(event_key(&from_json), event_key(&later));
+        let first = envelope(&inbound(Some("m-1")));
+        let again = envelope(&inbound(Some("m-1")));
+        let other = envelope(&inbound(Some("m-2")));
+
+        assert_eq!(first.key, again.key, "a redelivery is the same command");
+        assert_ne!(first.key, other.key, "equal bodies with other ids are other commands");
+        assert_eq!(first.request_id, "m-1");
+        assert_eq!(envelope(&inbound(None)).key, None, "no id: a level command");
+        assert_eq!(envelope(&inbound(Some(""))).key, None, "an empty id is no id");
     }
 
     #[test]

@@ -268,29 +268,119 @@ async fn every_event_type_drives_the_lifecycle_with_one_audit_row_each() {
 }
 
 #[tokio::test]
-async fn five_copies_of_an_event_have_one_effect_and_one_audit_row() {
+async fn five_copies_of_one_message_have_one_effect_and_one_audit_row() {
     let app = spawn_app().await;
     let broker = Broker::connect().await;
     let create = created(8001);
     let stop = event(EventType::InstanceStopped, 8001, 9);
 
     for _ in 0..5 {
-        broker.publish(&app, &create).await;
+        broker.publish_with_id(&app, &create, "create-8001").await;
     }
-    // The same event in JSON is the same event.
-    broker.publish_json(&app, "instance.created", &serde_json::to_string(&create).unwrap()).await;
+    // The same message in JSON is the same message.
+    let json = serde_json::to_string(&create).unwrap();
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id("create-8001".into());
+    broker.publish_raw(&app.mq.exchange, "instance.created", json.as_bytes(), props).await;
     wait_status(&app, 8001, "RUNNING").await;
     for _ in 0..5 {
-        broker.publish(&app, &stop).await;
+        broker.publish_with_id(&app, &stop, "stop-8001").await;
     }
     wait_status(&app, 8001, "STOPPED").await;
     // A marker behind them proves the copies were all consumed.
-    broker.publish(&app, &created(8002)).await;
+    broker.publish_with_id(&app, &created(8002), "create-8002").await;
     wait_status(&app, 8002, "RUNNING").await;
 
     assert_eq!(audit(&app, 8001).await, pairs(&[("CREATE", "ok"), ("STOP", "ok")]));
     assert_eq!(count(&app, "SELECT count(*) FROM instances WHERE instance_id = 8001").await, 1);
     assert!(broker.get(&app.mq.dead_letter_queue, Duration::from_millis(300)).await.is_none());
+}
+
+#[tokio::test]
+async fn without_message_ids_copies_are_level_commands_and_audited_no_ops() {
+    let app = spawn_app().await;
+    let broker = Broker::connect().await;
+
+    for _ in 0..3 {
+        broker.publish(&app, &created(8101)).await;
+    }
+    for _ in 0..3 {
+        broker.publish(&app, &event(EventType::InstanceStopped, 8101, 0)).await;
+    }
+    broker.publish(&app, &created(8102)).await;
+    wait_status(&app, 8102, "RUNNING").await;
+
+    assert_eq!(
+        audit(&app, 8101).await,
+        pairs(&[
+            ("CREATE", "ok"),
+            ("CREATE", "ignored"),
+            ("CREATE", "ignored"),
+            ("STOP", "ok"),
+            ("STOP", "ignored"),
+            ("STOP", "ignored"),
+        ])
+    );
+    assert_eq!(status_of(&app, 8101).await.as_deref(), Some("STOPPED"));
+}
+
+#[tokio::test]
+async fn stop_start_stop_with_equal_bodies_all_apply() {
+    let app = spawn_app().await;
+    let broker = Broker::connect().await;
+    // Producers that leave `timestamp` at 0 send byte-equal STOPs.
+    let stop = event(EventType::InstanceStopped, 8201, 0);
+    let start = event(EventType::InstanceStarted, 8201, 0);
+    let with_ids = [(&stop, "a-1"), (&start, "a-2"), (&stop, "a-3")];
+
+    broker.publish_with_id(&app, &created(8201), "a-0").await;
+    for (e, id) in with_ids {
+        broker.publish_with_id(&app, e, id).await;
+    }
+    // And the same without message ids, on a second instance.
+    broker.publish(&app, &created(8202)).await;
+    for e in [&stop, &start, &stop] {
+        broker.publish(&app, &Event { instance_id: 8202, ..e.clone() }).await;
+    }
+    broker.publish_with_id(&app, &created(8203), "marker").await;
+    wait_status(&app, 8203, "RUNNING").await;
+
+    let applied = pairs(&[("CREATE", "ok"), ("STOP", "ok"), ("START", "ok"), ("STOP", "ok")]);
+    assert_eq!(audit(&app, 8201).await, applied);
+    assert_eq!(audit(&app, 8202).await, applied);
+    assert_eq!(status_of(&app, 8201).await.as_deref(), Some("STOPPED"));
+    assert_eq!(status_of(&app, 8202).await.as_deref(), Some("STOPPED"));
+}
+
+#[tokio::test]
+async fn a_message_id_redelivered_after_a_later_command_has_no_effect() {
+    let app = spawn_app().await;
+    let broker = Broker::connect().await;
+    broker.publish_with_id(&app, &created(8301), "b-0").await;
+    broker.publish_with_id(&app, &event(EventType::InstanceStopped, 8301, 0), "b-1").await;
+    broker.publish_with_id(&app, &event(EventType::InstanceStarted, 8301, 0), "b-2").await;
+    wait_for("the start", Duration::from_secs(15), || async { audit(&app, 8301).await.len() == 3 })
+        .await;
+
+    // A publisher's retry of the STOP, after the START was applied.
+    broker.publish_with_id(&app, &event(EventType::InstanceStopped, 8301, 0), "b-1").await;
+    broker.publish_with_id(&app, &created(8302), "b-marker").await;
+    wait_status(&app, 8302, "RUNNING").await;
+
+    assert_eq!(status_of(&app, 8301).await.as_deref(), Some("RUNNING"));
+    assert_eq!(
+        audit(&app, 8301).await,
+        pairs(&[("CREATE", "ok"), ("STOP", "ok"), ("START", "ok")]),
+        "the retried STOP has no effect and no audit row"
+    );
+    let ids: Vec<String> = sqlx::query_scalar(
+        "SELECT request_id FROM audit_logs WHERE instance_id = 8301 ORDER BY id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(ids, ["b-0", "b-1", "b-2"], "audit rows carry the message id");
 }
 
 #[tokio::test]
@@ -463,12 +553,12 @@ async fn a_database_outage_during_ingest_loses_and_dead_letters_nothing() {
     let app =
         spawn_app_with(AppOptions { database_via: Some(proxy.addr), ..Default::default() }).await;
     let broker = Broker::connect().await;
-    broker.publish(&app, &created(10_000)).await;
+    broker.publish_with_id(&app, &created(10_000), "m-10000").await;
     wait_status(&app, 10_000, "RUNNING").await;
 
     proxy.cut();
     for id in 10_001..=10_050 {
-        broker.publish(&app, &created(id)).await;
+        broker.publish_with_id(&app, &created(id), &format!("m-{id}")).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
@@ -494,7 +584,7 @@ async fn a_broken_broker_connection_is_rebuilt_and_nothing_is_lost() {
     let broker = Broker::connect().await;
 
     for id in 11_001..=11_200 {
-        broker.publish(&app, &created(id)).await;
+        broker.publish_with_id(&app, &created(id), &format!("m-{id}")).await;
         if id == 11_050 {
             proxy.cut();
         }
@@ -520,9 +610,9 @@ async fn kill_9_during_ingest_of_5000_events_loses_and_doubles_nothing() {
     })
     .await;
     let broker = Broker::connect().await;
-    let props = BasicProperties::default();
     for id in 1..=5000_i64 {
         let body = created(100_000 + id).encode_to_vec();
+        let props = BasicProperties::default().with_message_id(format!("kill-{id}").into());
         broker
             .channel
             .basic_publish(
@@ -530,7 +620,7 @@ async fn kill_9_during_ingest_of_5000_events_loses_and_doubles_nothing() {
                 "instance.created".into(),
                 BasicPublishOptions::default(),
                 &body,
-                props.clone(),
+                props,
             )
             .await
             .unwrap();

@@ -57,7 +57,7 @@ async fn two_replicas_share_10000_events_and_one_stopping_midway_loses_nothing()
                 "instance.created".into(),
                 BasicPublishOptions::default(),
                 &created(500_000 + id).encode_to_vec(),
-                BasicProperties::default(),
+                BasicProperties::default().with_message_id(format!("replicas-{id}").into()),
             )
             .await
             .unwrap();
