@@ -256,11 +256,21 @@ pub struct Limits {
     pub max_memory_mb: i32,
     /// Longest instance name, in characters.
     pub max_name_length: usize,
+    /// Deepest nesting of `config_json` (the object itself is depth 1).
+    pub max_config_depth: usize,
+    /// Largest `config_json`, in bytes of compact JSON.
+    pub max_config_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_cpu: 128, max_memory_mb: 1_048_576, max_name_length: 128 }
+        Self {
+            max_cpu: 128,
+            max_memory_mb: 1_048_576,
+            max_name_length: 128,
+            max_config_depth: 32,
+            max_config_bytes: 64 * 1024,
+        }
     }
 }
 
@@ -502,13 +512,14 @@ impl Bootstrap {
                 ));
             }
         }
-        if self.limits.max_cpu < 1
-            || self.limits.max_memory_mb < 1
-            || self.limits.max_name_length < 1
+        let l = &self.limits;
+        if l.max_cpu < 1
+            || l.max_memory_mb < 1
+            || l.max_name_length < 1
+            || l.max_config_depth < 1
+            || l.max_config_bytes < 2
         {
-            return Err(
-                "limits: max_cpu, max_memory_mb and max_name_length must be at least 1".into()
-            );
+            return Err("limits: max_cpu, max_memory_mb, max_name_length and max_config_depth must be at least 1, max_config_bytes at least 2 (\"{}\")".into());
         }
         let k8s = &self.data.kubernetes;
         if k8s.enabled {

@@ -281,6 +281,8 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
         max_cpu: conf.limits.max_cpu,
         max_memory_mb: conf.limits.max_memory_mb,
         max_name_len: conf.limits.max_name_length,
+        max_config_depth: conf.limits.max_config_depth,
+        max_config_bytes: conf.limits.max_config_bytes,
     };
     let (node, lease) = match conf.snowflake.node_id {
         NodeId::Fixed(node) => (node, None),

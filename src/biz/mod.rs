@@ -23,6 +23,6 @@ pub use health::{HealthUsecase, Probe, ProbeStatus};
 pub use instance::{
     Changes, Command, Envelope, EventKey, GpuType, Instance, InstanceId, InstanceRepo,
     InstanceSpec, InstanceStatus, InstanceUsecase, Limits, ListFilter, ListQuery, NewInstance,
-    Outcome, Page, Snapshot, StatusChange,
+    Outcome, Page, Processed, Snapshot, SpecPatch, StatusChange,
 };
 pub use outbox::{OutboxRelay, OutboxRepo, Pending, StatusPublisher};

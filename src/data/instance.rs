@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::map_sqlx;
 use crate::biz::{
     Changes, EventKey, GpuType, Instance, InstanceId, InstanceRepo, InstanceSpec, InstanceStatus,
-    ListQuery, RepoError, Snapshot,
+    ListQuery, Processed, RepoError, Snapshot,
     instance::{Endpoint, Port},
 };
 
@@ -151,12 +151,18 @@ impl InstanceRepo for PgInstanceRepo {
         rows.into_iter().map(Instance::try_from).collect()
     }
 
-    async fn processed_instance(&self, key: EventKey) -> Result<Option<i64>, RepoError> {
-        sqlx::query_scalar("SELECT instance_id FROM processed_events WHERE event_key = $1")
-            .bind(key_uuid(&key))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_sqlx)
+    async fn processed(&self, key: EventKey) -> Result<Option<Processed>, RepoError> {
+        let row: Option<(i64, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT instance_id, request_fingerprint FROM processed_events WHERE event_key = $1",
+        )
+        .bind(key_uuid(&key))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_sqlx)?;
+        Ok(row.map(|(instance_id, fingerprint)| Processed {
+            instance_id,
+            fingerprint: fingerprint.and_then(|f| <[u8; 16]>::try_from(f).ok()),
+        }))
     }
 
     async fn transact(
@@ -332,9 +338,9 @@ async fn write(conn: &mut PgConnection, changes: &Changes) -> Result<(), RepoErr
     if !changes.updates.is_empty() {
         let mut c = InstanceColumns::default();
         let mut expected = Vec::with_capacity(changes.updates.len());
-        for (instance, loaded_version) in &changes.updates {
-            c.push(instance);
-            expected.push(*loaded_version);
+        for update in &changes.updates {
+            c.push(&update.instance);
+            expected.push(update.loaded_version);
         }
         let updated = sqlx::query(
             "UPDATE instances i SET user_id = u.user_id, name = u.name, status = u.status, \
@@ -368,22 +374,27 @@ async fn write(conn: &mut PgConnection, changes: &Changes) -> Result<(), RepoErr
             // Optimistic check: someone changed a row since it was loaded.
             return Err(RepoError::Conflict);
         }
-        sqlx::query(
-            "UPDATE instance_specs s SET cpu = u.cpu, memory = u.memory, gpu = u.gpu, \
-             image = u.image, config_json = u.config_json \
-             FROM UNNEST($1::bigint[], $2::int[], $3::int[], $4::int[], $5::text[], $6::jsonb[]) \
-             AS u(instance_id, cpu, memory, gpu, image, config_json) \
-             WHERE s.instance_id = u.instance_id",
-        )
-        .bind(&c.id)
-        .bind(&c.cpu)
-        .bind(&c.memory)
-        .bind(&c.gpu)
-        .bind(&c.image)
-        .bind(&c.config)
-        .execute(&mut *conn)
-        .await
-        .map_err(map_sqlx)?;
+        // Specs are written only where they changed: a status move does not rewrite one.
+        let mut s = InstanceColumns::default();
+        changes.updates.iter().filter(|u| u.spec_changed).for_each(|u| s.push(&u.instance));
+        if !s.id.is_empty() {
+            sqlx::query(
+                "UPDATE instance_specs s SET cpu = u.cpu, memory = u.memory, gpu = u.gpu, \
+                 image = u.image, config_json = u.config_json \
+                 FROM UNNEST($1::bigint[], $2::int[], $3::int[], $4::int[], $5::text[], \
+                 $6::jsonb[]) AS u(instance_id, cpu, memory, gpu, image, config_json) \
+                 WHERE s.instance_id = u.instance_id",
+            )
+            .bind(&s.id)
+            .bind(&s.cpu)
+            .bind(&s.memory)
+            .bind(&s.gpu)
+            .bind(&s.image)
+            .bind(&s.config)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_sqlx)?;
+        }
     }
     if !changes.audit.is_empty() {
         let a = &changes.audit;
@@ -428,11 +439,12 @@ async fn write(conn: &mut PgConnection, changes: &Changes) -> Result<(), RepoErr
     }
     if !changes.seen.is_empty() {
         sqlx::query(
-            "INSERT INTO processed_events (event_key, instance_id) \
-             SELECT * FROM UNNEST($1::uuid[], $2::bigint[])",
+            "INSERT INTO processed_events (event_key, instance_id, request_fingerprint) \
+             SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bytea[])",
         )
-        .bind(changes.seen.iter().map(|(k, _)| key_uuid(k)).collect::<Vec<_>>())
-        .bind(changes.seen.iter().map(|(_, id)| *id).collect::<Vec<_>>())
+        .bind(changes.seen.iter().map(|s| key_uuid(&s.key)).collect::<Vec<_>>())
+        .bind(changes.seen.iter().map(|s| s.instance_id).collect::<Vec<_>>())
+        .bind(changes.seen.iter().map(|s| s.fingerprint.map(|f| f.to_vec())).collect::<Vec<_>>())
         .execute(&mut *conn)
         .await
         .map_err(map_sqlx)?;

@@ -190,36 +190,79 @@ where
 /// `1.0` or `1e2` (Go's protojson, which the service replaces, does); pbjson does not,
 /// so a body it refuses is retried with such numbers rewritten as integers.
 fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
-    let err = match serde_json::from_slice(bytes) {
-        Ok(value) => return Ok(value),
-        Err(err) => err,
-    };
-    let mut value: serde_json::Value = serde_json::from_slice(bytes)?;
-    if integral_floats_to_integers(&mut value) { T::deserialize(value) } else { Err(err) }
+    match serde_json::from_slice(bytes) {
+        Ok(value) => Ok(value),
+        Err(err) => from_json_value(serde_json::from_slice(bytes)?).map_err(|_| err),
+    }
 }
 
-/// Rewrites every float with no fractional part (within ±2^53, where every integer is an
-/// exact float; pbjson refuses larger integers in free JSON) as an integer; whether
-/// anything changed. Integers and floats are one number type in JSON, so this changes
-/// no value, only its spelling.
-fn integral_floats_to_integers(value: &mut serde_json::Value) -> bool {
-    const LIMIT: f64 = 9_007_199_254_740_992.0; // 2^53
+/// [`decode_json`] from an already parsed body.
+fn from_json_value<T: serde::de::DeserializeOwned>(
+    mut value: serde_json::Value,
+) -> Result<T, serde_json::Error> {
+    drop_null_fields(&mut value);
+    // Integers and floats are one number type in JSON: this changes no value, only its
+    // spelling (within ±2^53, where every integer is an exact float; pbjson refuses
+    // larger integers in free JSON).
+    T::deserialize(biz::instance::integral_numbers(value))
+}
+
+/// Removes the fields set to `null`, which the proto3 JSON mapping reads as unset (pbjson
+/// refuses `null` for a scalar). Free JSON (`config_json`, a `google.protobuf.Struct`)
+/// is left alone: there `null` is a value.
+fn drop_null_fields(value: &mut serde_json::Value) {
     match value {
-        serde_json::Value::Number(n) if n.is_f64() => match n.as_f64() {
-            #[allow(clippy::cast_possible_truncation)] // integral and below 2^53: exact
-            Some(f) if f.fract() == 0.0 && f.abs() < LIMIT => {
-                *value = serde_json::Value::from(f as i64);
-                true
+        serde_json::Value::Object(fields) => {
+            fields.retain(|_, v| !v.is_null());
+            for (name, v) in fields.iter_mut() {
+                if !FREE_JSON_FIELDS.contains(&name.as_str()) {
+                    drop_null_fields(v);
+                }
             }
-            _ => false,
-        },
-        serde_json::Value::Array(items) => {
-            items.iter_mut().fold(false, |changed, v| integral_floats_to_integers(v) | changed)
         }
-        serde_json::Value::Object(map) => {
-            map.values_mut().fold(false, |changed, v| integral_floats_to_integers(v) | changed)
+        serde_json::Value::Array(items) => items.iter_mut().for_each(drop_null_fields),
+        _ => {}
+    }
+}
+
+/// Fields of the API messages that hold free JSON, in both spellings.
+const FREE_JSON_FIELDS: &[&str] = &["config_json", "configJson"];
+
+/// A response body in the proto3 JSON mapping, written as Go's protojson writes it: a
+/// double that holds an integer has no fraction (`config_json`'s `8080`, not `8080.0`:
+/// `google.protobuf.Struct` carries every number as a double).
+pub struct ProtoJson<T>(pub T);
+
+impl<T: serde::Serialize> IntoResponse for ProtoJson<T> {
+    fn into_response(self) -> Response {
+        let mut body = Vec::with_capacity(256);
+        let mut serializer = serde_json::Serializer::with_formatter(&mut body, IntegralDoubles);
+        match self.0.serialize(&mut serializer) {
+            Ok(()) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+            Err(e) => HttpError::from(biz::Error::Internal(std::sync::Arc::new(
+                biz::RepoError::Internal(format!("encoding a response: {e}").into()),
+            )))
+            .into_response(),
         }
-        _ => false,
+    }
+}
+
+/// Compact JSON, doubles that hold an integer written as that integer.
+struct IntegralDoubles;
+
+impl serde_json::ser::Formatter for IntegralDoubles {
+    fn write_f64<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        value: f64,
+    ) -> std::io::Result<()> {
+        if value.fract() == 0.0 && value.abs() < 9_007_199_254_740_992.0 {
+            #[allow(clippy::cast_possible_truncation)] // integral and below 2^53: exact
+            let integer = value as i64;
+            write!(writer, "{integer}")
+        } else {
+            serde_json::ser::CompactFormatter.write_f64(writer, value)
+        }
     }
 }
 
@@ -311,9 +354,9 @@ async fn list_resources(
     State(app): State<AppState>,
     HttpCaller(caller): HttpCaller,
     ApiQuery(params): ApiQuery<ListParams>,
-) -> Result<Json<pb::ListResourcesReply>, HttpError> {
+) -> Result<ProtoJson<pb::ListResourcesReply>, HttpError> {
     let req = pb::ListResourcesRequest::try_from(params)?;
-    Ok(Json(app.resource.list_resources(&caller, req).await?))
+    Ok(ProtoJson(app.resource.list_resources(&caller, req).await?))
 }
 
 /// `/v1/resources/{instance_id}` (GET, DELETE) and its custom methods
@@ -351,7 +394,7 @@ async fn instance_route(
             act(&app, &caller, action, raw_id).await
         }
     };
-    result.map(Json).into_response()
+    result.map(ProtoJson).into_response()
 }
 
 fn parse_instance_id(raw: &str) -> Result<i64, HttpError> {
@@ -393,19 +436,44 @@ async fn create_resource(
     State(app): State<AppState>,
     HttpCaller(caller): HttpCaller,
     ApiJson(req): ApiJson<pb::CreateResourceRequest>,
-) -> Result<Json<pb::Resource>, HttpError> {
-    Ok(Json(app.resource.create_resource(&caller, req).await?))
+) -> Result<ProtoJson<pb::Resource>, HttpError> {
+    Ok(ProtoJson(app.resource.create_resource(&caller, req).await?))
 }
 
+/// A partial update: the fields present (and not `null`) in the body change, the others
+/// keep their values. The body's fields are the update mask of `UpdateResourceSpec`.
 async fn update_resource_spec(
     State(app): State<AppState>,
     HttpCaller(caller): HttpCaller,
     InstanceIdPath(instance_id): InstanceIdPath,
-    ApiJson(spec): ApiJson<pb::ResourceSpec>,
-) -> Result<Json<pb::Resource>, HttpError> {
-    let req = pb::UpdateResourceSpecRequest { instance_id, spec: Some(spec) };
-    Ok(Json(app.resource.update_resource_spec(&caller, req).await?))
+    ApiJson(body): ApiJson<serde_json::Value>,
+) -> Result<ProtoJson<pb::Resource>, HttpError> {
+    let serde_json::Value::Object(fields) = &body else {
+        return Err(biz::Error::invalid(
+            "body",
+            "must be a JSON object: the spec fields to change",
+        )
+        .into());
+    };
+    // Unknown fields are ignored, as everywhere.
+    let paths: Vec<String> = fields
+        .iter()
+        .filter(|(name, value)| !value.is_null() && SPEC_FIELDS.contains(&name.as_str()))
+        .map(|(name, _)| name.clone())
+        .collect();
+    let spec: pb::ResourceSpec = from_json_value(body)
+        .map_err(|e| HttpError::from(biz::Error::invalid("body", format!("invalid JSON: {e}"))))?;
+    let req = pb::UpdateResourceSpecRequest {
+        instance_id,
+        spec: Some(spec),
+        // No path means "the populated fields": an empty body changes nothing.
+        update_mask: Some(pbjson_types::FieldMask { paths }),
+    };
+    Ok(ProtoJson(app.resource.update_resource_spec(&caller, req).await?))
 }
+
+/// The settable fields of a spec, in both JSON spellings.
+const SPEC_FIELDS: &[&str] = &["cpu", "memory", "gpu", "image", "config_json", "configJson"];
 
 /// Query parameters of `GET /v1/resources/{instance_id}/audit-logs`.
 #[derive(Debug, Default, Deserialize)]
@@ -419,14 +487,14 @@ async fn list_audit_logs(
     HttpCaller(caller): HttpCaller,
     InstanceIdPath(instance_id): InstanceIdPath,
     ApiQuery(params): ApiQuery<AuditParams>,
-) -> Result<Json<pb::ListAuditLogsReply>, HttpError> {
+) -> Result<ProtoJson<pb::ListAuditLogsReply>, HttpError> {
     let page_size = parse_page_size(params.page_size.as_deref())?;
     let req = pb::ListAuditLogsRequest {
         instance_id,
         page_size,
         page_token: params.page_token.unwrap_or_default(),
     };
-    Ok(Json(app.resource.list_audit_logs(&caller, req).await?))
+    Ok(ProtoJson(app.resource.list_audit_logs(&caller, req).await?))
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -462,4 +530,24 @@ async fn method_not_allowed(req: Request) -> HttpError {
         "METHOD_NOT_ALLOWED",
         format!("{} is not allowed on {}", req.method(), req.uri().path()),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn null_fields_are_unset_but_null_values_in_free_json_are_kept() {
+        let body = json!({"name": "n", "user_id": null,
+                          "spec": {"cpu": 2.0, "memory": null, "image": "nginx",
+                                   "config_json": {"a": null, "b": [null, {"c": null}]}}});
+        let req: pb::CreateResourceRequest = from_json_value(body).unwrap();
+        assert_eq!(req.user_id, "");
+        let spec = req.spec.unwrap();
+        assert_eq!((spec.cpu, spec.memory), (2, 0));
+        let config = serde_json::to_value(spec.config_json.unwrap()).unwrap();
+        assert_eq!(config, json!({"a": null, "b": [null, {"c": null}]}));
+    }
 }

@@ -233,12 +233,17 @@ impl<'a> Generator<'a> {
                 if in_path || field.name() == binding.body || !is_scalar(&field) {
                     continue;
                 }
+                let mut schema = self.field_schema(&field);
+                if field.kind() != Kind::String {
+                    // `?status=` or `?page_size=` (empty) means unset, as a zero value does.
+                    schema = json!({ "anyOf": [schema, { "type": "string", "enum": [""] }] });
+                }
                 parameters.push(json!({
                     "name": field.name(),
                     "in": "query",
                     "required": false,
                     "description": comment(&field.parent_file(), field.path()),
-                    "schema": self.field_schema(&field),
+                    "schema": schema,
                 }));
             }
         }
@@ -270,13 +275,23 @@ impl<'a> Generator<'a> {
             "" => return None,
             "*" if path_fields.is_empty() => self.message_ref(input),
             "*" => {
-                let mut schema = self.message_schema(input);
+                let mut schema = self.message_schema(input, false);
                 if let Some(props) = schema["properties"].as_object_mut() {
                     props.retain(|name, _| !path_fields.contains(name));
                 }
                 schema
             }
-            field => self.field_schema(&input.get_field_by_name(field)?),
+            field => {
+                let field = input.get_field_by_name(field)?;
+                match field.kind() {
+                    // With an update mask the body is partial: the fields it carries are
+                    // the mask (REST has no mask parameter), so none is required.
+                    Kind::Message(message) if input.get_field_by_name("update_mask").is_some() => {
+                        self.message_schema(&message, true)
+                    }
+                    _ => self.field_schema(&field),
+                }
+            }
         };
         Some(json!({
             "required": true,
@@ -353,7 +368,7 @@ impl<'a> Generator<'a> {
                 }
                 schema
             } else if let Some(message) = self.pool.get_message_by_name(&name) {
-                self.message_schema(&message)
+                self.message_schema(&message, false)
             } else if let Some(enumeration) = self.pool.get_enum_by_name(&name) {
                 enum_schema(&enumeration)
             } else {
@@ -387,8 +402,9 @@ impl<'a> Generator<'a> {
         })
     }
 
-    fn message_schema(&mut self, message: &MessageDescriptor) -> Value {
-        let required = required(message.full_name());
+    /// The schema of `message`; `partial`: no field is required (a PATCH body).
+    fn message_schema(&mut self, message: &MessageDescriptor, partial: bool) -> Value {
+        let required = if partial { &[] } else { required(message.full_name()) };
         let mut properties = Map::new();
         for field in message.fields() {
             let mut schema = self.field_schema(&field);
@@ -396,9 +412,8 @@ impl<'a> Generator<'a> {
             if !description.is_empty() {
                 schema = with_description(schema, description);
             }
-            // proto3 JSON reads `null` as "unset"; pbjson does so for message fields.
-            let is_message = matches!(field.kind(), Kind::Message(_)) && !field.is_list();
-            if is_message && !required.contains(&field.name()) {
+            // proto3 JSON reads `null` as "unset" (the HTTP server drops such fields).
+            if !field.is_list() && !field.is_map() && !required.contains(&field.name()) {
                 schema = nullable(schema);
             }
             properties.insert(field.name().to_owned(), schema);
@@ -751,12 +766,12 @@ mod tests {
             .collect();
         assert_eq!(query, ["page_size", "page_token", "user_id", "status", "name"]);
         let patch = &doc["paths"]["/v1/resources/{instance_id}/spec"]["patch"];
-        assert_eq!(
-            patch["requestBody"]["content"]["application/json"]["schema"]["$ref"],
-            "#/components/schemas/resource.v1.ResourceSpec",
-            "body: \"spec\" sends the spec alone"
-        );
-        assert_eq!(patch["parameters"][0]["in"], "path");
+        let body = &patch["requestBody"]["content"]["application/json"]["schema"];
+        assert!(body["properties"]["cpu"].is_object(), "body: \"spec\" sends the spec alone");
+        assert!(body.get("required").is_none(), "with an update mask, every field is optional");
+        let params = patch["parameters"].as_array().unwrap();
+        assert_eq!(params.len(), 1, "the body's fields are the mask: {params:?}");
+        assert_eq!(params[0]["in"], "path");
         assert!(
             doc["paths"]["/v1/resources/{instance_id}:start"]["post"].get("requestBody").is_none()
         );

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use crate::{
     biz::{
         Action, Actor, Command, Envelope, Error, EventKey, GpuType, InstanceId, InstanceSpec,
-        InstanceUsecase, Outcome,
+        InstanceUsecase, Outcome, SpecPatch,
     },
     pb::mq::v1 as pb,
 };
@@ -131,8 +131,12 @@ fn command(e: &pb::Event) -> Command {
                 Err(error) => refused(error),
             }
         }
+        // Events carry no config_json: the instance keeps its own.
         pb::EventType::InstanceSpecChanged => match spec(e) {
-            Ok(spec) => Command::ChangeSpec { id, spec, keep_config: true },
+            Ok(spec) => Command::ChangeSpec {
+                id,
+                patch: SpecPatch { config: None, ..SpecPatch::all(spec) },
+            },
             Err(error) => refused(error),
         },
         pb::EventType::InstanceDeleted => Command::Delete { id },

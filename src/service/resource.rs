@@ -8,8 +8,8 @@ use super::page_token;
 use crate::{
     biz::{
         Actor, AuditRecord, AuditUsecase, Command, Error, GpuType, Instance, InstanceId,
-        InstanceSpec, InstanceStatus, InstanceUsecase, ListFilter, NewInstance, Source,
-        instance::Endpoint,
+        InstanceSpec, InstanceStatus, InstanceUsecase, ListFilter, NewInstance, Source, SpecPatch,
+        instance::{Endpoint, integral_numbers},
     },
     pb::resource::v1 as pb,
 };
@@ -101,19 +101,20 @@ impl ResourceService {
         Ok(pb::Resource::from(instance))
     }
 
-    /// `UpdateResourceSpec`.
+    /// `UpdateResourceSpec`: the fields `update_mask` names, or the populated ones.
     ///
     /// # Errors
-    /// `InvalidSpec`, `InstanceNotFound`, `NotAllowed`, `Unavailable`.
+    /// `InvalidSpec`, `InvalidArgument` (mask), `InstanceNotFound`, `NotAllowed`,
+    /// `Unavailable`.
     pub async fn update_resource_spec(
         &self,
         caller: &Caller,
         req: pb::UpdateResourceSpecRequest,
     ) -> Result<pb::Resource, Error> {
         let id = InstanceId::try_from(req.instance_id)?;
-        let spec = spec_from(req.spec)?;
+        let patch = spec_patch(req.spec.unwrap_or_default(), req.update_mask)?;
         self.visible(caller, id).await?;
-        let command = Command::ChangeSpec { id, spec, keep_config: false };
+        let command = Command::ChangeSpec { id, patch };
         let instance =
             self.instances.act(caller.actor(), caller.request_id.clone(), command).await?;
         Ok(pb::Resource::from(instance))
@@ -214,14 +215,88 @@ pub enum ResourceAction {
 fn spec_from(spec: Option<pb::ResourceSpec>) -> Result<InstanceSpec, Error> {
     let s =
         spec.ok_or_else(|| Error::InvalidSpec { field: "spec", message: "is required".into() })?;
-    let gpu = GpuType::from_code(s.gpu)
-        .ok_or_else(|| Error::InvalidGpuType { value: s.gpu.to_string() })?;
-    let config = match s.config_json {
+    Ok(InstanceSpec {
+        cpu: s.cpu,
+        memory_mb: s.memory,
+        gpu: gpu_from(s.gpu)?,
+        image: s.image,
+        config: config_from(s.config_json)?,
+    })
+}
+
+fn gpu_from(code: i32) -> Result<GpuType, Error> {
+    GpuType::from_code(code).ok_or_else(|| Error::InvalidGpuType { value: code.to_string() })
+}
+
+/// `config_json` as stored: an object (empty when absent), integers as integers.
+fn config_from(config: Option<pbjson_types::Struct>) -> Result<serde_json::Value, Error> {
+    match config {
         Some(config) => serde_json::to_value(config)
-            .map_err(|e| Error::InvalidSpec { field: "config_json", message: e.to_string() })?,
-        None => serde_json::Value::Object(serde_json::Map::new()),
+            .map(integral_numbers)
+            .map_err(|e| Error::InvalidSpec { field: "config_json", message: e.to_string() }),
+        None => Ok(serde_json::Value::Object(serde_json::Map::new())),
+    }
+}
+
+/// The fields of the spec an update changes: the ones `mask` names, or, without a mask,
+/// the populated ones (AIP-134).
+///
+/// # Errors
+/// `InvalidArgument` for a path that names no field of the spec; `InvalidGpuType`;
+/// `InvalidSpec` for `config_json`.
+pub fn spec_patch(
+    spec: pb::ResourceSpec,
+    mask: Option<pbjson_types::FieldMask>,
+) -> Result<SpecPatch, Error> {
+    let paths = match mask {
+        Some(mask) if !mask.paths.is_empty() => mask.paths,
+        _ => populated(&spec),
     };
-    Ok(InstanceSpec { cpu: s.cpu, memory_mb: s.memory, gpu, image: s.image, config })
+    let mut patch = SpecPatch::default();
+    for path in &paths {
+        match path.trim().strip_prefix("spec.").unwrap_or(path.trim()) {
+            "*" | "spec" => {
+                let config = spec.config_json.clone();
+                patch = SpecPatch::all(InstanceSpec {
+                    cpu: spec.cpu,
+                    memory_mb: spec.memory,
+                    gpu: gpu_from(spec.gpu)?,
+                    image: spec.image.clone(),
+                    config: config_from(config)?,
+                });
+            }
+            "cpu" => patch.cpu = Some(spec.cpu),
+            "memory" => patch.memory_mb = Some(spec.memory),
+            "gpu" => patch.gpu = Some(gpu_from(spec.gpu)?),
+            "image" => patch.image = Some(spec.image.clone()),
+            "config_json" | "configJson" => {
+                patch.config = Some(config_from(spec.config_json.clone())?);
+            }
+            // Output only: a client may send back what it read.
+            "gpu_model" | "gpuModel" => {}
+            other => {
+                return Err(Error::invalid(
+                    "update_mask",
+                    format!(
+                        "{other:?} is not a field of the spec; expected cpu, memory, gpu, image, config_json or *"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(patch)
+}
+
+/// The fields of `spec` set to something other than their zero value.
+fn populated(spec: &pb::ResourceSpec) -> Vec<String> {
+    let set = [
+        ("cpu", spec.cpu != 0),
+        ("memory", spec.memory != 0),
+        ("gpu", spec.gpu != 0),
+        ("image", !spec.image.is_empty()),
+        ("config_json", spec.config_json.is_some()),
+    ];
+    set.into_iter().filter(|(_, set)| *set).map(|(name, _)| name.to_owned()).collect()
 }
 
 impl From<AuditRecord> for pb::AuditEntry {

@@ -228,7 +228,11 @@ async fn grpc_authenticates_and_isolates_users_too() {
             code(
                 client
                     .update_resource_spec(with_token(
-                        UpdateResourceSpecRequest { instance_id: id, spec: Some(spec) },
+                        UpdateResourceSpecRequest {
+                            instance_id: id,
+                            spec: Some(spec),
+                            update_mask: None,
+                        },
                         a,
                     ))
                     .await,

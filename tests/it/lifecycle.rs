@@ -229,6 +229,7 @@ async fn the_lifecycle_over_grpc_is_audited_as_grpc() {
         .update_resource_spec(UpdateResourceSpecRequest {
             instance_id: id,
             spec: Some(ResourceSpec { cpu: 4, ..spec }),
+            update_mask: None,
         })
         .await
         .unwrap()

@@ -16,4 +16,5 @@ mod races;
 mod replicas;
 mod secrets;
 mod shutdown;
+mod specs;
 mod tracing;

@@ -7,8 +7,8 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 
 use super::{
-    Endpoint, Instance, InstanceId, InstanceSpec, InstanceStatus, Limits, validate_name,
-    validate_text,
+    Endpoint, Instance, InstanceId, InstanceSpec, InstanceStatus, Limits, SpecPatch,
+    create_fingerprint, validate_name, validate_text,
 };
 use crate::biz::{
     Error,
@@ -31,8 +31,9 @@ pub enum Command {
     Start { id: InstanceId },
     /// Stop it.
     Stop { id: InstanceId },
-    /// Replace its spec; `keep_config` keeps the current `config_json` (events carry none).
-    ChangeSpec { id: InstanceId, spec: InstanceSpec, keep_config: bool },
+    /// Change some or all fields of its spec; the others keep their current values
+    /// (read under the row lock, so a concurrent change of another field is kept).
+    ChangeSpec { id: InstanceId, patch: SpecPatch },
     /// Reconcile it (or every instance) with the cluster.
     Sync { id: Option<InstanceId> },
     /// Refused before it reached an instance (malformed input); audited when the
@@ -148,14 +149,37 @@ pub struct Snapshot {
 pub struct Changes {
     /// New instances, in their final state.
     pub inserts: Vec<Instance>,
-    /// Changed instances in their final state, with the version they were loaded at.
-    pub updates: Vec<(Instance, i64)>,
+    /// Changed instances in their final state.
+    pub updates: Vec<Update>,
     /// Audit rows.
     pub audit: Vec<AuditEntry>,
     /// Status changes to publish.
     pub outbox: Vec<StatusChange>,
-    /// Event keys now processed, with the instance id they concern (0 for none).
-    pub seen: Vec<(EventKey, i64)>,
+    /// Event keys now processed.
+    pub seen: Vec<Seen>,
+}
+
+/// An instance changed by a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    /// Its final state.
+    pub instance: Instance,
+    /// The version it was loaded at: written only if the row is still at it.
+    pub loaded_version: i64,
+    /// Whether its spec changed (otherwise only the instance row is written).
+    pub spec_changed: bool,
+}
+
+/// An event or request key, now processed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// The key.
+    pub key: EventKey,
+    /// The instance it concerned (0 for none).
+    pub instance_id: i64,
+    /// For a create, what it asked for ([`create_fingerprint`]): a retry of the same
+    /// request is told from another request reusing its key.
+    pub fingerprint: Option<[u8; 16]>,
 }
 
 impl Changes {
@@ -189,6 +213,7 @@ pub fn plan(batch: &[Envelope], snapshot: Snapshot, ctx: &Context) -> (Vec<Outco
         seen: snapshot.seen,
         created: Vec::new(),
         dirty: Vec::new(),
+        respecced: HashSet::new(),
         changes: Changes::default(),
         ctx,
     };
@@ -198,7 +223,11 @@ pub fn plan(batch: &[Envelope], snapshot: Snapshot, ctx: &Context) -> (Vec<Outco
         changes.inserts.push(planner.state[&id].clone());
     }
     for id in planner.dirty {
-        changes.updates.push((planner.state[&id].clone(), planner.loaded[&id]));
+        changes.updates.push(Update {
+            instance: planner.state[&id].clone(),
+            loaded_version: planner.loaded[&id],
+            spec_changed: planner.respecced.contains(&id),
+        });
     }
     (outcomes, changes)
 }
@@ -211,6 +240,8 @@ struct Planner<'a> {
     created: Vec<InstanceId>,
     /// Loaded and changed in this batch, in order.
     dirty: Vec<InstanceId>,
+    /// Loaded instances whose spec this batch changed.
+    respecced: HashSet<InstanceId>,
     changes: Changes,
     ctx: &'a Context,
 }
@@ -228,8 +259,14 @@ impl Planner<'_> {
             // Rejected events are not remembered: once the cause is fixed, an operator
             // can replay them from the dead-letter queue.
             self.seen.insert(key);
-            let id = envelope.command.instance_id().map_or(0, InstanceId::get);
-            self.changes.seen.push((key, id));
+            let fingerprint = match &envelope.command {
+                Command::Create { user_id, name, spec, .. } => {
+                    Some(create_fingerprint(user_id, name, spec))
+                }
+                _ => None,
+            };
+            let instance_id = envelope.command.instance_id().map_or(0, InstanceId::get);
+            self.changes.seen.push(Seen { key, instance_id, fingerprint });
         }
         outcome
     }
@@ -293,15 +330,8 @@ impl Planner<'_> {
                     Ok(Some(()))
                 }
             }),
-            Command::ChangeSpec { id, spec, keep_config } => {
-                if let Err(e) = spec.validate(&self.ctx.limits) {
-                    return self.reject(envelope, Some(*id), e);
-                }
+            Command::ChangeSpec { id, patch } => {
                 self.lifecycle(envelope, *id, |i, ctx| {
-                    let mut spec = spec.clone();
-                    if *keep_config {
-                        spec.config = i.spec.config.clone();
-                    }
                     if matches!(i.status, InstanceStatus::Deleting | InstanceStatus::Deleted) {
                         return Err(Error::NotAllowed {
                             instance_id: i.id.get(),
@@ -309,6 +339,8 @@ impl Planner<'_> {
                             status: i.status,
                         });
                     }
+                    let spec = patch.apply_to(&i.spec);
+                    spec.validate(&ctx.limits)?;
                     if i.spec == spec {
                         return Ok(None);
                     }
@@ -508,6 +540,9 @@ impl Planner<'_> {
                 if !self.created.contains(&id) && !self.dirty.contains(&id) {
                     self.dirty.push(id);
                 }
+                if next.spec != current.spec {
+                    self.respecced.insert(id);
+                }
                 self.state.insert(id, next.clone());
                 Outcome::Applied(next)
             }
@@ -580,6 +615,11 @@ fn endpoint_string(e: &Endpoint) -> String {
 }
 
 /// The audited view of an instance: what a reader of the trail needs to see change.
+///
+/// `config_json` sits beside `spec`, not in it: an audit row's `after` is already five
+/// protobuf messages deep in `ListAuditLogsReply`, and one JSON level less is what lets a
+/// config at `limits.max_config_depth` (32) stay within the 100 levels stock protobuf
+/// decoders accept, as it does in `ListResourcesReply`.
 pub fn snapshot_json(i: &Instance) -> serde_json::Value {
     serde_json::json!({
         "user_id": i.user_id,
@@ -592,6 +632,7 @@ pub fn snapshot_json(i: &Instance) -> serde_json::Value {
             "gpu": i.spec.gpu.code(),
             "image": i.spec.image,
         },
+        "config_json": i.spec.config,
         "version": i.version,
     })
 }
@@ -661,7 +702,11 @@ mod tests {
         assert_eq!(changes.audit.len(), 1);
         assert_eq!(changes.outbox.len(), 1);
         assert_eq!(changes.outbox[0].status, InstanceStatus::Running);
-        assert_eq!(changes.seen, vec![(EventKey([1; 16]), 1)]);
+        let fingerprint = Some(create_fingerprint("u1", "demo", &spec(2)));
+        assert_eq!(
+            changes.seen,
+            vec![Seen { key: EventKey([1; 16]), instance_id: 1, fingerprint }]
+        );
     }
 
     #[test]
@@ -754,7 +799,8 @@ mod tests {
         let mut snapshot = existing(InstanceStatus::Running);
         snapshot.instances.get_mut(&id(1)).unwrap().spec.config =
             serde_json::json!({"env": {"A": "1"}});
-        let change = Command::ChangeSpec { id: id(1), spec: spec(8), keep_config: true };
+        let patch = SpecPatch { cpu: Some(8), ..SpecPatch::default() };
+        let change = Command::ChangeSpec { id: id(1), patch };
 
         let (outcomes, changes) = run(&[env(1, change)], snapshot, false);
 
@@ -763,7 +809,8 @@ mod tests {
         assert_eq!(instance.spec.config, serde_json::json!({"env": {"A": "1"}}));
         assert_eq!(instance.version, 2);
         assert_eq!(instance.status, InstanceStatus::Running);
-        assert_eq!(changes.updates[0].1, 1, "written only if still at the loaded version");
+        assert_eq!(changes.updates[0].loaded_version, 1, "written only if still at this version");
+        assert!(changes.updates[0].spec_changed);
     }
 
     #[test]
@@ -855,7 +902,7 @@ mod properties {
                     Op::Delete => Command::Delete { id },
                     Op::Start => Command::Start { id },
                     Op::Stop => Command::Stop { id },
-                    Op::Resize(cpu) => Command::ChangeSpec { id, spec: spec(*cpu), keep_config: false },
+                    Op::Resize(cpu) => Command::ChangeSpec { id, patch: SpecPatch::all(spec(*cpu)) },
                     Op::Sync => Command::Sync { id: Some(id) },
                 };
                 Envelope { key: Some(EventKey([n as u8; 16])), actor: Actor { id: "t".into(), source: Source::Mq }, request_id: n.to_string(), command }
@@ -874,9 +921,10 @@ mod properties {
                     instances: state.iter().map(|i| (i.id, i.clone())).collect(),
                 };
                 let (_, changes) = plan(batch, snapshot, &ctx);
-                for (instance, loaded) in &changes.updates {
-                    prop_assert!(*loaded < instance.version);
-                    state = Some(instance.clone());
+                for update in &changes.updates {
+                    prop_assert!(update.loaded_version < update.instance.version);
+                    prop_assert_eq!(update.spec_changed, state.as_ref().map(|s| &s.spec) != Some(&update.instance.spec));
+                    state = Some(update.instance.clone());
                 }
                 if let Some(instance) = changes.inserts.last() {
                     state = Some(instance.clone());

@@ -268,11 +268,11 @@ pub trait InstanceRepo: Send + Sync {
     /// `RepoError::Unavailable` when the store does not answer.
     async fn list(&self, query: &ListQuery) -> Result<Vec<Instance>, RepoError>;
 
-    /// The instance an already processed key concerned, if the key was processed.
+    /// What an already processed key recorded, if the key was processed.
     ///
     /// # Errors
     /// `RepoError::Unavailable` when the store does not answer.
-    async fn processed_instance(&self, key: EventKey) -> Result<Option<i64>, RepoError>;
+    async fn processed(&self, key: EventKey) -> Result<Option<Processed>, RepoError>;
 
     /// Runs one unit of work in one transaction: loads, locking them in id order, the
     /// live or deleted instances among `ids` and which of `keys` were already processed;
@@ -291,6 +291,16 @@ pub trait InstanceRepo: Send + Sync {
         keys: &[EventKey],
         work: &mut (dyn FnMut(Snapshot) -> Changes + Send),
     ) -> Result<(), RepoError>;
+}
+
+/// What a processed key recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Processed {
+    /// The instance it concerned.
+    pub instance_id: i64,
+    /// What the create it made asked for ([`create_fingerprint`]); `None` for other
+    /// commands, and for keys recorded before fingerprints were.
+    pub fingerprint: Option<[u8; 16]>,
 }
 
 /// How often a unit of work is retried after losing a race to a concurrent writer.
@@ -369,8 +379,9 @@ impl InstanceUsecase {
         &self.limits
     }
 
-    /// Creates an instance with a new id. With a `request_id`, the same request from the
-    /// same owner returns the instance it created the first time.
+    /// Creates an instance with a new id. With a `request_id`, the same request (owner,
+    /// name and spec) returns the instance it created the first time, as it is now,
+    /// whatever happened to it since; another request with that id is refused.
     ///
     /// # Errors
     /// `InvalidSpec`, `InvalidArgument`, `RequestIdReused`, `Unavailable`.
@@ -411,15 +422,22 @@ impl InstanceUsecase {
             Outcome::Applied(instance) => Ok(instance),
             Outcome::Duplicate => {
                 let key = key.expect("only keyed commands are duplicates");
-                let prior = self.repo.processed_instance(key).await?.ok_or_else(|| {
+                let prior = self.repo.processed(key).await?.ok_or_else(|| {
                     Error::Internal(Arc::new(RepoError::Internal(
                         "processed key without an instance".into(),
                     )))
                 })?;
-                let instance = self.get(InstanceId::try_from(prior)?).await?;
-                let same = instance.user_id == new.user_id
-                    && instance.name == new.name
-                    && instance.spec == new.spec;
+                let instance = self.get(InstanceId::try_from(prior.instance_id)?).await?;
+                // Compared with what the first request asked for, not with the instance as
+                // it is now (it may have been stopped or resized since).
+                let same = match prior.fingerprint {
+                    Some(first) => first == create_fingerprint(&new.user_id, &new.name, &new.spec),
+                    None => {
+                        instance.user_id == new.user_id
+                            && instance.name == new.name
+                            && instance.spec == new.spec
+                    }
+                };
                 if same {
                     return Ok(instance);
                 }
@@ -606,6 +624,28 @@ pub fn split_page<T, K>(mut rows: Vec<T>, size: u32, key: impl Fn(&T) -> K) -> (
     } else {
         (rows, None)
     }
+}
+
+/// What a create asks for (owner, name, the whole spec), as a digest: equal for equal
+/// requests, whatever order their `config_json` keys came in.
+pub fn create_fingerprint(user_id: &str, name: &str, spec: &InstanceSpec) -> [u8; 16] {
+    use sha2::Digest;
+    // serde_json maps are ordered by key, so this text is canonical.
+    let canonical = serde_json::json!({
+        "user_id": user_id,
+        "name": name,
+        "spec": {
+            "cpu": spec.cpu,
+            "memory": spec.memory_mb,
+            "gpu": spec.gpu.code(),
+            "image": spec.image,
+            "config_json": spec.config,
+        },
+    });
+    let digest = sha2::Sha256::digest(canonical.to_string().as_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&digest[..16]);
+    out
 }
 
 /// The de-duplication key of an API create: one per owner and request id.

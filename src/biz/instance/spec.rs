@@ -11,11 +11,24 @@ pub struct Limits {
     pub max_memory_mb: i32,
     /// Longest name, in characters.
     pub max_name_len: usize,
+    /// Deepest nesting of `config_json`: the object itself is depth 1, so `{"a": {}}` is
+    /// 2. Stock protobuf decoders give up past 100 message levels, and every JSON level is
+    /// three of them (`Struct`, its map entry, `Value`): a deeper config would make every
+    /// list that includes it undecodable for them.
+    pub max_config_depth: usize,
+    /// Largest `config_json`, in bytes of compact JSON.
+    pub max_config_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_cpu: 128, max_memory_mb: 1_048_576, max_name_len: 128 }
+        Self {
+            max_cpu: 128,
+            max_memory_mb: 1_048_576,
+            max_name_len: 128,
+            max_config_depth: 32,
+            max_config_bytes: 64 * 1024,
+        }
     }
 }
 
@@ -162,6 +175,22 @@ impl InstanceSpec {
                 message: "must be a JSON object".into(),
             });
         }
+        if exceeds_depth(&self.config, limits.max_config_depth) {
+            return Err(Error::InvalidSpec {
+                field: "config_json",
+                message: format!("must nest at most {} levels deep", limits.max_config_depth),
+            });
+        }
+        let size = json_size(&self.config);
+        if size > limits.max_config_bytes {
+            return Err(Error::InvalidSpec {
+                field: "config_json",
+                message: format!(
+                    "must be at most {} bytes as JSON, got {size}",
+                    limits.max_config_bytes
+                ),
+            });
+        }
         if contains_nul(&self.config) {
             return Err(Error::InvalidSpec {
                 field: "config_json",
@@ -171,6 +200,93 @@ impl InstanceSpec {
         // The keys that reach the container must fit their schema.
         crate::biz::cluster::ContainerConfig::from_config(&self.config)?;
         Ok(())
+    }
+}
+
+/// Whether `value` nests objects and arrays deeper than `max` levels (a scalar is 0, an
+/// empty object 1).
+fn exceeds_depth(value: &serde_json::Value, max: usize) -> bool {
+    let children: Box<dyn Iterator<Item = &serde_json::Value>> = match value {
+        serde_json::Value::Array(items) => Box::new(items.iter()),
+        serde_json::Value::Object(map) => Box::new(map.values()),
+        _ => return false,
+    };
+    max == 0 || children.into_iter().any(|child| exceeds_depth(child, max - 1))
+}
+
+/// Bytes of `value` as compact JSON, counted without building the text.
+fn json_size(value: &serde_json::Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing a Value into a sink cannot fail.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
+}
+
+/// `value` with every float that holds an integer (within ±2^53, where floats are exact)
+/// written as that integer. JSON has one number type; protobuf's `Struct` carries every
+/// number as a double, so `8080` arrives as `8080.0`: stored and audited, it reads `8080`.
+pub fn integral_numbers(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match value {
+        J::Number(n) if n.is_f64() => match n.as_f64() {
+            #[allow(clippy::cast_possible_truncation)] // integral and below 2^53: exact
+            Some(f) if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 => J::from(f as i64),
+            _ => J::Number(n),
+        },
+        J::Array(items) => J::Array(items.into_iter().map(integral_numbers).collect()),
+        J::Object(map) => {
+            J::Object(map.into_iter().map(|(k, v)| (k, integral_numbers(v))).collect())
+        }
+        other => other,
+    }
+}
+
+/// A change to some fields of a spec; the fields left `None` keep their values.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpecPatch {
+    /// New CPU cores.
+    pub cpu: Option<i32>,
+    /// New memory, MB.
+    pub memory_mb: Option<i32>,
+    /// New GPU type.
+    pub gpu: Option<GpuType>,
+    /// New image.
+    pub image: Option<String>,
+    /// New `config_json`, replacing the whole object.
+    pub config: Option<serde_json::Value>,
+}
+
+impl SpecPatch {
+    /// Every field of `spec`: replaces the whole spec.
+    pub fn all(spec: InstanceSpec) -> Self {
+        Self {
+            cpu: Some(spec.cpu),
+            memory_mb: Some(spec.memory_mb),
+            gpu: Some(spec.gpu),
+            image: Some(spec.image),
+            config: Some(spec.config),
+        }
+    }
+
+    /// `spec` with this patch applied.
+    pub fn apply_to(&self, spec: &InstanceSpec) -> InstanceSpec {
+        InstanceSpec {
+            cpu: self.cpu.unwrap_or(spec.cpu),
+            memory_mb: self.memory_mb.unwrap_or(spec.memory_mb),
+            gpu: self.gpu.unwrap_or(spec.gpu),
+            image: self.image.clone().unwrap_or_else(|| spec.image.clone()),
+            config: self.config.clone().unwrap_or_else(|| spec.config.clone()),
+        }
     }
 }
 
@@ -383,6 +499,35 @@ mod tests {
     }
 
     #[test]
+    fn integral_floats_become_integers_and_nothing_else_changes() {
+        let raw = serde_json::json!({"port": 8080.0, "ratio": 0.5, "n": 3, "big": 1e300,
+                                     "list": [2.0, "2.0", -0.0], "nested": {"x": 1e3}});
+        assert_eq!(
+            integral_numbers(raw),
+            serde_json::json!({"port": 8080, "ratio": 0.5, "n": 3, "big": 1e300,
+                               "list": [2, "2.0", 0], "nested": {"x": 1000}})
+        );
+    }
+
+    #[test]
+    fn a_patch_changes_only_the_fields_it_names() {
+        let spec = InstanceSpec {
+            cpu: 2,
+            memory_mb: 1024,
+            gpu: GpuType::TeslaT4,
+            image: "ubuntu:22.04".into(),
+            config: serde_json::json!({"env": {"A": "1"}}),
+        };
+        let patch = SpecPatch { cpu: Some(4), memory_mb: Some(2048), ..SpecPatch::default() };
+        let patched = patch.apply_to(&spec);
+        assert_eq!((patched.cpu, patched.memory_mb), (4, 2048));
+        assert_eq!((patched.gpu, patched.image.as_str()), (GpuType::TeslaT4, "ubuntu:22.04"));
+        assert_eq!(patched.config, spec.config, "an absent config_json is kept");
+        assert_eq!(SpecPatch::default().apply_to(&spec), spec);
+        assert_eq!(SpecPatch::all(patched.clone()).apply_to(&spec), patched);
+    }
+
+    #[test]
     fn gpu_codes_round_trip() {
         for gpu in GpuType::ALL {
             assert_eq!(GpuType::from_code(gpu.code()), Some(gpu));
@@ -429,7 +574,13 @@ mod tests {
 
     #[test]
     fn specs_are_checked_against_the_limits() {
-        let limits = Limits { max_cpu: 8, max_memory_mb: 1024, max_name_len: 4 };
+        let limits = Limits {
+            max_cpu: 8,
+            max_memory_mb: 1024,
+            max_name_len: 4,
+            max_config_depth: 3,
+            max_config_bytes: 64,
+        };
         let spec = InstanceSpec {
             cpu: 8,
             memory_mb: 1024,
@@ -447,9 +598,16 @@ mod tests {
             InstanceSpec { config: serde_json::json!([1]), ..spec.clone() },
             InstanceSpec { config: serde_json::json!({"env": {"A\0": "1"}}), ..spec.clone() },
             InstanceSpec { config: serde_json::json!({"args": ["a\0"]}), ..spec.clone() },
+            InstanceSpec { config: serde_json::json!({"a": {"b": {"c": {}}}}), ..spec.clone() },
+            InstanceSpec { config: serde_json::json!({"a": [[[1]]]}), ..spec.clone() },
+            InstanceSpec { config: serde_json::json!({"k": "x".repeat(60)}), ..spec.clone() },
         ] {
             assert!(matches!(bad.validate(&limits), Err(Error::InvalidSpec { .. })), "{bad:?}");
         }
+        let deepest = serde_json::json!({"a": {"b": {"c": 1}}, "l": [[1]]});
+        assert!(InstanceSpec { config: deepest, ..spec.clone() }.validate(&limits).is_ok());
+        let largest = serde_json::json!({"k": "x".repeat(56)}); // {"k":"…"} is 64 bytes
+        assert!(InstanceSpec { config: largest, ..spec.clone() }.validate(&limits).is_ok());
         assert!(validate_name("abcd", &limits).is_ok());
         assert!(validate_name("", &limits).is_err());
         assert!(validate_name("abcde", &limits).is_err());
