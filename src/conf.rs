@@ -300,6 +300,17 @@ pub struct Jwt {
     /// Clock skew allowed on `exp` and `nbf`.
     #[serde(deserialize_with = "de_duration")]
     pub leeway: Duration,
+    /// Audiences this service answers to (a string or a list): a token's `aud` must
+    /// contain one of them. Empty: `aud` is not checked.
+    #[serde(deserialize_with = "de_string_list")]
+    pub audience: Vec<String>,
+    /// The issuer a token's `iss` must equal. Empty: `iss` is not checked.
+    pub issuer: String,
+    /// Where the caller's roles are in the token: a claim name or a dotted path
+    /// (`realm_access.roles`, `https://example.com/roles`), holding a string or a list.
+    pub roles_claim: String,
+    /// The role that sees and acts on every instance.
+    pub admin_role: String,
 }
 
 impl Default for Jwt {
@@ -310,6 +321,10 @@ impl Default for Jwt {
             secret_file: String::new(),
             public_key_file: String::new(),
             leeway: Duration::from_secs(30),
+            audience: Vec::new(),
+            issuer: String::new(),
+            roles_claim: "role".into(),
+            admin_role: "admin".into(),
         }
     }
 }
@@ -554,6 +569,15 @@ impl Bootstrap {
                     return Err(format!("auth.jwt.algorithm {other:?}: expected HS256 or RS256"));
                 }
             }
+            if jwt.roles_claim.is_empty() || jwt.roles_claim.split('.').any(str::is_empty) {
+                return Err(format!(
+                    "auth.jwt.roles_claim {:?}: expected a claim name or a dotted path such as realm_access.roles",
+                    jwt.roles_claim
+                ));
+            }
+            if jwt.admin_role.is_empty() {
+                return Err("auth.jwt.admin_role must not be empty".into());
+            }
         }
         Ok(())
     }
@@ -617,6 +641,21 @@ impl<'de> Deserialize<'de> for StringOrInt {
         }
         d.deserialize_any(V)
     }
+}
+
+/// One string or a list of them (an environment override is one string).
+fn de_string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(StringOrInt),
+        Many(Vec<StringOrInt>),
+    }
+    let items = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(one) => vec![one.0],
+        OneOrMany::Many(many) => many.into_iter().map(|s| s.0).collect(),
+    };
+    Ok(items.into_iter().filter(|s| !s.is_empty()).collect())
 }
 
 fn de_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
@@ -697,6 +736,33 @@ mod tests {
         assert_eq!(parse_addr(":8000").unwrap(), "0.0.0.0:8000".parse().unwrap());
         assert_eq!(parse_addr("127.0.0.1:9").unwrap(), "127.0.0.1:9".parse().unwrap());
         assert!(parse_addr("localhost").is_err());
+    }
+
+    #[test]
+    fn a_jwt_audience_is_a_string_or_a_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = std::fs::read_to_string("configs/config.yaml").unwrap();
+        std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
+        std::fs::write(
+            dir.path().join("zz-auth.yaml"),
+            "auth:\n  mode: jwt\n  jwt:\n    secret: s\n    audience: [api, \"https://api.example.com\"]\n",
+        )
+        .unwrap();
+        let conf = load_with_env(dir.path(), HashMap::new()).unwrap();
+        assert_eq!(conf.auth.jwt.audience, ["api", "https://api.example.com"]);
+        assert_eq!(
+            (conf.auth.jwt.roles_claim.as_str(), conf.auth.jwt.admin_role.as_str()),
+            ("role", "admin")
+        );
+
+        let env =
+            HashMap::from([("RESOURCE_AUTH__JWT__AUDIENCE".to_owned(), "account".to_owned())]);
+        let conf = load_with_env(dir.path(), env).unwrap();
+        assert_eq!(conf.auth.jwt.audience, ["account"]);
+
+        let env =
+            HashMap::from([("RESOURCE_AUTH__JWT__ROLES_CLAIM".to_owned(), "a..b".to_owned())]);
+        assert!(load_with_env(dir.path(), env).unwrap_err().to_string().contains("roles_claim"));
     }
 
     #[test]

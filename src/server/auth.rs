@@ -1,14 +1,17 @@
 //! Authentication of API callers: `authorization: Bearer <JWT>` on gRPC and REST alike.
 //!
 //! With `auth.mode: jwt` the token must verify with the configured HS256 secret or RS256
-//! public key, and `exp` and `nbf` are enforced; `sub` is the caller's user id and
-//! `role: admin` lets them see every instance. A missing or bad token is answered
-//! `UNAUTHENTICATED` without saying why (the cause is logged at debug level only).
-//! With `auth.mode: none` every caller is `anonymous` and an admin.
+//! public key; `exp` and `nbf` are enforced, and `aud` and `iss` when an audience or an
+//! issuer is configured (tokens of real identity providers always carry an `aud`). `sub`
+//! is the caller's user id; the roles at `auth.jwt.roles_claim` (a dotted path into the
+//! claims, as Keycloak's `realm_access.roles`) containing `auth.jwt.admin_role` let them
+//! see every instance. A missing or bad token is answered `UNAUTHENTICATED` without
+//! saying why (the cause is logged at debug level only). With `auth.mode: none` every
+//! caller is `anonymous` and an admin.
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use secrecy::ExposeSecret;
-use serde::Deserialize;
+use serde_json::{Map, Value};
 
 use crate::{biz, conf};
 
@@ -20,20 +23,20 @@ pub const ANONYMOUS: &str = "anonymous";
 pub struct Principal {
     /// The token's `sub`.
     pub user_id: String,
-    /// `role: admin`.
+    /// The token's roles include the admin role.
     pub admin: bool,
 }
 
 /// Verifies bearer tokens, or lets everyone in when authentication is off.
 pub struct Authenticator {
-    verifier: Option<(DecodingKey, Validation)>,
+    verifier: Option<Verifier>,
 }
 
-#[derive(Deserialize)]
-struct Claims {
-    sub: String,
-    #[serde(default)]
-    role: Option<String>,
+struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+    roles_claim: String,
+    admin_role: String,
 }
 
 impl Authenticator {
@@ -84,8 +87,26 @@ impl Authenticator {
         validation.validate_exp = true;
         validation.validate_nbf = true;
         validation.leeway = jwt.leeway.as_secs();
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        Ok(Self { verifier: Some((key, validation)) })
+        let mut required = vec!["exp", "sub"];
+        if jwt.audience.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.set_audience(&jwt.audience);
+            required.push("aud");
+        }
+        if !jwt.issuer.is_empty() {
+            validation.set_issuer(&[&jwt.issuer]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
+        Ok(Self {
+            verifier: Some(Verifier {
+                key,
+                validation,
+                roles_claim: jwt.roles_claim.clone(),
+                admin_role: jwt.admin_role.clone(),
+            }),
+        })
     }
 
     /// The caller behind an `authorization` header value.
@@ -94,7 +115,7 @@ impl Authenticator {
     /// `Unauthenticated` when the header is missing, is not a bearer token, or the token
     /// does not verify; the reason is logged at debug level, never answered.
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, biz::Error> {
-        let Some((key, validation)) = &self.verifier else {
+        let Some(verifier) = &self.verifier else {
             return Ok(Principal { user_id: ANONYMOUS.into(), admin: true });
         };
         let token = authorization
@@ -104,17 +125,49 @@ impl Authenticator {
             })
             .filter(|token| !token.is_empty())
             .ok_or(biz::Error::Unauthenticated)?;
-        let claims = jsonwebtoken::decode::<Claims>(token, key, validation)
-            .map_err(|e| {
-                tracing::debug!(error = %e, "bearer token refused");
-                biz::Error::Unauthenticated
-            })?
-            .claims;
-        if claims.sub.is_empty() || biz::instance::validate_text("sub", &claims.sub).is_err() {
-            tracing::debug!("bearer token refused: unusable sub");
-            return Err(biz::Error::Unauthenticated);
-        }
-        Ok(Principal { user_id: claims.sub, admin: claims.role.as_deref() == Some("admin") })
+        let claims =
+            jsonwebtoken::decode::<Map<String, Value>>(token, &verifier.key, &verifier.validation)
+                .map_err(|e| {
+                    tracing::debug!(error = %e, "bearer token refused");
+                    biz::Error::Unauthenticated
+                })?
+                .claims;
+        let sub = match claims.get("sub") {
+            Some(Value::String(sub))
+                if !sub.is_empty() && biz::instance::validate_text("sub", sub).is_ok() =>
+            {
+                sub.clone()
+            }
+            _ => {
+                tracing::debug!("bearer token refused: unusable sub");
+                return Err(biz::Error::Unauthenticated);
+            }
+        };
+        let admin = claim_at(&claims, &verifier.roles_claim)
+            .is_some_and(|roles| has_role(roles, &verifier.admin_role));
+        Ok(Principal { user_id: sub, admin })
+    }
+}
+
+/// The claim at a dotted `path`. A key may itself contain dots (Auth0's namespaced
+/// `https://example.com/roles`): at each level the longest key that matches wins.
+fn claim_at<'a>(claims: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    if let Some(value) = claims.get(path) {
+        return Some(value);
+    }
+    path.match_indices('.').rev().find_map(|(dot, _)| match claims.get(&path[..dot])? {
+        Value::Object(inner) => claim_at(inner, &path[dot + 1..]),
+        _ => None,
+    })
+}
+
+/// Whether a roles claim — a list of roles, or one string of space-separated roles (as
+/// OAuth's `scope`) — holds `role`, exactly (roles are case-sensitive).
+fn has_role(roles: &Value, role: &str) -> bool {
+    match roles {
+        Value::String(one) => one.split_whitespace().any(|r| r == role),
+        Value::Array(many) => many.iter().any(|r| r.as_str() == Some(role)),
+        _ => false,
     }
 }
 
@@ -188,6 +241,66 @@ mod tests {
             assert!(matches!(err, biz::Error::Unauthenticated), "{case:?}");
             assert_eq!(err.to_string(), "missing or invalid credentials");
         }
+    }
+
+    #[test]
+    fn roles_are_found_at_dotted_paths_and_namespaced_claims() {
+        let claims = json!({
+            "role": "admin",
+            "realm_access": {"roles": ["offline_access", "admin"]},
+            "https://example.com/roles": ["ops"],
+            "https://example.com": {"x": 1},
+            "scope": "openid resource.admin",
+            "nested": {"a.b": {"c": ["deep"]}},
+        });
+        let claims = claims.as_object().unwrap();
+        let roles =
+            |path: &str, role: &str| claim_at(claims, path).is_some_and(|r| has_role(r, role));
+        assert!(roles("role", "admin"));
+        assert!(roles("realm_access.roles", "admin"));
+        assert!(roles("https://example.com/roles", "ops"), "a key with dots wins over a path");
+        assert!(roles("scope", "resource.admin"), "a space-separated string is a list");
+        assert!(roles("nested.a.b.c", "deep"));
+        assert!(!roles("realm_access.roles", "Admin"), "roles are case-sensitive");
+        assert!(!roles("realm_access", "admin"), "an object is not a list of roles");
+        assert!(!roles("missing.path", "admin"));
+        assert!(!roles("realm_access.roles.more", "admin"));
+    }
+
+    #[test]
+    fn audience_and_issuer_are_checked_only_when_configured() {
+        let secret = "s3cret";
+        let with = |audience: &[&str], issuer: &str| {
+            let auth = conf::Auth {
+                mode: conf::AuthMode::Jwt,
+                jwt: conf::Jwt {
+                    secret: secret.to_owned().into(),
+                    audience: audience.iter().map(|a| (*a).to_owned()).collect(),
+                    issuer: issuer.to_owned(),
+                    ..conf::Jwt::default()
+                },
+            };
+            Authenticator::from_conf(&auth).unwrap()
+        };
+        let bearer = |claims: serde_json::Value| format!("Bearer {}", token(claims, secret));
+        let exp = now() + 60;
+        let aud_list =
+            bearer(json!({"sub": "a", "exp": exp, "aud": ["x", "api"], "iss": "https://idp"}));
+        let aud_string = bearer(json!({"sub": "a", "exp": exp, "aud": "api"}));
+        let no_aud = bearer(json!({"sub": "a", "exp": exp}));
+
+        let open = with(&[], "");
+        for t in [&aud_list, &aud_string, &no_aud] {
+            assert!(open.authenticate(Some(t)).is_ok(), "no audience configured: aud unchecked");
+        }
+        let api = with(&["other", "api"], "");
+        assert!(api.authenticate(Some(&aud_list)).is_ok());
+        assert!(api.authenticate(Some(&aud_string)).is_ok());
+        assert!(api.authenticate(Some(&no_aud)).is_err(), "aud required once configured");
+        assert!(with(&["nope"], "").authenticate(Some(&aud_string)).is_err());
+        let issuer = with(&[], "https://idp");
+        assert!(issuer.authenticate(Some(&aud_list)).is_ok());
+        assert!(issuer.authenticate(Some(&aud_string)).is_err(), "iss required once configured");
     }
 
     #[test]

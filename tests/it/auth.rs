@@ -297,3 +297,183 @@ async fn rs256_tokens_verify_with_the_public_key_and_hs256_ones_do_not() {
         rest(&app, Some(&confused), reqwest::Method::GET, "/v1/resources", None).await;
     assert_eq!(status, 401);
 }
+
+/// An RS256 token signed with the test key, with a `kid` and `typ` in its header, as
+/// identity providers issue them.
+fn idp_token(claims: Value) -> String {
+    let private = std::fs::read(repo_path("tests/fixtures/jwt-test-rsa.pem")).unwrap();
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("rsa-2026-12".into());
+    header.typ = Some("at+jwt".into());
+    jsonwebtoken::encode(&header, &claims, &EncodingKey::from_rsa_pem(&private).unwrap()).unwrap()
+}
+
+/// One identity provider: how the service is configured for it, and the claims of an
+/// admin's and of a plain user's access token (shapes of `shared/fixtures/idp-token-claims.md`).
+struct Provider {
+    name: &'static str,
+    config: Vec<(&'static str, &'static str)>,
+    admin: Value,
+    user: Value,
+}
+
+fn providers() -> Vec<Provider> {
+    let (iat, exp) = (now() - 10, now() + 300);
+    vec![
+        Provider {
+            name: "Keycloak",
+            config: vec![
+                ("RESOURCE_AUTH__JWT__AUDIENCE", "account"),
+                ("RESOURCE_AUTH__JWT__ISSUER", "https://sso.example.com/realms/cloud"),
+                ("RESOURCE_AUTH__JWT__ROLES_CLAIM", "realm_access.roles"),
+            ],
+            admin: json!({"exp": exp, "iat": iat, "jti": "8f1c2b7e", "iss": "https://sso.example.com/realms/cloud",
+                "aud": "account", "sub": "5d6c1f0e-7a1b-4c2d-9e8f-0a1b2c3d4e5f", "typ": "Bearer", "azp": "console",
+                "session_state": "a1b2", "acr": "1", "allowed-origins": ["https://console.example.com"],
+                "realm_access": {"roles": ["offline_access", "admin"]},
+                "resource_access": {"account": {"roles": ["manage-account"]}},
+                "scope": "openid email profile", "sid": "a1b2", "email_verified": true, "preferred_username": "alice"}),
+            user: json!({"exp": exp, "iat": iat, "iss": "https://sso.example.com/realms/cloud", "aud": "account",
+                "sub": "9e8f0a1b-2c3d-4e5f-5d6c-1f0e7a1b4c2d", "typ": "Bearer", "azp": "console",
+                "realm_access": {"roles": ["offline_access"]},
+                "resource_access": {"account": {"roles": ["admin"]}}}),
+        },
+        Provider {
+            name: "Auth0",
+            config: vec![
+                ("RESOURCE_AUTH__JWT__AUDIENCE", "https://api.example.com"),
+                ("RESOURCE_AUTH__JWT__ISSUER", "https://tenant.eu.auth0.com/"),
+                ("RESOURCE_AUTH__JWT__ROLES_CLAIM", "https://example.com/roles"),
+            ],
+            admin: json!({"iss": "https://tenant.eu.auth0.com/", "sub": "auth0|64f0c0ffee",
+                "aud": ["https://api.example.com", "https://tenant.eu.auth0.com/userinfo"], "iat": iat, "exp": exp,
+                "azp": "Xy12", "scope": "openid profile", "https://example.com/roles": ["admin"]}),
+            user: json!({"iss": "https://tenant.eu.auth0.com/", "sub": "auth0|64f0c0ffef",
+                "aud": ["https://api.example.com", "https://tenant.eu.auth0.com/userinfo"], "iat": iat, "exp": exp,
+                "azp": "Xy12", "scope": "openid profile admin", "https://example.com/roles": []}),
+        },
+        Provider {
+            name: "Entra ID",
+            config: vec![
+                ("RESOURCE_AUTH__JWT__AUDIENCE", "api://6e74172b-be56-4843-9ff4-e66a39bb12e3"),
+                (
+                    "RESOURCE_AUTH__JWT__ISSUER",
+                    "https://login.microsoftonline.com/72f988bf-86f1/v2.0",
+                ),
+                ("RESOURCE_AUTH__JWT__ROLES_CLAIM", "roles"),
+                ("RESOURCE_AUTH__JWT__ADMIN_ROLE", "Admin"),
+            ],
+            admin: json!({"aud": "api://6e74172b-be56-4843-9ff4-e66a39bb12e3",
+                "iss": "https://login.microsoftonline.com/72f988bf-86f1/v2.0", "iat": iat, "nbf": iat, "exp": exp,
+                "azp": "6e74", "azpacr": "0", "name": "Alice", "oid": "690222be", "preferred_username": "alice@example.com",
+                "roles": ["Admin"], "scp": "access_as_user", "sub": "AAAAAAAAAAAAAAAAAAAAAIkzqFVrSaSaFHy782bbtaQ",
+                "tid": "72f988bf", "ver": "2.0"}),
+            user: json!({"aud": "api://6e74172b-be56-4843-9ff4-e66a39bb12e3",
+                "iss": "https://login.microsoftonline.com/72f988bf-86f1/v2.0", "iat": iat, "nbf": iat, "exp": exp,
+                "roles": ["admin", "Reader"], "sub": "BBBBBBBBBBBBBBBBBBBBBIkzqFVrSaSaFHy782bbtaQ", "ver": "2.0"}),
+        },
+        Provider {
+            name: "Dex",
+            config: vec![
+                ("RESOURCE_AUTH__JWT__AUDIENCE", "resource"),
+                ("RESOURCE_AUTH__JWT__ISSUER", "https://dex.example.com"),
+                ("RESOURCE_AUTH__JWT__ROLES_CLAIM", "groups"),
+                ("RESOURCE_AUTH__JWT__ADMIN_ROLE", "admins"),
+            ],
+            admin: json!({"iss": "https://dex.example.com", "sub": "CiQwOGE4Njg0Yi1kYjg4LTRiNzMtOTBhOS0zY2QxNjYxZjU0NjYSBWxvY2Fs",
+                "aud": "resource", "exp": exp, "iat": iat, "at_hash": "x", "email": "alice@example.com",
+                "email_verified": true, "name": "Alice", "groups": ["admins"]}),
+            user: json!({"iss": "https://dex.example.com", "sub": "CiQxOGE4Njg0Yi1kYjg4", "aud": "resource",
+                "exp": exp, "iat": iat, "groups": ["developers"]}),
+        },
+    ]
+}
+
+#[tokio::test]
+async fn tokens_shaped_as_real_identity_providers_issue_them_are_accepted() {
+    let public = repo_path("tests/fixtures/jwt-test-rsa.pub.pem");
+    for provider in providers() {
+        let mut config = vec![
+            ("RESOURCE_AUTH__JWT__ALGORITHM", "RS256"),
+            ("RESOURCE_AUTH__JWT__PUBLIC_KEY_FILE", public.to_str().unwrap()),
+        ];
+        config.extend(provider.config.iter().copied());
+        let app = app_with_jwt(&config).await;
+        let (admin, user) = (idp_token(provider.admin.clone()), idp_token(provider.user.clone()));
+        let name = provider.name;
+
+        // The user creates an instance of their own; the admin sees it, the user is its owner.
+        let id = create_as(&app, &user, "mine").await;
+        let (status, got) =
+            rest(&app, Some(&user), reqwest::Method::GET, &format!("/v1/resources/{id}"), None)
+                .await;
+        assert_eq!(status, 200, "{name}: {got}");
+        assert_eq!(got["user_id"], provider.user["sub"], "{name}: the owner is the token's sub");
+        let (_, all) = rest(&app, Some(&admin), reqwest::Method::GET, "/v1/resources", None).await;
+        assert_eq!(
+            all["resources"].as_array().map(Vec::len),
+            Some(1),
+            "{name}: the admin sees all"
+        );
+        let (status, _) = rest(
+            &app,
+            Some(&user),
+            reqwest::Method::POST,
+            "/v1/resources",
+            Some(json!({"name": "x", "user_id": "someone-else", "spec": spec()})),
+        )
+        .await;
+        assert_eq!(status, 403, "{name}: a user without the admin role is no admin");
+        let admin_id = create_as(&app, &admin, "theirs").await;
+        let (status, _) = rest(
+            &app,
+            Some(&user),
+            reqwest::Method::GET,
+            &format!("/v1/resources/{admin_id}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 404, "{name}: another user's instance does not exist for the user");
+
+        // The audience and the issuer are checked.
+        let mut claims = provider.admin.clone();
+        claims["aud"] = json!("https://someone-else.example.com");
+        let mut wrong_iss = provider.admin.clone();
+        wrong_iss["iss"] = json!("https://evil.example.com");
+        let mut no_aud = provider.admin.clone();
+        no_aud.as_object_mut().unwrap().remove("aud");
+        for (what, claims) in
+            [("another audience", claims), ("another issuer", wrong_iss), ("no aud", no_aud)]
+        {
+            let token = idp_token(claims);
+            let (status, _) =
+                rest(&app, Some(&token), reqwest::Method::GET, "/v1/resources", None).await;
+            assert_eq!(status, 401, "{name}: a token with {what} is refused");
+        }
+    }
+}
+
+#[tokio::test]
+async fn without_a_configured_audience_a_tokens_aud_is_not_checked() {
+    let public = repo_path("tests/fixtures/jwt-test-rsa.pub.pem");
+    let app = app_with_jwt(&[
+        ("RESOURCE_AUTH__JWT__ALGORITHM", "RS256"),
+        ("RESOURCE_AUTH__JWT__PUBLIC_KEY_FILE", public.to_str().unwrap()),
+    ])
+    .await;
+    let keycloak = &providers()[0];
+    let token = idp_token(keycloak.admin.clone());
+    let (status, body) =
+        rest(&app, Some(&token), reqwest::Method::GET, "/v1/resources", None).await;
+    assert_eq!(status, 200, "{body}");
+    // The default roles claim is the top-level `role`: Keycloak's realm roles do not count.
+    let (status, _) = rest(
+        &app,
+        Some(&token),
+        reqwest::Method::POST,
+        "/v1/resources",
+        Some(json!({"name": "x", "user_id": "someone-else", "spec": spec()})),
+    )
+    .await;
+    assert_eq!(status, 403);
+}
