@@ -212,7 +212,7 @@ pub struct Observed {
     /// Still carries the service's finalizer: if it is terminating, someone else
     /// deleted it (the service removes its finalizer before it deletes).
     pub protected: bool,
-    /// Its Service exists where its ports need one.
+    /// Its Service exists (every running instance has one, headless without ports).
     pub service_ok: bool,
 }
 

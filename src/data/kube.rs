@@ -1,6 +1,7 @@
 //! `Cluster` on Kubernetes (kube + k8s-openapi): each instance that should run is a Pod
-//! `inst-<id>` and, when it declares ports, a Service of the same name, server-side
-//! applied with field manager `resource` into one namespace.
+//! `inst-<id>` and a Service of the same name — headless when the instance declares no
+//! ports, so its DNS name resolves to the Pod — server-side applied with field manager
+//! `resource` into one namespace.
 //!
 //! Pods carry the service's finalizer, so a Pod deleted by someone else stays visible
 //! (terminating, still protected) until the reconciler has seen and recorded it (delete
@@ -198,7 +199,7 @@ impl KubeCluster {
                     INSTANCE_LABEL.to_owned(),
                     w.id.get().to_string(),
                 )])),
-                ports: Some(
+                ports: (!w.container.ports.is_empty()).then(|| {
                     w.container
                         .ports
                         .iter()
@@ -209,15 +210,17 @@ impl KubeCluster {
                             protocol: Some(p.protocol.clone()),
                             ..ServicePort::default()
                         })
-                        .collect(),
-                ),
+                        .collect()
+                }),
+                // Without ports, headless: the name resolves to the Pod's own address.
+                cluster_ip: w.container.ports.is_empty().then(|| "None".to_owned()),
                 ..ServiceSpec::default()
             }),
             status: None,
         }
     }
 
-    /// What `pod` says about its instance; `service_ok` is whether its Service exists
+    /// What `pod` says about its instance; `service_exists` is whether its Service exists
     /// (looked up by the caller).
     fn observed(&self, pod: &Pod, service_exists: bool) -> Option<Observed> {
         let meta = &pod.metadata;
@@ -228,7 +231,7 @@ impl KubeCluster {
         let endpoint = Endpoint {
             pod_name: name.clone(),
             pod_ip: pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default(),
-            service_host: if ports.is_empty() { String::new() } else { self.service_host(&name) },
+            service_host: self.service_host(&name),
             ports,
         };
         Some(Observed {
@@ -241,9 +244,18 @@ impl KubeCluster {
             phase: phase(pod),
             terminating: meta.deletion_timestamp.is_some(),
             protected: meta.finalizers.as_ref().is_some_and(|f| f.iter().any(|f| f == FINALIZER)),
-            service_ok: endpoint.ports.is_empty() || service_exists,
+            service_ok: service_exists,
             endpoint,
         })
+    }
+
+    /// Deletes the Service `name`, if there is one.
+    async fn delete_service(&self, name: &str) -> Result<(), ClusterError> {
+        match self.services.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(e) if status_code(&e) == Some(404) => Ok(()),
+            Err(e) => Err(cluster_error(e)),
+        }
     }
 
     /// Removes the service's finalizer from a Pod that still carries it.
@@ -369,24 +381,27 @@ impl Cluster for KubeCluster {
             .patch(&name, &params, &Patch::Apply(&self.pod(workload)))
             .await
             .map_err(cluster_error)?;
-        // Without ports there is no Service: a previous one went with the previous Pod
-        // (`remove` deletes both), so nothing is deleted here.
-        if !workload.container.ports.is_empty() {
-            self.services
-                .patch(&name, &params, &Patch::Apply(&self.service(workload)))
-                .await
-                .map_err(cluster_error)?;
+        let service = self.service(workload);
+        match self.services.patch(&name, &params, &Patch::Apply(&service)).await {
+            Ok(_) => Ok(()),
+            // A Service's clusterIP is immutable: one that must become headless, or stop
+            // being so, is replaced.
+            Err(e) if status_code(&e) == Some(422) => {
+                tracing::info!(service = %name, error = %e, "replacing a Service that cannot be updated in place");
+                self.delete_service(&name).await?;
+                self.services
+                    .patch(&name, &params, &Patch::Apply(&service))
+                    .await
+                    .map(|_| ())
+                    .map_err(cluster_error)
+            }
+            Err(e) => Err(cluster_error(e)),
         }
-        Ok(())
     }
 
     async fn remove(&self, id: InstanceId) -> Result<bool, ClusterError> {
         let name = object_name(id);
-        match self.services.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(e) if status_code(&e) == Some(404) => {}
-            Err(e) => return Err(cluster_error(e)),
-        }
+        self.delete_service(&name).await?;
         let Some(pod) = self.pods.get_opt(&name).await.map_err(cluster_error)? else {
             return Ok(true);
         };
@@ -406,11 +421,7 @@ impl Cluster for KubeCluster {
         let Some(pod) = self.pods.get_opt(&name).await.map_err(cluster_error)? else {
             return Ok(None);
         };
-        let service_exists = if container_ports(&pod).is_empty() {
-            false
-        } else {
-            self.services.get_opt(&name).await.map_err(cluster_error)?.is_some()
-        };
+        let service_exists = self.services.get_opt(&name).await.map_err(cluster_error)?.is_some();
         Ok(self.observed(&pod, service_exists))
     }
 

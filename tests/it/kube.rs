@@ -144,9 +144,61 @@ async fn cpu_and_gpu_instances_become_pods_and_services() {
     let c = &p["spec"]["containers"][0];
     assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "1");
     assert_eq!(p["spec"]["nodeSelector"], json!({"nvidia.com/gpu.product": "Tesla-A100"}));
-    assert!(
-        cluster.fake.get(Kind::Service, NS, &format!("inst-{gpu}")).is_none(),
-        "no ports, no service"
+    let svc = cluster.fake.get(Kind::Service, NS, &format!("inst-{gpu}")).expect("a service");
+    assert_eq!(svc["spec"]["clusterIP"], "None", "no ports: headless");
+}
+
+#[tokio::test]
+async fn an_instance_created_by_an_event_gets_its_network() {
+    use prost::Message;
+    let (app, cluster) = app_with_cluster(Options::default()).await;
+    let broker = Broker::connect().await;
+    let id = 78_001_i64;
+    let name = format!("inst-{id}");
+    let host = format!("{name}.{NS}.svc.cluster.local");
+
+    // Events carry no ports.
+    broker.publish_with_id(&app, &created(id), "net-1").await;
+    let running = wait_status(&app, &id.to_string(), "RUNNING").await;
+
+    let svc = cluster.fake.get(Kind::Service, NS, &name).expect("the instance's Service");
+    assert_eq!(svc["spec"]["clusterIP"], "None", "headless: the name resolves to the Pod");
+    assert_eq!(svc["spec"]["selector"], json!({"resource.io/instance-id": id.to_string()}));
+    assert!(svc["spec"].get("ports").is_none_or(Value::is_null), "{svc}");
+    let endpoint = &running["endpoint"];
+    assert_eq!(endpoint["service_host"], host);
+    assert_eq!(endpoint["pod_name"], name);
+    assert!(endpoint["pod_ip"].as_str().is_some_and(|ip| !ip.is_empty()), "{endpoint}");
+    let listed = call(&app, reqwest::Method::GET, "/v1/resources", None).await;
+    assert_eq!(listed["resources"][0]["endpoint"], *endpoint, "the list shows the endpoint too");
+    let mut running_event = None;
+    while let Some(msg) = broker.get(&app.mq.status_queue, Duration::from_secs(10)).await {
+        let change =
+            resource::pb::mq::v1::InstanceStatusChanged::decode(msg.delivery.data.as_slice())
+                .unwrap();
+        if change.status == "RUNNING" {
+            running_event = Some(change);
+            break;
+        }
+    }
+    let running_event = running_event.expect("a RUNNING status event");
+    assert_eq!(running_event.endpoint, host, "the status event says where it runs");
+
+    // Ports added later: the headless Service is replaced by one with the port (a
+    // Service's clusterIP is immutable).
+    let spec = json!({"config_json": {"ports": [{"name": "http", "port": 8080}]}});
+    call(&app, reqwest::Method::PATCH, &format!("/v1/resources/{id}/spec"), Some(spec)).await;
+    let resized = wait_for(&app, &id.to_string(), "the port in the endpoint", |i| {
+        i["status"] == "RUNNING" && i["endpoint"]["ports"][0]["port"] == 8080
+    })
+    .await;
+    assert_eq!(resized["endpoint"]["service_host"], host);
+    let svc = cluster.fake.get(Kind::Service, NS, &name).expect("the Service");
+    assert_ne!(svc["spec"]["clusterIP"], "None");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 8080);
+    assert_eq!(
+        pod(&cluster, &id.to_string()).unwrap()["spec"]["containers"][0]["image"],
+        "ubuntu:22.04"
     );
 }
 

@@ -33,7 +33,8 @@
 //! - Finalizers and graceful deletion: a deleted object with finalizers keeps a
 //!   `deletionTimestamp` until a patch empties them; a deleted pod keeps its name for
 //!   [`Options::termination_delay`] (immediately with `gracePeriodSeconds: 0`).
-//! - Pod spec immutability: any change but container images is 422 `Invalid`.
+//! - Pod spec immutability: any change but container images is 422 `Invalid`; so is a
+//!   change of a Service's `spec.clusterIP` once set (also to or from `None`, headless).
 //! - A kubelet: a pod is `Pending` when created, `Running` with a pod IP after
 //!   [`Options::kubelet_delay`], or stuck in `ErrImagePull` / `ImagePullBackOff` when an image
 //!   is failing, or `Unschedulable` when its `nodeSelector` is not met.

@@ -328,6 +328,17 @@ fn validate_update(kind: Kind, name: &str, old: &Value, new: &Value) -> Result<(
                       existing tolerations), `spec.terminationGracePeriodSeconds`";
         return Err(ApiError::invalid(kind, name, detail));
     }
+    let cluster_ip = |obj: &Value| obj["spec"]["clusterIP"].as_str().map(str::to_owned);
+    if kind == Kind::Service
+        && cluster_ip(old).is_some_and(|ip| !ip.is_empty())
+        && cluster_ip(new) != cluster_ip(old)
+    {
+        let detail = format!(
+            "spec.clusterIP: Invalid value: {:?}: field is immutable",
+            cluster_ip(new).unwrap_or_default()
+        );
+        return Err(ApiError::invalid(kind, name, &detail));
+    }
     Ok(())
 }
 

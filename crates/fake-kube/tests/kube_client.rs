@@ -187,6 +187,30 @@ async fn a_service_keeps_its_cluster_ip_across_applies() {
 }
 
 #[tokio::test]
+async fn a_services_cluster_ip_is_immutable_also_to_and_from_headless() {
+    let (_fake, client) = start(Options::default()).await;
+    let services: Api<Service> = Api::namespaced(client, NS);
+    let service = |spec: serde_json::Value| -> Service {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"}, "spec": spec,
+        }))
+        .expect("a valid service")
+    };
+    let headed = service(json!({"selector": {"i": "p"}, "ports": [{"port": 22}]}));
+    let headless = service(json!({"selector": {"i": "p"}, "clusterIP": "None"}));
+
+    services.patch("s", &apply(), &Patch::Apply(&headed)).await.expect("apply");
+    let turned = services.patch("s", &apply(), &Patch::Apply(&headless)).await;
+    assert_eq!(api_error(turned), (422, "Invalid".to_string()));
+    services.delete("s", &Default::default()).await.expect("delete");
+    let created = services.patch("s", &apply(), &Patch::Apply(&headless)).await.expect("apply");
+    assert_eq!(created.spec.and_then(|s| s.cluster_ip).as_deref(), Some("None"));
+    // As the real API server, an apply that leaves clusterIP out keeps the allocated value.
+    let back = services.patch("s", &apply(), &Patch::Apply(&headed)).await.expect("apply");
+    assert_eq!(back.spec.and_then(|s| s.cluster_ip).as_deref(), Some("None"));
+}
+
+#[tokio::test]
 async fn changing_a_pods_resources_is_invalid_but_changing_its_image_is_not() {
     let (_fake, client) = start(Options::default()).await;
     let pods: Api<Pod> = Api::namespaced(client, NS);
