@@ -17,8 +17,10 @@ use resource::pb::{
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+use fake_kube::{FakeKube, Kind, Options};
+
 use crate::{
-    helpers::{AppOptions, spawn_app_with},
+    helpers::{AppOptions, TestApp, spawn_app_with},
     mq::{Broker, event},
 };
 
@@ -106,33 +108,32 @@ struct Asked {
     request_id: String,
     /// The image a spec change asked for.
     image: Option<String>,
-    /// Where it answered (`None` for events, which answer nothing).
+    /// The HTTP status it was answered with, gRPC codes mapped to theirs (`None` for
+    /// events, which answer nothing).
     answer: Option<u16>,
 }
 
-#[tokio::test]
-async fn two_hundred_forty_concurrent_mutations_on_one_instance_lose_nothing() {
-    // Calls are not cut by the request timeout: every one of them must answer.
-    let app = spawn_app_with(AppOptions {
-        env: vec![
-            ("RESOURCE_SERVER__HTTP__TIMEOUT".into(), "60s".into()),
-            ("RESOURCE_SERVER__GRPC__TIMEOUT".into(), "60s".into()),
-        ],
-        ..Default::default()
-    })
-    .await;
-    let replica = app.replica().await;
-    let body = json!({"name": "contended", "user_id": "u1",
-                      "spec": {"cpu": 1, "memory": 1024, "gpu": 0, "image": "nginx:1.0"}});
-    let created = app.create_at(&app.http, &body).await;
-    let id: i64 = created["instance_id"].as_str().unwrap().parse().unwrap();
+/// Runs `count` mixed mutations of instance `id` at once: PATCHes, stops and starts over
+/// REST on `app` and on the replica at `replica_http`, spec changes, stops and starts
+/// over gRPC, and STOP, START and SPEC_CHANGED events.
+async fn mutate_concurrently(
+    app: &TestApp,
+    replica_http: &str,
+    id: i64,
+    round: &str,
+    count: usize,
+) -> Vec<Asked> {
     let broker = Broker::connect().await;
     let grpc = ResourceServiceClient::new(app.grpc_channel().await);
-
+    let grpc_answer = |result: Result<(), tonic::Status>| match result {
+        Ok(()) => 200,
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => 409,
+        Err(s) => panic!("gRPC call failed: {s:?}"),
+    };
     let mut ops: Vec<BoxFuture<'_, Asked>> = Vec::new();
-    for n in 0..240_usize {
-        let request_id = format!("race-{n}");
-        let http = if n % 2 == 0 { app.http.clone() } else { replica.http.clone() };
+    for n in 0..count {
+        let request_id = format!("{round}-{n}");
+        let http = if n % 2 == 0 { app.http.clone() } else { replica_http.to_owned() };
         let client = app.client.clone();
         let rest = move |method: reqwest::Method,
                          path: String,
@@ -152,7 +153,7 @@ async fn two_hundred_forty_concurrent_mutations_on_one_instance_lose_nothing() {
         let op: BoxFuture<'_, Asked> = match n % 8 {
             0 | 1 => {
                 let image = format!("nginx:1.{n}");
-                let body = json!({"cpu": cpu, "memory": 1024, "gpu": 0, "image": image});
+                let body = json!({"cpu": cpu, "image": image});
                 let path = format!("/v1/resources/{id}/spec");
                 async move {
                     let answer = rest(reqwest::Method::PATCH, path, Some(body), request_id.clone());
@@ -173,7 +174,7 @@ async fn two_hundred_forty_concurrent_mutations_on_one_instance_lose_nothing() {
                 let mut grpc = grpc.clone();
                 let image = format!("redis:7.{n}");
                 let spec =
-                    ResourceSpec { cpu, memory: 2048, image: image.clone(), ..Default::default() };
+                    ResourceSpec { memory: 2048, image: image.clone(), ..Default::default() };
                 async move {
                     let mut req = tonic::Request::new(UpdateResourceSpecRequest {
                         instance_id: id,
@@ -181,10 +182,7 @@ async fn two_hundred_forty_concurrent_mutations_on_one_instance_lose_nothing() {
                         update_mask: None,
                     });
                     req.metadata_mut().insert("x-request-id", request_id.parse().unwrap());
-                    let answer = match grpc.update_resource_spec(req).await {
-                        Ok(_) => 200,
-                        Err(status) => panic!("gRPC UpdateResourceSpec failed: {status:?}"),
-                    };
+                    let answer = grpc_answer(grpc.update_resource_spec(req).await.map(drop));
                     Asked { request_id, image: Some(image), answer: Some(answer) }
                 }
                 .boxed()
@@ -199,17 +197,13 @@ async fn two_hundred_forty_concurrent_mutations_on_one_instance_lose_nothing() {
                     } else {
                         grpc.start_resource(req).await
                     };
-                    let answer = match result {
-                        Ok(_) => 200,
-                        Err(status) => panic!("gRPC stop/start failed: {status:?}"),
-                    };
+                    let answer = grpc_answer(result.map(drop));
                     Asked { request_id, image: None, answer: Some(answer) }
                 }
                 .boxed()
             }
             _ => {
                 let broker = &broker;
-                let app = &app;
                 // Distinct timestamps as well as distinct message ids, so these events are
                 // distinct commands whichever identity rule applies.
                 let timestamp = 1_800_000_000 + i64::try_from(n).unwrap();
@@ -239,12 +233,7 @@ async fn two_hundred_forty_concurrent_mutations_on_one_instance_lose_nothing() {
     }
     let asked = futures::future::join_all(ops).await;
 
-    for a in &asked {
-        if let Some(answer) = a.answer {
-            assert_eq!(answer, 200, "{} was answered {answer}", a.request_id);
-        }
-    }
-    let events = asked.iter().filter(|a| a.answer.is_none()).count();
+    let events = asked.iter().filter(|a| a.answer.is_none()).count() as i64;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let consumed: i64 = sqlx::query_scalar(
@@ -254,7 +243,7 @@ async fn two_hundred_forty_concurrent_mutations_on_one_instance_lose_nothing() {
         .fetch_one(&app.pool)
         .await
         .unwrap();
-        if consumed >= events as i64 {
+        if consumed >= events {
             break;
         }
         assert!(
@@ -263,13 +252,15 @@ async fn two_hundred_forty_concurrent_mutations_on_one_instance_lose_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    asked
+}
 
+/// Every mutation has exactly one audit row, and every applied spec change is the one
+/// its request asked for; the trail is an unbroken chain. Returns the trail.
+async fn assert_every_mutation_audited(app: &TestApp, id: i64, asked: &[Asked]) -> Vec<AuditRow> {
     let rows = assert_unbroken_chain(&app.pool, id).await;
-    // Every mutation has exactly one audit row, and every applied spec change is the one
-    // its request asked for.
-    for a in &asked {
-        let mine: Vec<&crate::races::AuditRow> =
-            rows.iter().filter(|r| r.request_id == a.request_id).collect();
+    for a in asked {
+        let mine: Vec<&AuditRow> = rows.iter().filter(|r| r.request_id == a.request_id).collect();
         assert_eq!(mine.len(), 1, "{} has {} audit rows", a.request_id, mine.len());
         if let (Some(image), "ok") = (&a.image, mine[0].outcome.as_str()) {
             let after = mine[0].after.as_ref().unwrap();
@@ -280,8 +271,111 @@ async fn two_hundred_forty_concurrent_mutations_on_one_instance_lose_nothing() {
                 a.request_id
             );
         }
+        let outcome = mine[0].outcome.as_str();
+        match a.answer {
+            Some(200) => {
+                assert!(matches!(outcome, "ok" | "ignored"), "{}: 200 but {outcome}", a.request_id)
+            }
+            Some(409) => assert_eq!(outcome, "rejected", "{}: 409", a.request_id),
+            Some(other) => panic!("{} was answered {other}", a.request_id),
+            None => {}
+        }
     }
     let applied_specs =
         rows.iter().filter(|r| r.action == "CHANGE_SPEC" && r.outcome == "ok").count();
-    assert!(applied_specs > 50, "the race exercised spec changes ({applied_specs} applied)");
+    assert!(
+        applied_specs > asked.len() / 8,
+        "the race exercised spec changes ({applied_specs} applied)"
+    );
+    rows
+}
+
+#[tokio::test]
+async fn two_hundred_forty_concurrent_mutations_on_one_instance_lose_nothing() {
+    // Calls are not cut by the request timeout: every one of them must answer.
+    let app = spawn_app_with(AppOptions {
+        env: vec![
+            ("RESOURCE_SERVER__HTTP__TIMEOUT".into(), "60s".into()),
+            ("RESOURCE_SERVER__GRPC__TIMEOUT".into(), "60s".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let replica = app.replica().await;
+    let body = json!({"name": "contended", "user_id": "u1",
+                      "spec": {"cpu": 1, "memory": 1024, "gpu": 0, "image": "nginx:1.0"}});
+    let id = id_of(&app.create_at(&app.http, &body).await);
+
+    let asked = mutate_concurrently(&app, &replica.http, id, "race", 240).await;
+
+    // Without a cluster every move is legal: every call is applied or an audited no-op.
+    assert!(asked.iter().all(|a| a.answer.is_none_or(|code| code == 200)));
+    assert_every_mutation_audited(&app, id, &asked).await;
+}
+
+#[tokio::test]
+async fn mutations_racing_the_reconciler_on_two_replicas_lose_nothing() {
+    let fake =
+        FakeKube::start(Options { kubelet_delay: Duration::from_millis(30), ..Options::default() })
+            .await
+            .expect("start the fake API server");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, fake.kubeconfig_yaml("instances")).unwrap();
+    let app = spawn_app_with(AppOptions {
+        env: vec![
+            ("RESOURCE_SERVER__HTTP__TIMEOUT".into(), "60s".into()),
+            ("RESOURCE_SERVER__GRPC__TIMEOUT".into(), "60s".into()),
+            ("RESOURCE_DATA__KUBERNETES__ENABLED".into(), "true".into()),
+            ("RESOURCE_DATA__KUBERNETES__KUBECONFIG".into(), kubeconfig.display().to_string()),
+            ("RESOURCE_DATA__KUBERNETES__NAMESPACE".into(), "instances".into()),
+            ("RESOURCE_DATA__KUBERNETES__POLL_INTERVAL".into(), "50ms".into()),
+            ("RESOURCE_DATA__KUBERNETES__API_QPS".into(), "1000".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let replica = app.replica().await;
+    let body = json!({"name": "contended", "user_id": "u1",
+                      "spec": {"cpu": 1, "memory": 1024, "gpu": 0, "image": "nginx:1.0"}});
+    let id = id_of(&app.create_at(&app.http, &body).await);
+
+    // Spread over a few seconds, so that the reconciler's moves land between them.
+    let mut asked = Vec::new();
+    for round in 0..4 {
+        let round = format!("round{round}");
+        asked.extend(mutate_concurrently(&app, &replica.http, id, &round, 40).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Let the reconciler finish what is in flight.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let stored = loop {
+        let (status, image): (String, String) = sqlx::query_as(
+            "SELECT i.status, s.image FROM instances i JOIN instance_specs s USING (instance_id) \
+             WHERE i.instance_id = $1",
+        )
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if matches!(status.as_str(), "RUNNING" | "STOPPED" | "FAILED") {
+            break (status, image);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never settled: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    let rows = assert_every_mutation_audited(&app, id, &asked).await;
+    let moves = rows.iter().filter(|r| r.action == "STATUS_CHANGE").count();
+    assert!(moves > 4, "the reconciler took part ({moves} moves)");
+    // The cluster runs what is stored: no reconcile step applied a spec it read before a
+    // later change committed.
+    if stored.0 == "RUNNING" {
+        let pod = fake.get(Kind::Pod, "instances", &format!("inst-{id}")).expect("the pod");
+        assert_eq!(pod["spec"]["containers"][0]["image"], json!(stored.1));
+    }
+}
+
+fn id_of(resource: &Value) -> i64 {
+    resource["instance_id"].as_str().expect("an instance_id").parse().unwrap()
 }
