@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let wkt_include = protoc_bin_vendored::include_path()?;
 
     tonic_prost_build::configure()
+        // prost's codec, but an undecodable request is INVALID_ARGUMENT (src/server/codec.rs).
+        .codec_path("crate::server::codec::Codec")
         .file_descriptor_set_path(&descriptor_path)
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")

@@ -34,6 +34,10 @@ pub struct Bootstrap {
     /// Logging.
     #[serde(default)]
     pub log: Log,
+    /// Keys present in the files or the environment that no setting reads (a misspelt
+    /// key or section), as dotted paths; logged as warnings at start-up.
+    #[serde(skip)]
+    pub unknown_keys: Vec<String>,
 }
 
 /// Listeners of the two API transports.
@@ -80,6 +84,13 @@ pub struct GrpcServer {
     /// long-lived clients spread over replicas as they come and go.
     #[serde(default = "default_max_connection_age", deserialize_with = "de_duration")]
     pub max_connection_age: Duration,
+    /// Largest accepted request message, in bytes; larger ones are `RESOURCE_EXHAUSTED`.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+fn default_max_message_bytes() -> usize {
+    4 << 20
 }
 
 fn default_max_connection_age() -> Duration {
@@ -448,13 +459,19 @@ pub fn load_with_env(dir: &Path, env: HashMap<String, String>) -> Result<Bootstr
         .add_source(env_source)
         .build()
         .map_err(|e| ConfigError(format!("{}: {}", dir.display(), one_line(&e))))?;
-    let conf: Bootstrap = merged.try_deserialize().map_err(|e| {
+    let mut unknown_keys = Vec::new();
+    let mut conf: Bootstrap = serde_ignored::deserialize(merged, |path| {
+        unknown_keys.push(path.to_string());
+    })
+    .map_err(|e| {
         ConfigError(format!(
             "{} (in {}/*.yaml or RESOURCE_* environment)",
             one_line(&e),
             dir.display()
         ))
     })?;
+    unknown_keys.sort();
+    conf.unknown_keys = unknown_keys;
     conf.validate().map_err(|e| ConfigError(format!("{e} (in {}/*.yaml)", dir.display())))?;
     Ok(conf)
 }
@@ -706,7 +723,7 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
         total += value * scale;
         rest = &rest[unit_len..];
     }
-    Ok(Duration::from_secs_f64(total))
+    Duration::try_from_secs_f64(total).map_err(|_| format!("duration {raw:?} is out of range"))
 }
 
 #[cfg(test)]
@@ -726,7 +743,7 @@ mod tests {
         for (raw, want) in cases {
             assert_eq!(parse_duration(raw), Ok(want), "{raw}");
         }
-        for raw in ["", "1", "s", "1x", "1.2.3s", "-1s"] {
+        for raw in ["", "1", "s", "1x", "1.2.3s", "-1s", "9999999999999999h", "1e400s"] {
             assert!(parse_duration(raw).is_err(), "{raw} should be rejected");
         }
     }
@@ -763,6 +780,20 @@ mod tests {
         let env =
             HashMap::from([("RESOURCE_AUTH__JWT__ROLES_CLAIM".to_owned(), "a..b".to_owned())]);
         assert!(load_with_env(dir.path(), env).unwrap_err().to_string().contains("roles_claim"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = std::fs::read_to_string("configs/config.yaml").unwrap();
+        std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
+        std::fs::write(dir.path().join("zz.yaml"), "data:\n  databse:\n    source: x\ntrace: {}\n")
+            .unwrap();
+        let env = HashMap::from([("RESOURCE_SERVER__HTTP__TIMEOUTT".to_owned(), "2s".to_owned())]);
+
+        let conf = load_with_env(dir.path(), env).unwrap();
+
+        assert_eq!(conf.unknown_keys, ["data.databse", "server.http.timeoutt", "trace"]);
     }
 
     #[test]

@@ -96,6 +96,9 @@ fn main() -> ExitCode {
         }
     };
     let traces = init_tracing(&conf.log);
+    for key in &conf.unknown_keys {
+        tracing::warn!(key = %key, "unknown configuration key ignored (misspelt?)");
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

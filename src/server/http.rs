@@ -78,6 +78,7 @@ pub fn router(state: AppState, conf: &conf::HttpServer) -> Router {
         .layer(middleware::from_fn_with_state(limits, enforce_limits))
         .layer(
             ServiceBuilder::new()
+                .layer(super::edge::SanitizeRequestIdLayer)
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
                 .layer(
                     TraceLayer::new_for_http()
@@ -286,6 +287,20 @@ impl FromRequestParts<AppState> for HttpCaller {
     }
 }
 
+/// One path segment as text, whose rejection (`%FF`: not UTF-8) is the JSON 400.
+pub struct Segment(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Segment {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, HttpError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(segment)| Segment(segment))
+            .map_err(|r| HttpError::from(biz::Error::invalid("path", r.body_text())))
+    }
+}
+
 /// The `instance_id` path segment, parsed with a clear error.
 pub struct InstanceIdPath(pub i64);
 
@@ -293,17 +308,12 @@ impl<S: Send + Sync> FromRequestParts<S> for InstanceIdPath {
     type Rejection = HttpError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, HttpError> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|r| HttpError::from(biz::Error::invalid("instance_id", r.body_text())))?;
+        let Segment(raw) = Segment::from_request_parts(parts, state).await?;
         parse_instance_id(&raw).map(InstanceIdPath)
     }
 }
 
-async fn say_hello(
-    State(app): State<AppState>,
-    Path(name): Path<String>,
-) -> Json<hello::HelloReply> {
+async fn say_hello(State(app): State<AppState>, Segment(name): Segment) -> Json<hello::HelloReply> {
     Json(app.greeter.say_hello(hello::HelloRequest { name }))
 }
 
@@ -367,7 +377,7 @@ async fn instance_route(
     State(app): State<AppState>,
     HttpCaller(caller): HttpCaller,
     method: Method,
-    Path(segment): Path<String>,
+    Segment(segment): Segment,
 ) -> Response {
     let result = match segment.split_once(':') {
         None => match method {

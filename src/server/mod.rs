@@ -4,6 +4,8 @@
 //! Depends on `service`, `pb`, `conf` and `biz::Error`; never on repositories or `data`.
 
 pub mod auth;
+pub mod codec;
+pub mod edge;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
@@ -112,6 +114,8 @@ impl Servers {
         let grpc = tonic::transport::Server::builder()
             .max_connection_age(self.conf.grpc.max_connection_age)
             .layer(metrics::GrpcMetricsLayer)
+            .layer(edge::GrpcRefusalsLayer { max_message_bytes: self.conf.grpc.max_message_bytes })
+            .layer(edge::SanitizeRequestIdLayer)
             .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
             .layer(TraceLayer::new_for_grpc().make_span_with(|req: &axum::http::Request<_>| {
                 let request_id = req
@@ -126,16 +130,20 @@ impl Servers {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(hello::greeter_server::GreeterServer::new(grpc::GreeterApi::new(
-                self.services.greeter.clone(),
-            )))
-            .add_service(res::resource_service_server::ResourceServiceServer::new(
-                grpc::ResourceApi::new(
+            .add_service(
+                hello::greeter_server::GreeterServer::new(grpc::GreeterApi::new(
+                    self.services.greeter.clone(),
+                ))
+                .max_decoding_message_size(self.conf.grpc.max_message_bytes),
+            )
+            .add_service(
+                res::resource_service_server::ResourceServiceServer::new(grpc::ResourceApi::new(
                     self.services.resource.clone(),
                     self.services.auth.clone(),
                     self.conf.grpc.timeout,
-                ),
-            ))
+                ))
+                .max_decoding_message_size(self.conf.grpc.max_message_bytes),
+            )
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
                 token.clone().cancelled_owned(),

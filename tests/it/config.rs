@@ -39,6 +39,11 @@ fn the_shipped_config_loads_with_the_documented_values() {
     assert!(!conf.data.kubernetes.enabled);
     assert_eq!(conf.auth.mode, AuthMode::None);
     assert_eq!(conf.snowflake.node_id, NodeId::Auto);
+    assert!(
+        conf.unknown_keys.is_empty(),
+        "the shipped file names only real keys: {:?}",
+        conf.unknown_keys
+    );
 }
 
 #[test]

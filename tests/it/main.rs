@@ -13,6 +13,7 @@ mod openapi;
 mod postgres;
 mod proxy;
 mod races;
+mod refusals;
 mod replicas;
 mod secrets;
 mod shutdown;
