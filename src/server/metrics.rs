@@ -11,8 +11,13 @@
 //! | `resource_reconcile_operations_total` / `resource_reconcile_errors_total` | step / — |
 //! | `resource_db_pool_connections` | state (`idle`, `in_use`) |
 //! | `resource_db_pool_max_connections` | — |
+//!
+//! Every label value comes from a closed set, whatever a client sends: standard HTTP
+//! methods, matched route templates and the known RPCs, else `other` (or `unmatched`
+//! for a route), so no client can grow the exposition.
 
 use std::{
+    collections::HashSet,
     future::Future,
     pin::Pin,
     sync::OnceLock,
@@ -75,15 +80,57 @@ pub async fn track_http(req: Request, next: Next) -> Response {
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().as_str().to_owned();
+    let method = http_method_label(req.method());
     let started = Instant::now();
     let response = next.run(req).await;
     let status = response.status().as_u16().to_string();
-    metrics::counter!("resource_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
+    metrics::counter!("resource_http_requests_total", "route" => route.clone(), "method" => method, "status" => status)
         .increment(1);
     metrics::histogram!("resource_http_request_duration_seconds", "route" => route, "method" => method)
         .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// The label of an HTTP method: a standard one, else `other`.
+fn http_method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method as M;
+    match *method {
+        M::GET => "GET",
+        M::HEAD => "HEAD",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::DELETE => "DELETE",
+        M::PATCH => "PATCH",
+        M::OPTIONS => "OPTIONS",
+        M::CONNECT => "CONNECT",
+        M::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// The label of a gRPC request path: one of the served RPCs, else `other`.
+fn grpc_method_label(path: &str) -> String {
+    static KNOWN: OnceLock<HashSet<String>> = OnceLock::new();
+    let known = KNOWN.get_or_init(|| {
+        let mut known: HashSet<String> = [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ]
+        .map(str::to_owned)
+        .into();
+        // The descriptor set is compiled into the binary by build.rs.
+        if let Ok(pool) = prost_reflect::DescriptorPool::decode(crate::pb::FILE_DESCRIPTOR_SET) {
+            for service in pool.services() {
+                for method in service.methods() {
+                    known.insert(format!("/{}/{}", service.full_name(), method.name()));
+                }
+            }
+        }
+        known
+    });
+    if known.contains(path) { path.to_owned() } else { "other".to_owned() }
 }
 
 /// A tower layer counting and timing gRPC calls by method and status code.
@@ -122,7 +169,7 @@ where
     }
 
     fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
-        let method = req.uri().path().to_owned();
+        let method = grpc_method_label(req.uri().path());
         let started = Instant::now();
         let call = self.inner.call(req);
         Box::pin(async move {
@@ -134,15 +181,37 @@ where
                     .headers()
                     .get("grpc-status")
                     .and_then(|v| v.to_str().ok())
-                    .unwrap_or("0")
-                    .to_owned(),
-                Err(_) => "2".to_owned(),
-            };
+                    .and_then(|c| c.parse::<u8>().ok())
+                    .filter(|c| *c <= 16)
+                    .unwrap_or(0),
+                Err(_) => 2,
+            }
+            .to_string();
             metrics::counter!("resource_grpc_requests_total", "method" => method.clone(), "code" => code)
                 .increment(1);
             metrics::histogram!("resource_grpc_request_duration_seconds", "method" => method)
                 .record(started.elapsed().as_secs_f64());
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_come_from_closed_sets() {
+        assert_eq!(http_method_label(&axum::http::Method::PATCH), "PATCH");
+        let made_up = axum::http::Method::from_bytes(b"FROBNICATE").unwrap();
+        assert_eq!(http_method_label(&made_up), "other");
+        let list = "/resource.v1.resourceService/ListResources";
+        assert_eq!(grpc_method_label(list), list);
+        assert_eq!(
+            grpc_method_label("/grpc.health.v1.Health/Check"),
+            "/grpc.health.v1.Health/Check"
+        );
+        assert_eq!(grpc_method_label("/resource.v1.resourceService/Nope"), "other");
+        assert_eq!(grpc_method_label("/x"), "other");
     }
 }

@@ -10,6 +10,7 @@ use resource::pb::resource::v1::{
 use crate::{
     helpers::spawn_app,
     mq::{Broker, created},
+    refusals::{raw_call, raw_client},
 };
 
 fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -113,4 +114,56 @@ async fn metrics_count_what_was_sent() {
     );
     assert!(value(&scrape, "resource_db_pool_connections", &[("state", "in_use")]).is_some());
     assert!(value(&scrape, "resource_outbox_backlog", &[]).is_some());
+}
+
+#[tokio::test]
+async fn made_up_methods_and_unknown_rpcs_do_not_grow_the_exposition() {
+    use futures::StreamExt;
+    let app = spawn_app().await;
+    // One of each, so every series a stranger could reach exists before measuring.
+    app.get("/v1/resources").await;
+    let size = |text: &str| text.len();
+    let before = app.get("/metrics").await.text().await.unwrap();
+
+    let requests = futures::stream::iter(0..20_000).map(|n| {
+        let app = &app;
+        async move {
+            let method = reqwest::Method::from_bytes(format!("M{n}X").as_bytes()).unwrap();
+            let path =
+                if n % 2 == 0 { format!("/v1/resources/{n}") } else { format!("/made/up/{n}") };
+            let response =
+                app.client.request(method, format!("{}{path}", app.http)).send().await.unwrap();
+            assert!(response.status().is_client_error(), "{}", response.status());
+        }
+    });
+    requests.buffer_unordered(32).collect::<Vec<()>>().await;
+    let mut client = raw_client(&app.grpc).await;
+    for n in 0..2_000 {
+        let path = if n % 2 == 0 {
+            format!("/resource.v1.resourceService/Made{n}")
+        } else {
+            format!("/made.up.v{n}.Service/Call")
+        };
+        let status = raw_call(&mut client, &path, Vec::new()).await;
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
+    }
+
+    let after = app.get("/metrics").await.text().await.unwrap();
+    let methods: std::collections::BTreeSet<&str> = after
+        .lines()
+        .filter(|l| {
+            l.starts_with("resource_http_requests_total{")
+                || l.starts_with("resource_grpc_requests_total{")
+        })
+        .filter_map(|l| l.split("method=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(methods.len() <= 6, "method labels: {methods:?}");
+    assert!(methods.contains("other"), "{methods:?}");
+    // A handful of new series (method `other`, the routes, 404 and 405, gRPC `other`).
+    assert!(
+        size(&after) < size(&before) + 16 * 1024,
+        "/metrics grew from {} to {} bytes",
+        size(&before),
+        size(&after)
+    );
 }

@@ -53,24 +53,33 @@ impl Decoder for Raw {
     }
 }
 
-async fn raw_call(grpc: &str, path: &'static str, body: Vec<u8>) -> tonic::Status {
+/// A gRPC client that puts raw bytes on the wire.
+pub(crate) async fn raw_client(grpc: &str) -> tonic::client::Grpc<tonic::transport::Channel> {
     let channel =
         tonic::transport::Endpoint::from_shared(grpc.to_owned()).unwrap().connect().await.unwrap();
-    let mut client = tonic::client::Grpc::new(channel).max_encoding_message_size(usize::MAX);
+    tonic::client::Grpc::new(channel).max_encoding_message_size(usize::MAX)
+}
+
+/// Calls `path` with `body` as the message; the refusal it gets.
+pub(crate) async fn raw_call(
+    client: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    path: &str,
+    body: Vec<u8>,
+) -> tonic::Status {
     client.ready().await.unwrap();
-    client
-        .unary(tonic::Request::new(body), PathAndQuery::from_static(path), RawCodec::default())
-        .await
-        .expect_err("refused")
+    let path = PathAndQuery::try_from(path.to_owned()).unwrap();
+    client.unary(tonic::Request::new(body), path, RawCodec::default()).await.expect_err("refused")
 }
 
 #[tokio::test]
 async fn grpc_messages_that_do_not_decode_or_are_too_large_are_refused_with_error_info() {
     let app = spawn_app().await;
+    let mut client = raw_client(&app.grpc).await;
 
     // A field 1 varint cut short, and a field of a wire type GetResourceRequest cannot hold.
     for garbage in [vec![0x08, 0xff], vec![0x0a, 0x05, 0x01]] {
-        let status = raw_call(&app.grpc, "/resource.v1.resourceService/GetResource", garbage).await;
+        let status =
+            raw_call(&mut client, "/resource.v1.resourceService/GetResource", garbage).await;
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         let info = status.get_error_details().error_info().cloned().expect("ErrorInfo");
         assert_eq!(
@@ -81,7 +90,7 @@ async fn grpc_messages_that_do_not_decode_or_are_too_large_are_refused_with_erro
 
     let oversized = vec![0u8; 5 << 20]; // above the 4 MiB default
     let status =
-        raw_call(&app.grpc, "/resource.v1.resourceService/CreateResource", oversized).await;
+        raw_call(&mut client, "/resource.v1.resourceService/CreateResource", oversized).await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     let info = status.get_error_details().error_info().cloned().expect("ErrorInfo");
     assert_eq!(info.reason, "PAYLOAD_TOO_LARGE");
