@@ -3,13 +3,16 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
+use futures::Stream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tonic_health::pb::{self as health, health_check_response::ServingStatus};
 
 use super::{auth::Authenticator, status::to_status};
 use crate::{
     biz::{self, Source},
     pb::{helloworld::v1 as hello, resource::v1 as pb},
-    service::{Caller, GreeterService, ResourceAction, ResourceService},
+    service::{Caller, GreeterService, HealthService, ResourceAction, ResourceService},
 };
 
 /// `resource.v1.resourceService`.
@@ -149,6 +152,76 @@ impl hello::greeter_server::Greeter for GreeterApi {
         req: Request<hello::HelloRequest>,
     ) -> Result<Response<hello::HelloReply>, Status> {
         Ok(Response::new(self.svc.say_hello(req.into_inner())))
+    }
+}
+
+/// `grpc.health.v1.Health`, answered from the same readiness as `GET /readyz`, checked
+/// at each call (so the two never disagree, from the first moment): the whole server
+/// (`""`) and `resource.v1.resourceService`. `NOT_SERVING` once shutdown began.
+pub struct HealthApi {
+    health: HealthService,
+    stopping: CancellationToken,
+}
+
+/// How often a `Watch` looks at readiness again.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+impl HealthApi {
+    /// Health over `health`; `stopping` is cancelled when shutdown begins.
+    pub fn new(health: HealthService, stopping: CancellationToken) -> Self {
+        Self { health, stopping }
+    }
+
+    async fn status(&self, service: &str) -> Option<ServingStatus> {
+        if !matches!(service, "" | "resource.v1.resourceService") {
+            return None;
+        }
+        let serving = !self.stopping.is_cancelled() && self.health.readiness().await.ready;
+        Some(if serving { ServingStatus::Serving } else { ServingStatus::NotServing })
+    }
+}
+
+#[tonic::async_trait]
+impl health::health_server::Health for HealthApi {
+    async fn check(
+        &self,
+        req: Request<health::HealthCheckRequest>,
+    ) -> Result<Response<health::HealthCheckResponse>, Status> {
+        let service = req.into_inner().service;
+        match self.status(&service).await {
+            Some(status) => {
+                Ok(Response::new(health::HealthCheckResponse { status: status as i32 }))
+            }
+            None => Err(Status::not_found(format!("unknown service {service:?}"))),
+        }
+    }
+
+    type WatchStream = std::pin::Pin<
+        Box<dyn Stream<Item = Result<health::HealthCheckResponse, Status>> + Send + 'static>,
+    >;
+
+    async fn watch(
+        &self,
+        req: Request<health::HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let service = req.into_inner().service;
+        let this = HealthApi { health: self.health.clone(), stopping: self.stopping.clone() };
+        // The current status at once, then each change.
+        let changes = futures::stream::unfold((this, None), move |(this, last)| {
+            let service = service.clone();
+            async move {
+                loop {
+                    let status =
+                        this.status(&service).await.unwrap_or(ServingStatus::ServiceUnknown);
+                    if last != Some(status) {
+                        let reply = health::HealthCheckResponse { status: status as i32 };
+                        return Some((Ok(reply), (this, Some(status))));
+                    }
+                    tokio::time::sleep(WATCH_EVERY).await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(changes)))
     }
 }
 

@@ -13,12 +13,11 @@ pub mod mq;
 pub mod openapi;
 pub mod status;
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::{ServingStatus, server::HealthReporter};
 use tower_http::{
     LatencyUnit,
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
@@ -32,9 +31,6 @@ use crate::{
     pb::{self, helloworld::v1 as hello, resource::v1 as res},
     service::{GreeterService, HealthService, ResourceService},
 };
-
-/// How often gRPC health follows readiness.
-const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The services the transports expose.
 #[derive(Clone)]
@@ -98,8 +94,9 @@ impl Servers {
             on_shutdown.cancel();
         });
 
-        let (reporter, health_service) = tonic_health::server::health_reporter();
-        tokio::spawn(follow_readiness(self.services.health.clone(), reporter, token.clone()));
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            grpc::HealthApi::new(self.services.health.clone(), token.clone()),
+        );
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -166,31 +163,5 @@ impl Servers {
         grpc_result?;
         http_result?;
         Ok(())
-    }
-}
-
-/// Keeps `grpc.health.v1` in step with readiness until `token` is cancelled.
-async fn follow_readiness(
-    health: HealthService,
-    reporter: HealthReporter,
-    token: CancellationToken,
-) {
-    let services = ["", "resource.v1.resourceService"];
-    loop {
-        let status = if health.readiness().await.ready {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        for name in services {
-            reporter.set_service_status(name, status).await;
-        }
-        tokio::select! {
-            _ = token.cancelled() => break,
-            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
-        }
-    }
-    for name in services {
-        reporter.set_service_status(name, ServingStatus::NotServing).await;
     }
 }

@@ -128,18 +128,16 @@ async fn health_reports_serving_and_reflection_lists_the_services() {
     let app = spawn_app().await;
     let channel = app.grpc_channel().await;
 
-    // gRPC health follows readiness within its polling interval.
+    // gRPC health agrees with /readyz (which answered 200 for spawn_app) from the first
+    // moment: no polling interval to wait for.
     let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
     let mut health = HealthClient::new(channel.clone());
-    let mut status = 0;
-    for _ in 0..50 {
-        let req = HealthCheckRequest { service: "resource.v1.resourceService".into() };
-        status = health.check(req).await.unwrap().into_inner().status;
-        if status == serving {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let req = HealthCheckRequest { service: "resource.v1.resourceService".into() };
+    let status = health.check(req).await.unwrap().into_inner().status;
+    let whole = health.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    assert_eq!(whole.into_inner().status, serving);
+    let unknown = health.check(HealthCheckRequest { service: "nope.v1.Nope".into() }).await;
+    assert_eq!(unknown.unwrap_err().code(), tonic::Code::NotFound);
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -159,4 +157,39 @@ async fn health_reports_serving_and_reflection_lists_the_services() {
     for want in ["resource.v1.resourceService", "helloworld.v1.Greeter", "grpc.health.v1.Health"] {
         assert!(names.contains(&want.to_owned()), "{want} not in {names:?}");
     }
+}
+
+#[tokio::test]
+async fn grpc_health_and_readyz_say_the_same_through_an_outage() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let proxy =
+        crate::proxy::Proxy::start(crate::proxy::target_of(&crate::helpers::admin_url(), 5432))
+            .await;
+    let app = crate::helpers::spawn_app_with(crate::helpers::AppOptions {
+        database_via: Some(proxy.addr),
+        ..Default::default()
+    })
+    .await;
+    let mut health = HealthClient::new(app.grpc_channel().await);
+    let mut watch =
+        health.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    let next = |s: Option<tonic_health::pb::HealthCheckResponse>| s.unwrap().status;
+    assert_eq!(next(watch.message().await.unwrap()), ServingStatus::Serving as i32);
+
+    proxy.cut();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while app.get("/readyz").await.status() == 200 {
+        assert!(tokio::time::Instant::now() < deadline, "readyz never noticed the outage");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let check = health.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    assert_eq!(check.into_inner().status, ServingStatus::NotServing as i32, "agrees with /readyz");
+    assert_eq!(next(watch.message().await.unwrap()), ServingStatus::NotServing as i32);
+
+    proxy.restore();
+    assert_eq!(next(watch.message().await.unwrap()), ServingStatus::Serving as i32);
+    let check = health.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    assert_eq!(check.into_inner().status, ServingStatus::Serving as i32);
 }
