@@ -50,6 +50,9 @@ pub enum Error {
     /// An idempotency key was reused with a different request body.
     #[error("request_id {request_id:?} was already used for a different request")]
     RequestIdReused { request_id: String },
+    /// An event's message id was already used for a different event.
+    #[error("message_id {message_id:?} was already used for a different event")]
+    MessageIdReused { message_id: String },
     /// The action makes no sense in the instance's current status.
     #[error("instance {instance_id} cannot {action} while {status}")]
     NotAllowed { instance_id: i64, action: &'static str, status: InstanceStatus },
@@ -112,6 +115,7 @@ impl Error {
             Error::InstanceNotFound { .. } => ErrorKind::NotFound,
             Error::Unauthenticated => ErrorKind::Unauthenticated,
             Error::PermissionDenied { .. } => ErrorKind::PermissionDenied,
+            Error::MessageIdReused { .. } => ErrorKind::InvalidArgument,
             Error::InstanceAlreadyExists { .. } | Error::RequestIdReused { .. } => {
                 ErrorKind::AlreadyExists
             }
@@ -134,6 +138,7 @@ impl Error {
             Error::InvalidEvent { .. } => "INVALID_EVENT",
             Error::InstanceAlreadyExists { .. } => "INSTANCE_ALREADY_EXISTS",
             Error::RequestIdReused { .. } => "REQUEST_ID_REUSED",
+            Error::MessageIdReused { .. } => "MESSAGE_ID_REUSED",
             Error::NotAllowed { .. } => "ILLEGAL_TRANSITION",
             Error::InvalidPageSize { .. } => "INVALID_PAGE_SIZE",
             Error::InvalidPageToken { .. } => "INVALID_PAGE_TOKEN",
@@ -167,6 +172,9 @@ impl Error {
             }
             Error::RequestIdReused { request_id } => {
                 m.insert("request_id".into(), request_id.clone());
+            }
+            Error::MessageIdReused { message_id } => {
+                m.insert("message_id".into(), message_id.clone());
             }
             Error::NotAllowed { instance_id, action, status } => {
                 m.insert("instance_id".into(), instance_id.to_string());

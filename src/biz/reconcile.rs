@@ -488,6 +488,7 @@ impl Reconciler {
     async fn report(&self, id: InstanceId, observation: Observation) -> Result<(), Failure> {
         let envelope = Envelope {
             key: None,
+            fingerprint: None,
             actor: Actor { id: "reconciler".into(), source: Source::Reconciler },
             request_id: String::new(),
             command: Command::Observe { id, observation },

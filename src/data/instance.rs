@@ -1,6 +1,6 @@
 //! `InstanceRepo` on PostgreSQL: `instances` joined with `instance_specs`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -207,18 +207,20 @@ async fn load(
     ids: &[InstanceId],
     keys: &[EventKey],
 ) -> Result<Snapshot, RepoError> {
-    let mut seen = HashSet::new();
+    let mut seen = HashMap::new();
     if !keys.is_empty() {
         let uuids: Vec<Uuid> = keys.iter().map(key_uuid).collect();
-        let found: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT p.event_key FROM UNNEST($1::uuid[]) AS k(event_key) \
+        let found: Vec<(Uuid, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT p.event_key, p.request_fingerprint FROM UNNEST($1::uuid[]) AS k(event_key) \
              JOIN processed_events p ON p.event_key = k.event_key",
         )
         .bind(&uuids)
         .fetch_all(&mut *conn)
         .await
         .map_err(map_sqlx)?;
-        seen.extend(found.into_iter().map(|u| EventKey(*u.as_bytes())));
+        seen.extend(found.into_iter().map(|(key, fingerprint)| {
+            (EventKey(*key.as_bytes()), fingerprint.and_then(|f| <[u8; 16]>::try_from(f).ok()))
+        }));
     }
     let mut instances = HashMap::new();
     if !ids.is_empty() {

@@ -180,6 +180,11 @@ mod tests {
                 tonic::Code::FailedPrecondition,
             ),
             (
+                Error::MessageIdReused { message_id: "m-1".into() },
+                StatusCode::BAD_REQUEST,
+                tonic::Code::InvalidArgument,
+            ),
+            (
                 Error::VersionConflict { instance_id: 42 },
                 StatusCode::CONFLICT,
                 tonic::Code::Aborted,

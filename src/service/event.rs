@@ -86,7 +86,18 @@ fn envelope(inbound: &Inbound) -> Envelope {
     // Without a message id an event has no identity: it is a level command, applied as
     // it comes (asking again for the state an instance is in is an audited no-op).
     let key = inbound.message_id.as_deref().filter(|id| !id.is_empty()).map(message_key);
-    Envelope { key, actor: Actor::mq(), request_id: inbound.audit_id.clone(), command }
+    let fingerprint = key.and(inbound.event.as_ref().ok()).map(event_fingerprint);
+    Envelope { key, fingerprint, actor: Actor::mq(), request_id: inbound.audit_id.clone(), command }
+}
+
+/// A digest of what an event says, equal for the same event in either encoding (the
+/// protobuf encoding of a decoded message is canonical): a message id seen again with
+/// another fingerprint was reused for another event.
+fn event_fingerprint(event: &pb::Event) -> [u8; 16] {
+    let digest = Sha256::digest(prost::Message::encode_to_vec(event));
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&digest[..16]);
+    out
 }
 
 /// Maps an event onto a command, refusing what is malformed.

@@ -384,6 +384,40 @@ async fn a_message_id_redelivered_after_a_later_command_has_no_effect() {
 }
 
 #[tokio::test]
+async fn a_message_id_reused_for_another_event_is_dead_lettered_and_audited() {
+    let app = spawn_app().await;
+    let broker = Broker::connect().await;
+    broker.publish_with_id(&app, &created(8401), "c-8401").await;
+    broker.publish_with_id(&app, &created(8402), "c-8402").await;
+    broker.publish_with_id(&app, &event(EventType::InstanceStopped, 8401, 0), "shared-1").await;
+    wait_status(&app, 8401, "STOPPED").await;
+
+    // The same id for a STOP of another instance, and for a DELETE of the first.
+    broker.publish_with_id(&app, &event(EventType::InstanceStopped, 8402, 0), "shared-1").await;
+    broker.publish_with_id(&app, &event(EventType::InstanceDeleted, 8401, 0), "shared-1").await;
+    // And a true redelivery of the first STOP: no effect, no row.
+    broker.publish_with_id(&app, &event(EventType::InstanceStopped, 8401, 0), "shared-1").await;
+
+    for _ in 0..2 {
+        let dead = broker
+            .get(&app.mq.dead_letter_queue, Duration::from_secs(10))
+            .await
+            .expect("the reused id is dead-lettered");
+        assert_eq!(header(&dead, "x-reject-reason").as_deref(), Some("MESSAGE_ID_REUSED"));
+    }
+    broker.publish_with_id(&app, &created(8403), "marker").await;
+    wait_status(&app, 8403, "RUNNING").await;
+    assert_eq!(status_of(&app, 8402).await.as_deref(), Some("RUNNING"));
+    assert_eq!(status_of(&app, 8401).await.as_deref(), Some("STOPPED"));
+    assert_eq!(audit(&app, 8402).await, pairs(&[("CREATE", "ok"), ("STOP", "rejected")]));
+    assert_eq!(
+        audit(&app, 8401).await,
+        pairs(&[("CREATE", "ok"), ("STOP", "ok"), ("DELETE", "rejected")])
+    );
+    assert!(broker.get(&app.mq.dead_letter_queue, Duration::from_millis(300)).await.is_none());
+}
+
+#[tokio::test]
 async fn ten_kinds_of_bad_input_are_dead_lettered_with_their_reason() {
     let app = spawn_app().await;
     let broker = Broker::connect().await;

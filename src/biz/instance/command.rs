@@ -7,12 +7,12 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 
 use super::{
-    Endpoint, Instance, InstanceId, InstanceSpec, InstanceStatus, Limits, SpecPatch,
-    create_fingerprint, validate_name, validate_text,
+    Endpoint, Instance, InstanceId, InstanceSpec, InstanceStatus, Limits, SpecPatch, validate_name,
+    validate_text,
 };
 use crate::biz::{
     Error,
-    audit::{Action, Actor, AuditEntry, Outcome as AuditOutcome},
+    audit::{Action, Actor, AuditEntry, Outcome as AuditOutcome, Source},
 };
 
 /// Identity of an event for de-duplication: equal for redeliveries and duplicates of
@@ -93,6 +93,9 @@ impl Command {
 pub struct Envelope {
     /// Set for events: a second command with the same key has no effect.
     pub key: Option<EventKey>,
+    /// With a key, what the command asks for (a digest of its content): the key seen
+    /// again with another fingerprint is a reused id, refused, not a duplicate.
+    pub fingerprint: Option<[u8; 16]>,
     /// Who asks.
     pub actor: Actor,
     /// Request or message id, for the audit trail.
@@ -138,8 +141,9 @@ pub struct StatusChange {
 /// What a repository loaded, under lock, for a batch.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// Event keys already processed.
-    pub seen: HashSet<EventKey>,
+    /// Event keys already processed, with the fingerprint each was processed with
+    /// (`None` for keys recorded before fingerprints were).
+    pub seen: HashMap<EventKey, Option<[u8; 16]>>,
     /// The instances the batch names that exist.
     pub instances: HashMap<InstanceId, Instance>,
 }
@@ -235,7 +239,7 @@ pub fn plan(batch: &[Envelope], snapshot: Snapshot, ctx: &Context) -> (Vec<Outco
 struct Planner<'a> {
     state: HashMap<InstanceId, Instance>,
     loaded: HashMap<InstanceId, i64>,
-    seen: HashSet<EventKey>,
+    seen: HashMap<EventKey, Option<[u8; 16]>>,
     /// Created in this batch, in order.
     created: Vec<InstanceId>,
     /// Loaded and changed in this batch, in order.
@@ -249,24 +253,30 @@ struct Planner<'a> {
 impl Planner<'_> {
     fn apply(&mut self, envelope: &Envelope) -> Outcome {
         if let Some(key) = envelope.key
-            && self.seen.contains(&key)
+            && let Some(first) = self.seen.get(&key)
         {
-            return Outcome::Duplicate;
+            return match (first, envelope.fingerprint) {
+                // The same id for another command: a producer's bug, never a redelivery.
+                (Some(first), Some(now)) if *first != now => {
+                    let error = match envelope.actor.source {
+                        Source::Mq => {
+                            Error::MessageIdReused { message_id: envelope.request_id.clone() }
+                        }
+                        _ => Error::RequestIdReused { request_id: envelope.request_id.clone() },
+                    };
+                    self.reject(envelope, envelope.command.instance_id(), error)
+                }
+                _ => Outcome::Duplicate,
+            };
         }
         let outcome = self.run(envelope);
         if let (Some(key), Outcome::Applied(_) | Outcome::Ignored { .. }) = (envelope.key, &outcome)
         {
             // Rejected events are not remembered: once the cause is fixed, an operator
             // can replay them from the dead-letter queue.
-            self.seen.insert(key);
-            let fingerprint = match &envelope.command {
-                Command::Create { user_id, name, spec, .. } => {
-                    Some(create_fingerprint(user_id, name, spec))
-                }
-                _ => None,
-            };
+            self.seen.insert(key, envelope.fingerprint);
             let instance_id = envelope.command.instance_id().map_or(0, InstanceId::get);
-            self.changes.seen.push(Seen { key, instance_id, fingerprint });
+            self.changes.seen.push(Seen { key, instance_id, fingerprint: envelope.fingerprint });
         }
         outcome
     }
@@ -669,6 +679,7 @@ mod tests {
     fn env(key: u8, command: Command) -> Envelope {
         Envelope {
             key: Some(EventKey([key; 16])),
+            fingerprint: Some([key; 16]),
             actor: Actor { id: "mq".into(), source: Source::Mq },
             request_id: format!("m{key}"),
             command,
@@ -690,7 +701,7 @@ mod tests {
         if status == InstanceStatus::Deleted {
             instance.deleted_at = Some(instance.created_at);
         }
-        Snapshot { seen: HashSet::new(), instances: HashMap::from([(id(1), instance)]) }
+        Snapshot { seen: HashMap::new(), instances: HashMap::from([(id(1), instance)]) }
     }
 
     #[test]
@@ -702,7 +713,7 @@ mod tests {
         assert_eq!(changes.audit.len(), 1);
         assert_eq!(changes.outbox.len(), 1);
         assert_eq!(changes.outbox[0].status, InstanceStatus::Running);
-        let fingerprint = Some(create_fingerprint("u1", "demo", &spec(2)));
+        let fingerprint = Some([1; 16]);
         assert_eq!(
             changes.seen,
             vec![Seen { key: EventKey([1; 16]), instance_id: 1, fingerprint }]
@@ -745,10 +756,34 @@ mod tests {
         );
         assert!(changes.updates.is_empty(), "a new instance is inserted in its final state");
 
-        let seen = Snapshot { seen: HashSet::from([EventKey([1; 16])]), ..Snapshot::default() };
+        let seen =
+            Snapshot { seen: HashMap::from([(EventKey([1; 16]), None)]), ..Snapshot::default() };
         let (outcomes, changes) = run(&[env(1, create(1))], seen, false);
         assert!(matches!(outcomes[0], Outcome::Duplicate));
         assert!(changes.is_empty());
+    }
+
+    #[test]
+    fn a_key_seen_with_another_fingerprint_is_refused_and_audited_not_dropped() {
+        let stop = Command::Stop { id: id(1) };
+        let mut snapshot = existing(InstanceStatus::Running);
+        snapshot.seen.insert(EventKey([5; 16]), Some([9; 16]));
+        let reused = Envelope { fingerprint: Some([6; 16]), ..env(5, stop.clone()) };
+        let redelivered = Envelope { fingerprint: Some([9; 16]), ..env(5, stop.clone()) };
+
+        let (outcomes, changes) = run(&[reused, redelivered], snapshot.clone(), false);
+
+        assert!(matches!(&outcomes[0], Outcome::Rejected(Error::MessageIdReused { .. })));
+        assert!(matches!(outcomes[1], Outcome::Duplicate), "the same content is a redelivery");
+        assert_eq!(changes.audit.len(), 1);
+        assert_eq!(changes.audit[0].outcome, AuditOutcome::Rejected);
+        assert!(changes.audit[0].reason.starts_with("MESSAGE_ID_REUSED"));
+        assert!(changes.updates.is_empty() && changes.seen.is_empty());
+
+        // A key recorded before fingerprints were is taken for a redelivery.
+        snapshot.seen.insert(EventKey([5; 16]), None);
+        let (outcomes, _) = run(&[env(5, stop)], snapshot, false);
+        assert!(matches!(outcomes[0], Outcome::Duplicate));
     }
 
     #[test]
@@ -905,7 +940,7 @@ mod properties {
                     Op::Resize(cpu) => Command::ChangeSpec { id, patch: SpecPatch::all(spec(*cpu)) },
                     Op::Sync => Command::Sync { id: Some(id) },
                 };
-                Envelope { key: Some(EventKey([n as u8; 16])), actor: Actor { id: "t".into(), source: Source::Mq }, request_id: n.to_string(), command }
+                Envelope { key: Some(EventKey([n as u8; 16])), fingerprint: None, actor: Actor { id: "t".into(), source: Source::Mq }, request_id: n.to_string(), command }
             }).collect();
 
             let mut state: Option<Instance> = None;
@@ -917,7 +952,7 @@ mod properties {
             };
             for batch in batches {
                 let snapshot = Snapshot {
-                    seen: HashSet::new(),
+                    seen: HashMap::new(),
                     instances: state.iter().map(|i| (i.id, i.clone())).collect(),
                 };
                 let (_, changes) = plan(batch, snapshot, &ctx);

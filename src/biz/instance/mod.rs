@@ -410,34 +410,26 @@ impl InstanceUsecase {
     ) -> Result<Instance, Error> {
         let key = new.request_id.as_deref().map(|r| idempotency_key(&new.user_id, r));
         let id = InstanceId(self.ids.next_id());
+        // What this request asks for: a retry asks for the same, whatever happened since.
+        let fingerprint = key.map(|_| create_fingerprint(&new.user_id, &new.name, &new.spec));
         let command = Command::Create {
             id,
             user_id: new.user_id.clone(),
             name: new.name.clone(),
             spec: new.spec.clone(),
         };
-        let envelope = Envelope { key, actor, request_id: audit_id, command };
+        let envelope = Envelope { key, fingerprint, actor, request_id: audit_id, command };
         let mut outcomes = self.execute(std::slice::from_ref(&envelope)).await?;
         match outcomes.remove(0) {
             Outcome::Applied(instance) => Ok(instance),
             Outcome::Duplicate => {
-                let key = key.expect("only keyed commands are duplicates");
-                let prior = self.repo.processed(key).await?.ok_or_else(|| {
-                    Error::Internal(Arc::new(RepoError::Internal(
-                        "processed key without an instance".into(),
-                    )))
-                })?;
+                let prior = self.prior(key).await?;
                 let instance = self.get(InstanceId::try_from(prior.instance_id)?).await?;
-                // Compared with what the first request asked for, not with the instance as
-                // it is now (it may have been stopped or resized since).
-                let same = match prior.fingerprint {
-                    Some(first) => first == create_fingerprint(&new.user_id, &new.name, &new.spec),
-                    None => {
-                        instance.user_id == new.user_id
-                            && instance.name == new.name
-                            && instance.spec == new.spec
-                    }
-                };
+                // A key recorded before fingerprints were: compared with the instance.
+                let same = prior.fingerprint.is_some()
+                    || (instance.user_id == new.user_id
+                        && instance.name == new.name
+                        && instance.spec == new.spec);
                 if same {
                     return Ok(instance);
                 }
@@ -446,12 +438,29 @@ impl InstanceUsecase {
                 self.audit_refusal(&envelope, instance.id, &error).await?;
                 Err(error)
             }
+            // The refusal is on the trail of the instance the request id made first.
+            Outcome::Rejected(error @ Error::RequestIdReused { .. }) => {
+                let prior = self.prior(key).await?;
+                self.audit_refusal(&envelope, InstanceId::try_from(prior.instance_id)?, &error)
+                    .await?;
+                Err(error)
+            }
             Outcome::Ignored { instance: Some(instance), .. } => Ok(instance),
             Outcome::Rejected(e) => Err(e),
             Outcome::Ignored { instance: None, .. } | Outcome::Unknown(_) => Err(Error::Internal(
                 Arc::new(RepoError::Internal("unexpected create outcome".into())),
             )),
         }
+    }
+
+    /// What the processed `key` recorded.
+    async fn prior(&self, key: Option<EventKey>) -> Result<Processed, Error> {
+        let key = key.expect("only keyed commands are duplicates or reused");
+        self.repo.processed(key).await?.ok_or_else(|| {
+            Error::Internal(Arc::new(RepoError::Internal(
+                "processed key without an instance".into(),
+            )))
+        })
     }
 
     /// Records a refused command on the instance it concerned, in a unit of work of its
@@ -495,7 +504,8 @@ impl InstanceUsecase {
         command: Command,
     ) -> Result<Instance, Error> {
         let id = command.instance_id();
-        let envelope = Envelope { key: None, actor, request_id: audit_id, command };
+        let envelope =
+            Envelope { key: None, fingerprint: None, actor, request_id: audit_id, command };
         match self.run_to_completion(envelope).await? {
             Outcome::Applied(instance) | Outcome::Ignored { instance: Some(instance), .. } => {
                 Ok(instance)
