@@ -92,15 +92,32 @@ pub async fn confirm_channel(
     Ok(channel)
 }
 
-/// Declares, idempotently: the durable topic exchange; the dead-letter fanout exchange
-/// and its queue; the event queue bound with `binding_key`; the retry queue that returns
-/// its messages to the event queue after `retry_delay`; and the status queue bound with
-/// `status_routing_key`.
+/// How the event queue was found or declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Topology {
+    /// The event queue delivers to one consumer at a time (RabbitMQ's single active
+    /// consumer), so events are applied in the order they were published whatever the
+    /// number of replicas. `false` for a queue declared before, without it.
+    pub single_active_consumer: bool,
+}
+
+/// Declares, idempotently, on a channel of its own: the durable topic exchange; the
+/// dead-letter fanout exchange and its queue; the event queue (single active consumer)
+/// bound with `binding_key`; the retry queue that returns its messages to the event queue
+/// after `retry_delay`; and the status queue bound with `status_routing_key`.
+///
+/// An event queue that exists with other arguments (declared by an earlier version,
+/// without single active consumer) is kept as it is, with a warning: the broker refuses
+/// to change a queue's arguments, and refusing to start would stop ingest.
 ///
 /// # Errors
-/// `AmqpError` (a queue declared earlier with other arguments is refused by the broker).
-pub async fn declare_topology(conf: &conf::RabbitMq, channel: &Channel) -> Result<(), AmqpError> {
+/// `AmqpError`.
+pub async fn declare_topology(
+    conf: &conf::RabbitMq,
+    conn: &Connection,
+) -> Result<Topology, AmqpError> {
     let t = conf.connect_timeout;
+    let mut channel = bounded("open a channel", t, conn.create_channel()).await?;
     let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
     let queue = QueueDeclareOptions { durable: true, ..Default::default() };
     bounded(
@@ -144,18 +161,24 @@ pub async fn declare_topology(conf: &conf::RabbitMq, channel: &Channel) -> Resul
     )
     .await?;
     // Messages the broker itself dead-letters (e.g. a rejected delivery) land in the
-    // dead-letter queue too.
+    // dead-letter queue too. One consumer at a time keeps the publish order.
     let mut events_args = FieldTable::default();
     events_args.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(conf.dead_letter_exchange.as_str().into()),
     );
-    bounded(
-        "declare the event queue",
-        t,
-        channel.queue_declare(conf.queue.as_str().into(), queue, events_args),
-    )
-    .await?;
+    events_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    let single_active_consumer =
+        declare_or_keep(conn, &mut channel, t, &conf.queue, events_args, "declare the event queue")
+            .await?;
+    if !single_active_consumer {
+        tracing::warn!(
+            queue = %conf.queue,
+            "the event queue exists without single active consumer: with several replicas, \
+             events for one instance may be applied out of order; delete the queue when it \
+             is empty and the service declares it anew"
+        );
+    }
     bounded(
         "bind the event queue",
         t,
@@ -202,7 +225,42 @@ pub async fn declare_topology(conf: &conf::RabbitMq, channel: &Channel) -> Resul
         ),
     )
     .await?;
-    Ok(())
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(Topology { single_active_consumer })
+}
+
+/// Declares the durable queue `name` with `args`; whether it now has them. A queue that
+/// exists with other arguments is refused by the broker (PRECONDITION_FAILED, which
+/// closes the channel): it is then only checked to exist, on a new channel.
+async fn declare_or_keep(
+    conn: &Connection,
+    channel: &mut Channel,
+    t: Duration,
+    name: &str,
+    args: FieldTable,
+    what: &'static str,
+) -> Result<bool, AmqpError> {
+    let options = QueueDeclareOptions { durable: true, ..Default::default() };
+    match bounded(what, t, channel.queue_declare(name.into(), options, args)).await {
+        Ok(_) => Ok(true),
+        Err(AmqpError::Broker { source, .. }) if is_precondition_failed(&source) => {
+            *channel = bounded("open a channel", t, conn.create_channel()).await?;
+            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+            bounded(what, t, channel.queue_declare(name.into(), passive, FieldTable::default()))
+                .await?;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(p)
+            if matches!(p.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
+    )
 }
 
 /// A header value as text, when it is one.

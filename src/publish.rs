@@ -188,8 +188,8 @@ pub async fn publish(
 ) -> Result<usize, PublishError> {
     let broker = |e: amqp::AmqpError| PublishError::Broker(e.to_string());
     let conn = amqp::connect(conf, "resource-publish").await.map_err(broker)?;
+    amqp::declare_topology(conf, &conn).await.map_err(broker)?;
     let channel = amqp::confirm_channel(conf, &conn).await.map_err(broker)?;
-    amqp::declare_topology(conf, &channel).await.map_err(broker)?;
     let started = Instant::now();
     let mut pending = std::collections::VecDeque::with_capacity(WINDOW);
     for (n, message) in messages.iter().enumerate() {

@@ -42,8 +42,8 @@ impl AmqpStatusPublisher {
         let unavailable = |e: amqp::AmqpError| RepoError::Unavailable(e.into());
         let conn =
             amqp::connect(&self.conf, "resource-status-publisher").await.map_err(unavailable)?;
+        amqp::declare_topology(&self.conf, &conn).await.map_err(unavailable)?;
         let channel = amqp::confirm_channel(&self.conf, &conn).await.map_err(unavailable)?;
-        amqp::declare_topology(&self.conf, &channel).await.map_err(unavailable)?;
         *link = Some((conn, channel.clone()));
         Ok(channel)
     }

@@ -127,8 +127,8 @@ impl Consumer {
     ) -> Result<(), SessionError> {
         let t = self.conf.connect_timeout;
         let conn = amqp::connect(&self.conf, "resource-consumer").await?;
+        let topology = amqp::declare_topology(&self.conf, &conn).await?;
         let channel = amqp::confirm_channel(&self.conf, &conn).await?;
-        amqp::declare_topology(&self.conf, &channel).await?;
         amqp::bounded(
             "set the prefetch",
             t,
@@ -166,7 +166,7 @@ impl Consumer {
                         return Err(SessionError::Lost("connection or channel closed".into()));
                     }
                     if last_delivery.elapsed() > SILENCE_LIMIT {
-                        self.check_not_silent(&channel).await?;
+                        self.check_not_silent(&channel, topology).await?;
                         last_delivery = tokio::time::Instant::now();
                     }
                     continue;
@@ -195,8 +195,14 @@ impl Consumer {
     }
 
     /// Fails when the queue holds ready messages although nothing was delivered for
-    /// `SILENCE_LIMIT`: the consumer is stuck and must be rebuilt.
-    async fn check_not_silent(&self, channel: &Channel) -> Result<(), SessionError> {
+    /// `SILENCE_LIMIT`: the consumer is stuck and must be rebuilt. With a single active
+    /// consumer, a replica that is not the active one receives nothing by design: only
+    /// the queue's sole consumer can be stuck.
+    async fn check_not_silent(
+        &self,
+        channel: &Channel,
+        topology: amqp::Topology,
+    ) -> Result<(), SessionError> {
         let queue = amqp::bounded(
             "check the event queue",
             self.conf.connect_timeout,
@@ -207,7 +213,8 @@ impl Consumer {
             ),
         )
         .await?;
-        if queue.message_count() > 0 {
+        let standing_by = topology.single_active_consumer && queue.consumer_count() > 1;
+        if queue.message_count() > 0 && !standing_by {
             return Err(SessionError::Lost(format!(
                 "no delivery for {SILENCE_LIMIT:?} while {} messages wait",
                 queue.message_count()

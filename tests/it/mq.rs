@@ -418,6 +418,35 @@ async fn a_message_id_reused_for_another_event_is_dead_lettered_and_audited() {
 }
 
 #[tokio::test]
+async fn an_event_queue_declared_without_single_active_consumer_is_kept_with_a_warning() {
+    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+    let mut app = spawn_app().await;
+    assert!(app.terminate().await.success());
+    // The queue as an earlier version declared it.
+    let broker = Broker::connect().await;
+    broker
+        .channel
+        .queue_delete(app.mq.queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(app.mq.dead_letter_exchange.as_str().into()),
+    );
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    broker.channel.queue_declare(app.mq.queue.as_str().into(), durable, args).await.unwrap();
+
+    app.restart().await;
+
+    let warned =
+        app.logs.lock().unwrap().iter().any(|l| l.contains("without single active consumer"));
+    assert!(warned, "the operator is told what the queue lacks");
+    broker.publish_with_id(&app, &created(8501), "c-8501").await;
+    wait_status(&app, 8501, "RUNNING").await;
+}
+
+#[tokio::test]
 async fn ten_kinds_of_bad_input_are_dead_lettered_with_their_reason() {
     let app = spawn_app().await;
     let broker = Broker::connect().await;

@@ -6,9 +6,11 @@ use lapin::{BasicProperties, options::BasicPublishOptions};
 use prost::Message;
 use serde_json::{Value, json};
 
+use resource::pb::mq::v1::EventType;
+
 use crate::{
     helpers::{AppOptions, spawn_app_with},
-    mq::{Broker, created},
+    mq::{Broker, created, event},
 };
 
 /// The node id a process leased, from its start-up log line.
@@ -26,7 +28,7 @@ fn batches(logs: &[String]) -> usize {
 }
 
 #[tokio::test]
-async fn two_replicas_share_10000_events_and_one_stopping_midway_loses_nothing() {
+async fn two_replicas_on_10000_events_one_stopping_midway_lose_nothing() {
     let mut app = spawn_app_with(AppOptions {
         env: vec![("RESOURCE_DATA__RABBITMQ__BATCH_SIZE".into(), "50".into())],
         ..Default::default()
@@ -64,8 +66,9 @@ async fn two_replicas_share_10000_events_and_one_stopping_midway_loses_nothing()
     }
     broker.channel.wait_for_confirms().await.unwrap();
 
+    let pool = app.pool.clone();
     let count = |sql: &'static str| {
-        let pool = app.pool.clone();
+        let pool = pool.clone();
         async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await.unwrap() }
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -75,10 +78,12 @@ async fn two_replicas_share_10000_events_and_one_stopping_midway_loses_nothing()
         assert!(tokio::time::Instant::now() < deadline, "ingest never got under way");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let status = second.terminate().await;
+    // The event queue has a single active consumer: the first replica consumes, the
+    // second stands by and takes over when the first stops.
+    assert_eq!(batches(&second.logs.lock().unwrap()), 0, "one consumer at a time");
+    let status = app.terminate().await;
     assert!(status.success(), "SIGTERM is a clean stop: {status:?}");
-    assert!(batches(&second.logs.lock().unwrap()) > 0, "the second replica took its share");
-    assert!(batches(&app.logs.lock().unwrap()) > 0, "the first replica took its share");
+    assert!(batches(&app.logs.lock().unwrap()) > 0, "the first replica consumed");
 
     while count("SELECT count(*) FROM instances WHERE instance_id BETWEEN 500001 AND 510000").await
         < 10_000
@@ -86,6 +91,7 @@ async fn two_replicas_share_10000_events_and_one_stopping_midway_loses_nothing()
         assert!(tokio::time::Instant::now() < deadline, "not every event was applied");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(batches(&second.logs.lock().unwrap()) > 0, "the second replica took over");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         count("SELECT count(*) FROM instances WHERE instance_id BETWEEN 500001 AND 510000").await,
@@ -99,5 +105,60 @@ async fn two_replicas_share_10000_events_and_one_stopping_midway_loses_nothing()
     );
     // The stopped replica gave its node id back.
     assert_eq!(count("SELECT count(*) FROM snowflake_nodes").await, 1);
-    let _ = app.terminate().await;
+    let _ = second.terminate().await;
+}
+
+#[tokio::test]
+async fn with_two_replicas_events_for_one_instance_apply_in_publish_order() {
+    let app = spawn_app_with(AppOptions {
+        env: vec![("RESOURCE_DATA__RABBITMQ__BATCH_SIZE".into(), "20".into())],
+        ..Default::default()
+    })
+    .await;
+    let _second = app.replica().await;
+    let broker = Broker::connect().await;
+    let ids: Vec<i64> = (1..=15).map(|n| 700_000 + n).collect();
+    for id in &ids {
+        broker.publish_with_id(&app, &created(*id), &format!("c-{id}")).await;
+    }
+    // STOP, START, STOP, START of every instance, interleaved, back to back.
+    let kinds = [
+        EventType::InstanceStopped,
+        EventType::InstanceStarted,
+        EventType::InstanceStopped,
+        EventType::InstanceStarted,
+    ];
+    for (round, kind) in kinds.iter().enumerate() {
+        for id in &ids {
+            broker.publish_with_id(&app, &event(*kind, *id, 0), &format!("{round}-{id}")).await;
+        }
+    }
+    let pool = app.pool.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let applied: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM audit_logs WHERE source = 'mq'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if applied == 75 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{applied} of 75 events applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for id in &ids {
+        let trail: Vec<(String, String)> = sqlx::query_as(
+            "SELECT action, outcome FROM audit_logs WHERE instance_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let want: Vec<(String, String)> = ["CREATE", "STOP", "START", "STOP", "START"]
+            .iter()
+            .map(|a| ((*a).into(), "ok".into()))
+            .collect();
+        assert_eq!(trail, want, "instance {id}");
+    }
 }
