@@ -379,3 +379,57 @@ async fn mutations_racing_the_reconciler_on_two_replicas_lose_nothing() {
 fn id_of(resource: &Value) -> i64 {
     resource["instance_id"].as_str().expect("an instance_id").parse().unwrap()
 }
+
+#[tokio::test]
+async fn a_request_answered_504_while_it_waited_its_turn_is_never_applied() {
+    // A short timeout and a slow database: most of 150 concurrent PATCHes of one
+    // instance time out while they wait for their turn.
+    let proxy =
+        crate::proxy::Proxy::start(crate::proxy::target_of(&crate::helpers::admin_url(), 5432))
+            .await;
+    let app = spawn_app_with(AppOptions {
+        env: vec![("RESOURCE_SERVER__HTTP__TIMEOUT".into(), "300ms".into())],
+        database_via: Some(proxy.addr),
+        ..Default::default()
+    })
+    .await;
+    let body = json!({"name": "hot", "user_id": "u1",
+                      "spec": {"cpu": 1, "memory": 1024, "gpu": 0, "image": "nginx:1.0"}});
+    let id = id_of(&app.create_at(&app.http, &body).await);
+    proxy.delay(Duration::from_millis(10));
+
+    let patches = (0..150).map(|n| {
+        let app = &app;
+        async move {
+            let response = app
+                .client
+                .patch(format!("{}/v1/resources/{id}/spec", app.http))
+                .header("x-request-id", format!("hot-{n}"))
+                .json(&json!({"image": format!("nginx:1.{n}")}))
+                .send()
+                .await
+                .unwrap();
+            (format!("hot-{n}"), response.status().as_u16())
+        }
+    });
+    let answers = futures::future::join_all(patches).await;
+    proxy.delay(Duration::ZERO);
+    tokio::time::sleep(Duration::from_secs(2)).await; // anything still running finishes
+
+    let rows = assert_unbroken_chain(&app.pool, id).await;
+    let audited = |rid: &str| rows.iter().any(|r| r.request_id == rid);
+    let timed_out: Vec<&String> =
+        answers.iter().filter(|(_, s)| *s == 504).map(|(r, _)| r).collect();
+    assert!(timed_out.len() > 50, "the test needs timeouts: {answers:?}");
+    for (rid, status) in &answers {
+        if *status == 200 {
+            assert!(audited(rid), "{rid} answered 200 but not applied");
+        } else {
+            assert_eq!(*status, 504, "{rid}");
+        }
+    }
+    // Only the request in the middle of its transaction when its time ran out may still
+    // have been applied: none of those that were still waiting for their turn.
+    let applied_late = timed_out.iter().filter(|rid| audited(rid)).count();
+    assert!(applied_late <= 2, "{applied_late} requests answered 504 were applied afterwards");
+}

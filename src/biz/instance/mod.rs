@@ -518,23 +518,37 @@ impl InstanceUsecase {
         }
     }
 
-    /// Executes one command in a task of its own: once accepted it runs to completion
+    /// Executes one command in a task of its own: once started it runs to completion
     /// (row, audit and outbox committed together) even if the caller goes away, since a
     /// database connection must not be abandoned mid-transaction (sqlx#563). Commands on
-    /// one instance pass its gate one at a time.
+    /// one instance pass its gate one at a time; one whose caller went away (a request
+    /// answered 504) while it waited for its turn is dropped, never applied later.
     async fn run_to_completion(&self, envelope: Envelope) -> Result<Outcome, Error> {
         let this = self.clone();
         let gate = envelope.command.instance_id().map(|id| self.gates.of(id));
+        // Dropped with this future: the task then knows its caller is gone.
+        let (_waiting, gone) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let _turn = match &gate {
-                Some(gate) => Some(gate.lock().await),
+                Some(gate) => tokio::select! {
+                    biased;
+                    _ = gone => {
+                        tracing::debug!(request_id = %envelope.request_id, "caller gone before its turn; not applied");
+                        return Ok(None);
+                    }
+                    turn = gate.lock() => Some(turn),
+                },
                 None => None,
             };
-            this.execute(std::slice::from_ref(&envelope)).await
+            this.execute(std::slice::from_ref(&envelope)).await.map(Some)
         });
-        let mut outcomes = task
+        let outcomes = task
             .await
             .map_err(|e| Error::Internal(Arc::new(RepoError::Internal(e.to_string().into()))))??;
+        // `None` only when this future was dropped: nobody reads it.
+        let mut outcomes = outcomes.ok_or_else(|| {
+            Error::Internal(Arc::new(RepoError::Internal("abandoned command".into())))
+        })?;
         Ok(outcomes.remove(0))
     }
 
