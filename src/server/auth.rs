@@ -18,6 +18,9 @@ use crate::{biz, conf};
 /// The user id of callers when authentication is off.
 pub const ANONYMOUS: &str = "anonymous";
 
+/// Shortest HS256 secret accepted, in bytes.
+pub const MIN_HS256_SECRET: usize = 32;
+
 /// Who a verified caller is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
@@ -70,6 +73,13 @@ impl Authenticator {
                 };
                 if secret.is_empty() {
                     return Err("auth.jwt: HS256 needs a secret (RESOURCE_AUTH__JWT__SECRET or auth.jwt.secret_file)".into());
+                }
+                // RFC 7518 §3.2: a key at least as long as the hash output (256 bits).
+                if secret.len() < MIN_HS256_SECRET {
+                    return Err(format!(
+                        "auth.jwt: the HS256 secret has {} bytes; it must have at least {MIN_HS256_SECRET} (RFC 7518 section 3.2)",
+                        secret.len()
+                    ));
                 }
                 (DecodingKey::from_secret(&secret), Algorithm::HS256)
             }
@@ -125,6 +135,11 @@ impl Authenticator {
             })
             .filter(|token| !token.is_empty())
             .ok_or(biz::Error::Unauthenticated)?;
+        if names_critical_extensions(token) {
+            // RFC 7515 §4.1.11: extensions listed in `crit` must be understood, and none is.
+            tracing::debug!("bearer token refused: it names critical header extensions");
+            return Err(biz::Error::Unauthenticated);
+        }
         let claims =
             jsonwebtoken::decode::<Map<String, Value>>(token, &verifier.key, &verifier.validation)
                 .map_err(|e| {
@@ -147,6 +162,17 @@ impl Authenticator {
             .is_some_and(|roles| has_role(roles, &verifier.admin_role));
         Ok(Principal { user_id: sub, admin })
     }
+}
+
+/// Whether the token's header carries `crit` (jsonwebtoken ignores the parameter).
+fn names_critical_extensions(token: &str) -> bool {
+    use base64::Engine;
+    let Some(header) = token.split('.').next() else { return false };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Map<String, Value>>(&bytes).ok())
+        .is_some_and(|header| header.contains_key("crit"))
 }
 
 /// The claim at a dotted `path`. A key may itself contain dots (Auth0's namespaced
@@ -178,6 +204,8 @@ mod tests {
 
     use super::*;
 
+    const SECRET: &str = "unit-test-secret-of-32-bytes-min";
+
     fn hs256(secret: &str) -> Authenticator {
         let auth = conf::Auth {
             mode: conf::AuthMode::Jwt,
@@ -201,9 +229,9 @@ mod tests {
 
     #[test]
     fn a_valid_token_names_the_caller_and_its_role() {
-        let auth = hs256("s3cret");
-        let user = token(json!({"sub": "alice", "exp": now() + 60}), "s3cret");
-        let admin = token(json!({"sub": "root", "role": "admin", "exp": now() + 60}), "s3cret");
+        let auth = hs256(SECRET);
+        let user = token(json!({"sub": "alice", "exp": now() + 60}), SECRET);
+        let admin = token(json!({"sub": "root", "role": "admin", "exp": now() + 60}), SECRET);
         let bearer = |t: &str| format!("Bearer {t}");
         assert_eq!(
             auth.authenticate(Some(&bearer(&user))).unwrap(),
@@ -214,7 +242,7 @@ mod tests {
 
     #[test]
     fn bad_tokens_are_refused_without_detail() {
-        let auth = hs256("s3cret");
+        let auth = hs256(SECRET);
         let unsigned = {
             use base64::Engine;
             let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -226,14 +254,17 @@ mod tests {
             None,
             Some("Basic YWxpY2U6cHc=".to_owned()),
             Some("Bearer ".to_owned()),
-            Some(format!("Bearer {}", token(json!({"sub": "a", "exp": now() + 60}), "other"))),
-            Some(format!("Bearer {}", token(json!({"sub": "a", "exp": now() - 3600}), "s3cret"))),
             Some(format!(
                 "Bearer {}",
-                token(json!({"sub": "a", "exp": now() + 7200, "nbf": now() + 3600}), "s3cret")
+                token(json!({"sub": "a", "exp": now() + 60}), "another-secret-of-32-bytes-long!")
             )),
-            Some(format!("Bearer {}", token(json!({"exp": now() + 60}), "s3cret"))),
-            Some(format!("Bearer {}", token(json!({"sub": "a"}), "s3cret"))),
+            Some(format!("Bearer {}", token(json!({"sub": "a", "exp": now() - 3600}), SECRET))),
+            Some(format!(
+                "Bearer {}",
+                token(json!({"sub": "a", "exp": now() + 7200, "nbf": now() + 3600}), SECRET)
+            )),
+            Some(format!("Bearer {}", token(json!({"exp": now() + 60}), SECRET))),
+            Some(format!("Bearer {}", token(json!({"sub": "a"}), SECRET))),
             Some(format!("Bearer {unsigned}")),
         ];
         for case in cases {
@@ -269,7 +300,7 @@ mod tests {
 
     #[test]
     fn audience_and_issuer_are_checked_only_when_configured() {
-        let secret = "s3cret";
+        let secret = SECRET;
         let with = |audience: &[&str], issuer: &str| {
             let auth = conf::Auth {
                 mode: conf::AuthMode::Jwt,
@@ -301,6 +332,40 @@ mod tests {
         let issuer = with(&[], "https://idp");
         assert!(issuer.authenticate(Some(&aud_list)).is_ok());
         assert!(issuer.authenticate(Some(&aud_string)).is_err(), "iss required once configured");
+    }
+
+    #[test]
+    fn a_token_naming_critical_extensions_and_a_short_secret_are_refused() {
+        use base64::Engine;
+        let auth = hs256(SECRET);
+        let header = Header { kid: Some("k1".into()), ..Header::default() };
+        let plain = jsonwebtoken::encode(
+            &header,
+            &json!({"sub": "a", "exp": now() + 60}),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert!(auth.authenticate(Some(&format!("Bearer {plain}"))).is_ok());
+        // The same token with `crit` in its header, signed anew.
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let head = b64.encode(br#"{"alg":"HS256","typ":"JWT","crit":["exp-ext"],"exp-ext":1}"#);
+        let body = plain.split('.').nth(1).unwrap();
+        let signing_input = format!("{head}.{body}");
+        let signature = jsonwebtoken::crypto::sign(
+            signing_input.as_bytes(),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+            jsonwebtoken::Algorithm::HS256,
+        )
+        .unwrap();
+        let critical = format!("Bearer {signing_input}.{signature}");
+        assert!(auth.authenticate(Some(&critical)).is_err());
+
+        let short = conf::Auth {
+            mode: conf::AuthMode::Jwt,
+            jwt: conf::Jwt { secret: "s3cret".to_owned().into(), ..conf::Jwt::default() },
+        };
+        let refused = Authenticator::from_conf(&short).err().expect("refused");
+        assert!(refused.contains("at least 32"), "{refused}");
     }
 
     #[test]

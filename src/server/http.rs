@@ -181,10 +181,19 @@ where
                 HttpError::from(biz::Error::invalid("body", rejection.body_text()))
             }
         })?;
-        decode_json(&bytes)
-            .map(ApiJson)
-            .map_err(|e| HttpError::from(biz::Error::invalid("body", format!("invalid JSON: {e}"))))
+        decode_json(&bytes).map(ApiJson).map_err(invalid_body)
     }
+}
+
+/// A body that does not decode, said in the client's terms. pbjson's numbers go through
+/// an untagged serde enum whose error names serde's internals: a number that is not an
+/// integer, or out of range, where one is expected.
+fn invalid_body(e: serde_json::Error) -> HttpError {
+    let message = e.to_string().replace(
+        "data did not match any variant of untagged enum Content",
+        "a number out of range or with a fraction where an integer is expected",
+    );
+    HttpError::from(biz::Error::invalid("body", format!("invalid JSON: {message}")))
 }
 
 /// Decodes a proto3 JSON body. The proto3 JSON mapping accepts an integer written as
@@ -201,27 +210,37 @@ fn decode_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_
 fn from_json_value<T: serde::de::DeserializeOwned>(
     mut value: serde_json::Value,
 ) -> Result<T, serde_json::Error> {
-    drop_null_fields(&mut value);
+    normalize(&mut value, false);
     // Integers and floats are one number type in JSON: this changes no value, only its
     // spelling (within ±2^53, where every integer is an exact float; pbjson refuses
     // larger integers in free JSON).
     T::deserialize(biz::instance::integral_numbers(value))
 }
 
-/// Removes the fields set to `null`, which the proto3 JSON mapping reads as unset (pbjson
-/// refuses `null` for a scalar). Free JSON (`config_json`, a `google.protobuf.Struct`)
-/// is left alone: there `null` is a value.
-fn drop_null_fields(value: &mut serde_json::Value) {
+/// What pbjson's reading of the proto3 JSON mapping lacks: fields set to `null` are unset (pbjson refuses `null` for a scalar), and in free JSON (`config_json`, a
+/// `google.protobuf.Struct`, whose numbers are doubles) an integer beyond ±2^53 is read
+/// as the double it becomes, as Go's protojson does (pbjson refuses it). In free JSON
+/// `null` is a value and is kept.
+fn normalize(value: &mut serde_json::Value, free: bool) {
+    use serde_json::Value as J;
     match value {
-        serde_json::Value::Object(fields) => {
-            fields.retain(|_, v| !v.is_null());
+        J::Object(fields) => {
+            if !free {
+                fields.retain(|_, v| !v.is_null());
+            }
             for (name, v) in fields.iter_mut() {
-                if !FREE_JSON_FIELDS.contains(&name.as_str()) {
-                    drop_null_fields(v);
-                }
+                normalize(v, free || FREE_JSON_FIELDS.contains(&name.as_str()));
             }
         }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(drop_null_fields),
+        J::Array(items) => items.iter_mut().for_each(|v| normalize(v, free)),
+        J::Number(n) if free && !n.is_f64() => {
+            const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+            if let Some(f) = n.as_f64().filter(|f| f.abs() >= EXACT)
+                && let Some(double) = serde_json::Number::from_f64(f)
+            {
+                *n = double;
+            }
+        }
         _ => {}
     }
 }
@@ -450,12 +469,21 @@ async fn create_resource(
     Ok(ProtoJson(app.resource.create_resource(&caller, req).await?))
 }
 
+/// Query parameters of `PATCH /v1/resources/{instance_id}/spec`.
+#[derive(Debug, Default, Deserialize)]
+struct UpdateParams {
+    /// Comma-separated field paths, as grpc-gateway clients send a field mask.
+    update_mask: Option<String>,
+}
+
 /// A partial update: the fields present (and not `null`) in the body change, the others
-/// keep their values. The body's fields are the update mask of `UpdateResourceSpec`.
+/// keep their values — the body's fields are the update mask of `UpdateResourceSpec`,
+/// unless an `update_mask` query parameter names them (as grpc-gateway clients do).
 async fn update_resource_spec(
     State(app): State<AppState>,
     HttpCaller(caller): HttpCaller,
     InstanceIdPath(instance_id): InstanceIdPath,
+    ApiQuery(params): ApiQuery<UpdateParams>,
     ApiJson(body): ApiJson<serde_json::Value>,
 ) -> Result<ProtoJson<pb::Resource>, HttpError> {
     let serde_json::Value::Object(fields) = &body else {
@@ -465,14 +493,16 @@ async fn update_resource_spec(
         )
         .into());
     };
-    // Unknown fields are ignored, as everywhere.
-    let paths: Vec<String> = fields
-        .iter()
-        .filter(|(name, value)| !value.is_null() && SPEC_FIELDS.contains(&name.as_str()))
-        .map(|(name, _)| name.clone())
-        .collect();
-    let spec: pb::ResourceSpec = from_json_value(body)
-        .map_err(|e| HttpError::from(biz::Error::invalid("body", format!("invalid JSON: {e}"))))?;
+    let paths: Vec<String> = match params.update_mask.as_deref().map(str::trim) {
+        Some(mask) if !mask.is_empty() => mask.split(',').map(str::to_owned).collect(),
+        // Unknown fields are ignored, as everywhere.
+        _ => fields
+            .iter()
+            .filter(|(name, value)| !value.is_null() && SPEC_FIELDS.contains(&name.as_str()))
+            .map(|(name, _)| name.clone())
+            .collect(),
+    };
+    let spec: pb::ResourceSpec = from_json_value(body).map_err(invalid_body)?;
     let req = pb::UpdateResourceSpecRequest {
         instance_id,
         spec: Some(spec),
@@ -547,6 +577,17 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn integers_beyond_2_53_in_config_json_are_the_doubles_they_become() {
+        let body = json!({"name": "n", "spec": {"cpu": 1, "config_json":
+            {"id": 386_394_403_163_340_800_u64, "neg": -9_007_199_254_740_993_i64, "small": 7}}});
+        let req: pb::CreateResourceRequest = from_json_value(body).unwrap();
+        let config = serde_json::to_value(req.spec.unwrap().config_json.unwrap()).unwrap();
+        assert_eq!(config["id"], json!(386_394_403_163_340_800_f64));
+        assert_eq!(config["neg"], json!(-9_007_199_254_740_992_f64));
+        assert_eq!(config["small"].as_f64(), Some(7.0));
+    }
 
     #[test]
     fn null_fields_are_unset_but_null_values_in_free_json_are_kept() {

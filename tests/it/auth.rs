@@ -11,7 +11,7 @@ use tonic::{Code, Request};
 
 use crate::helpers::{AppOptions, TestApp, repo_path, spawn_app_with};
 
-const SECRET: &str = "test-only-hs256-secret";
+const SECRET: &str = "test-only-hs256-secret-of-32-bytes+";
 
 async fn app_with_jwt(extra: &[(&str, &str)]) -> TestApp {
     let mut env = vec![

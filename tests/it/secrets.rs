@@ -11,7 +11,7 @@ use tonic::Request;
 use crate::helpers::{AppOptions, spawn_app_with};
 
 const DB_PASSWORD: &str = "Pw-db-7f3a9c1e";
-const JWT_SECRET: &str = "Jwt-secret-5b2d8e4f";
+const JWT_SECRET: &str = "Jwt-secret-5b2d8e4f-a17c93e0b6d24f81";
 const CONFIG_VALUE: &str = "Cfg-value-1c9e7a3b";
 
 #[tokio::test]

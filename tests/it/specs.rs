@@ -320,3 +320,21 @@ async fn config_json_is_bounded_on_grpc_with_the_configured_limits() {
         assert_eq!(error.get_error_details().error_info().unwrap().reason, "INVALID_SPEC");
     }
 }
+
+#[tokio::test]
+async fn a_rest_update_mask_query_parameter_narrows_the_patch() {
+    use reqwest::Method as M;
+    let app = spawn_app().await;
+    let (_, created) = call(&app, M::POST, "/v1/resources", create_body("", json!({}))).await;
+    let id = id_of(&created);
+
+    let path = format!("/v1/resources/{id}/spec?update_mask=image");
+    let (status, changed) =
+        call(&app, M::PATCH, &path, json!({"cpu": 5, "image": "nginx:1.27"})).await;
+    assert_eq!(status, 200, "{changed}");
+    assert_eq!(changed["spec"]["image"], "nginx:1.27");
+    assert_eq!(changed["spec"]["cpu"], 2, "cpu is not in the mask");
+    let path = format!("/v1/resources/{id}/spec?update_mask=owner");
+    let (status, error) = call(&app, M::PATCH, &path, json!({"image": "nginx:1.28"})).await;
+    assert_eq!((status, error["metadata"]["field"].as_str()), (400, Some("update_mask")));
+}

@@ -520,7 +520,10 @@ impl Planner<'_> {
         match change(&mut next, self.ctx) {
             Err(e) => self.reject(envelope, Some(id), e),
             Ok(None) => {
-                let note = format!("already {}", current.status);
+                let note = match envelope.command {
+                    Command::ChangeSpec { .. } => "the spec is already as asked".to_owned(),
+                    _ => format!("already {}", current.status),
+                };
                 let json = Some(snapshot_json(&current));
                 self.audit(
                     envelope,
