@@ -351,11 +351,25 @@ pub enum AuthMode {
 }
 
 /// Instance id generation.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct Snowflake {
     /// `auto` or a fixed node id.
     #[serde(default)]
     pub node_id: NodeId,
+    /// How long a leased node id stays this replica's without renewal (it is renewed
+    /// every third of it); a replica that cannot renew in time stops.
+    #[serde(default = "default_lease_ttl", deserialize_with = "de_duration")]
+    pub lease_ttl: Duration,
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for Snowflake {
+    fn default() -> Self {
+        Self { node_id: NodeId::Auto, lease_ttl: default_lease_ttl() }
+    }
 }
 
 /// Snowflake node id: leased automatically or fixed.
@@ -568,6 +582,9 @@ impl Bootstrap {
                     ));
                 }
             }
+        }
+        if self.snowflake.lease_ttl < Duration::from_secs(3) {
+            return Err("snowflake.lease_ttl: must be at least 3s".into());
         }
         if self.auth.mode == AuthMode::Jwt {
             let jwt = &self.auth.jwt;

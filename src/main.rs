@@ -29,7 +29,7 @@ use resource::{
         reconcile::{ReconcileConf, Reconciler},
     },
     data::kube::{self, KubeCluster, KubeSettings},
-    data::snowflake::NodeLease,
+    data::snowflake::{LeaseEnd, NodeLease},
     server::auth::Authenticator,
 };
 use tokio_util::sync::CancellationToken;
@@ -44,6 +44,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const EXIT_CONFIG: u8 = 64;
 /// Exit status when a dependency cannot be reached at start-up (EX_UNAVAILABLE).
 const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit status when the snowflake node lease was lost: start again (EX_TEMPFAIL).
+const EXIT_LEASE_LOST: u8 = 75;
 
 /// Manages cloud compute instances over gRPC, REST and RabbitMQ events.
 #[derive(Debug, Parser)]
@@ -297,7 +299,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
                 .max_connections(1)
                 .acquire_timeout(Duration::from_secs(5))
                 .connect_lazy_with(data.pool().connect_options().as_ref().clone());
-            match NodeLease::acquire(lease_pool, owner, NODE_LEASE_TTL).await {
+            match NodeLease::acquire(lease_pool, owner, conf.snowflake.lease_ttl).await {
                 Ok(lease) => {
                     tracing::info!(node = lease.node(), "snowflake node id leased");
                     (lease.node(), Some(Arc::new(lease)))
@@ -376,7 +378,15 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
             }
         }
     });
-    let leasing = tokio::spawn(keep_node_lease(lease.clone(), shutdown.clone()));
+    let leasing = tokio::spawn({
+        let (lease, shutdown) = (lease.clone(), shutdown.clone());
+        async move {
+            match lease {
+                Some(lease) => lease.keep(&shutdown).await,
+                None => LeaseEnd::Shutdown,
+            }
+        }
+    });
     let pruning = tokio::spawn(prune_processed_events(
         outbox,
         conf.data.rabbitmq.dedup_window,
@@ -401,15 +411,22 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     shutdown.cancel();
     // Background work stops at the next batch boundary; bounded by the same deadline.
     let background = async { tokio::join!(consuming, relaying, reconciling, pruning, leasing) };
-    if tokio::time::timeout(conf.server.shutdown_timeout, background).await.is_err() {
-        tracing::warn!("background work still running at the shutdown deadline; leaving it");
-    }
+    let lease_end = match tokio::time::timeout(conf.server.shutdown_timeout, background).await {
+        Ok((.., leasing)) => leasing.unwrap_or(LeaseEnd::Shutdown),
+        Err(_) => {
+            tracing::warn!("background work still running at the shutdown deadline; leaving it");
+            LeaseEnd::Shutdown
+        }
+    };
     if let Some(lease) = lease
+        && lease_end == LeaseEnd::Shutdown
         && let Err(e) = lease.release().await
     {
         tracing::warn!(error = %e, "could not release the snowflake node id; it expires");
     }
     match served {
+        // Its orchestrator starts it again, with a node id of its own.
+        Ok(()) if lease_end == LeaseEnd::Lost => ExitCode::from(EXIT_LEASE_LOST),
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
@@ -497,39 +514,6 @@ fn resident_memory_bytes() -> Option<f64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096.0)
-}
-
-/// How long a leased snowflake node id stays ours without renewal.
-const NODE_LEASE_TTL: Duration = Duration::from_secs(60);
-
-/// Renews the snowflake node lease every third of its ttl. A replica that cannot keep
-/// its lease stops (exit 0 after a normal shutdown), rather than risk generating ids with
-/// a node id another replica may take over; its orchestrator starts it again.
-async fn keep_node_lease(lease: Option<Arc<NodeLease>>, shutdown: CancellationToken) {
-    let Some(lease) = lease else { return };
-    let mut every = tokio::time::interval(NODE_LEASE_TTL / 3);
-    every.tick().await;
-    let mut last_renewed = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = every.tick() => {}
-        }
-        match lease.renew().await {
-            Ok(true) => last_renewed = tokio::time::Instant::now(),
-            Ok(false) => {
-                tracing::error!(node = lease.node(), "the snowflake node lease was lost; stopping");
-                shutdown.cancel();
-                return;
-            }
-            Err(e) if last_renewed.elapsed() + NODE_LEASE_TTL / 3 >= NODE_LEASE_TTL => {
-                tracing::error!(error = %e, "the snowflake node lease could not be renewed in time; stopping");
-                shutdown.cancel();
-                return;
-            }
-            Err(e) => tracing::warn!(error = %e, "snowflake node lease renewal failed; retrying"),
-        }
-    }
 }
 
 /// Forgets processed event keys older than the de-duplication window, hourly.

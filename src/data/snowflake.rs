@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
 use super::map_sqlx;
 use crate::biz::{RepoError, snowflake::MAX_NODE};
@@ -92,5 +93,51 @@ impl NodeLease {
             .await
             .map_err(map_sqlx)?;
         Ok(())
+    }
+}
+
+/// How keeping a lease ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseEnd {
+    /// Shutdown came first; the lease is still held (release it).
+    Shutdown,
+    /// It was taken over, or could not be renewed before it expired: this replica must
+    /// stop generating ids (another one may have the node id now).
+    Lost,
+}
+
+impl NodeLease {
+    /// Renews the lease every third of its ttl until `shutdown`. When it is lost, or
+    /// cannot be renewed in time, cancels `shutdown` (the replica stops rather than risk
+    /// ids another replica also makes) and says so.
+    pub async fn keep(&self, shutdown: &CancellationToken) -> LeaseEnd {
+        let mut every = tokio::time::interval(self.ttl / 3);
+        every.tick().await;
+        let mut last_renewed = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return LeaseEnd::Shutdown,
+                _ = every.tick() => {}
+            }
+            match self.renew().await {
+                Ok(true) => last_renewed = tokio::time::Instant::now(),
+                Ok(false) => {
+                    tracing::error!(
+                        node = self.node,
+                        "the snowflake node lease was lost; stopping"
+                    );
+                    shutdown.cancel();
+                    return LeaseEnd::Lost;
+                }
+                Err(e) if last_renewed.elapsed() + self.ttl / 3 >= self.ttl => {
+                    tracing::error!(error = %e, "the snowflake node lease could not be renewed in time; stopping");
+                    shutdown.cancel();
+                    return LeaseEnd::Lost;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "snowflake node lease renewal failed; retrying")
+                }
+            }
+        }
     }
 }

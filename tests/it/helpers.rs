@@ -393,6 +393,11 @@ impl TestApp {
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
         terminate(&mut self.child).await
     }
+
+    /// Waits up to `within` for the service to exit on its own.
+    pub async fn exited(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(within, self.child.wait()).await.ok().map(|s| s.expect("exit status"))
+    }
 }
 
 /// One row to seed.

@@ -162,3 +162,29 @@ async fn with_two_replicas_events_for_one_instance_apply_in_publish_order() {
         assert_eq!(trail, want, "instance {id}");
     }
 }
+
+#[tokio::test]
+async fn a_replica_that_loses_its_node_lease_stops_with_status_75() {
+    let mut app = spawn_app_with(AppOptions {
+        env: vec![("RESOURCE_SNOWFLAKE__LEASE_TTL".into(), "3s".into())],
+        ..Default::default()
+    })
+    .await;
+    let node = leased_node(&app.logs.lock().unwrap());
+    // Another replica took the node id over (as after this one's lease expired).
+    sqlx::query("UPDATE snowflake_nodes SET owner = 'another-replica' WHERE node_id = $1")
+        .bind(i32::try_from(node).unwrap())
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    let status = app.exited(Duration::from_secs(15)).await.expect("it stops on its own");
+
+    assert_eq!(status.code(), Some(75), "an orchestrator restarts it: {status:?}");
+    let owner: String = sqlx::query_scalar("SELECT owner FROM snowflake_nodes WHERE node_id = $1")
+        .bind(i32::try_from(node).unwrap())
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(owner, "another-replica", "the lost lease is not released over its new owner");
+}
