@@ -207,12 +207,34 @@ pub async fn declare_topology(
         channel.queue_declare(conf.retry_queue.as_str().into(), queue, retry_args),
     )
     .await?;
-    bounded(
-        "declare the status queue",
+    // Nobody may read the status queue: it keeps the newest events, for a while.
+    let mut status_args = FieldTable::default();
+    status_args.insert(
+        "x-max-length".into(),
+        AMQPValue::LongLongInt(i64::from(conf.status_queue_max_length)),
+    );
+    let ttl_ms = i64::try_from(conf.status_queue_ttl.as_millis()).unwrap_or(i64::MAX);
+    status_args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms));
+    status_args.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
+    let bounded_status = declare_or_keep(
+        conn,
+        &mut channel,
         t,
-        channel.queue_declare(conf.status_queue.as_str().into(), queue, FieldTable::default()),
+        &conf.status_queue,
+        status_args,
+        "declare the status queue",
     )
     .await?;
+    if !bounded_status {
+        tracing::warn!(
+            queue = %conf.status_queue,
+            max_length = conf.status_queue_max_length,
+            ttl = ?conf.status_queue_ttl,
+            "the status queue exists with other arguments: the configured bound is not \
+             applied; bound it with a RabbitMQ policy (max-length, message-ttl) or delete the \
+             queue and the service declares it anew"
+        );
+    }
     bounded(
         "bind the status queue",
         t,

@@ -162,6 +162,11 @@ pub struct RabbitMq {
     /// Durable queue bound to `status_routing_key`, so status events are kept until
     /// someone reads them (and an unroutable publish is never mistaken for a sent one).
     pub status_queue: String,
+    /// Most status events `status_queue` keeps; beyond it the oldest are dropped.
+    pub status_queue_max_length: u32,
+    /// How long `status_queue` keeps a status event nobody read.
+    #[serde(deserialize_with = "de_duration")]
+    pub status_queue_ttl: Duration,
     /// Most deliveries applied in one database transaction.
     pub batch_size: usize,
     /// Bound on connecting and on every declaration (a broker that does not answer must
@@ -190,6 +195,8 @@ impl Default for RabbitMq {
             retry_delay: Duration::from_secs(2),
             max_retries: 5,
             status_queue: "resource.instance-status".into(),
+            status_queue_max_length: 100_000,
+            status_queue_ttl: Duration::from_secs(24 * 3600),
             batch_size: 500,
             connect_timeout: Duration::from_secs(5),
             dedup_window: Duration::from_secs(7 * 24 * 3600),
@@ -546,6 +553,9 @@ impl Bootstrap {
         }
         if mq.prefetch == 0 {
             return Err("data.rabbitmq.prefetch: must be at least 1".into());
+        }
+        if mq.status_queue_max_length == 0 || mq.status_queue_ttl.is_zero() {
+            return Err("data.rabbitmq.status_queue_max_length and status_queue_ttl must be greater than zero".into());
         }
         if mq.batch_size == 0 {
             return Err("data.rabbitmq.batch_size: must be at least 1".into());

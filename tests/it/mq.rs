@@ -581,6 +581,38 @@ async fn status_changes_are_published_to_the_status_queue() {
 }
 
 #[tokio::test]
+async fn the_status_queue_keeps_the_newest_events_up_to_its_bound() {
+    let app = spawn_app_with(AppOptions {
+        env: vec![("RESOURCE_DATA__RABBITMQ__STATUS_QUEUE_MAX_LENGTH".into(), "50".into())],
+        ..Default::default()
+    })
+    .await;
+    let broker = Broker::connect().await;
+    for id in 9_601..=9_720 {
+        broker.publish_with_id(&app, &created(id), &format!("c-{id}")).await;
+    }
+    wait_for("every status event published", Duration::from_secs(30), || async {
+        count(&app, "SELECT count(*) FROM instances").await == 120
+            && count(&app, "SELECT count(*) FROM status_outbox").await == 0
+    })
+    .await;
+
+    let queue = broker
+        .channel
+        .queue_declare(
+            app.mq.status_queue.as_str().into(),
+            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(queue.message_count(), 50, "bounded by status_queue_max_length");
+    let oldest = broker.get(&app.mq.status_queue, Duration::from_secs(5)).await.unwrap();
+    let oldest = InstanceStatusChanged::decode(oldest.delivery.data.as_slice()).unwrap();
+    assert_eq!(oldest.instance_id, 9_671, "the oldest were dropped, the newest kept");
+}
+
+#[tokio::test]
 async fn the_outbox_left_by_a_crash_is_published_on_restart() {
     let mut app = spawn_app().await;
     app.kill().await;
