@@ -33,6 +33,9 @@ pub enum AmqpError {
         #[source]
         source: lapin::Error,
     },
+    /// `data.rabbitmq.url` is not an AMQP URL.
+    #[error("data.rabbitmq.url is not a valid AMQP URL")]
+    InvalidUrl,
     /// The broker did not answer in time.
     #[error("{what}: no answer within {timeout:?}")]
     Timeout {
@@ -59,19 +62,25 @@ pub async fn bounded<T>(
     }
 }
 
-/// Connects to `conf.url` (whose password is never logged) within `conf.connect_timeout`.
+/// Connects to `conf.url` (whose password is never logged) within `conf.connect_timeout`,
+/// with heartbeats every `conf.heartbeat` unless the URL sets its own (`?heartbeat=`): a
+/// link that goes silent — a black-holed network, a broker that hangs — is given up
+/// after two missed heartbeats instead of being waited on for ever.
 ///
 /// # Errors
 /// `AmqpError`.
 pub async fn connect(conf: &conf::RabbitMq, name: &str) -> Result<Connection, AmqpError> {
     let props =
         ConnectionProperties::default().with_connection_name(LongString::from(name.to_owned()));
-    bounded(
-        "connect to RabbitMQ",
-        conf.connect_timeout,
-        Connection::connect(conf.url.expose_secret(), props),
-    )
-    .await
+    let mut uri: lapin::uri::AMQPUri = conf.url.expose_secret().parse().map_err(|_| {
+        // The parse error may quote the URL, password included: say only what failed.
+        AmqpError::InvalidUrl
+    })?;
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat =
+            Some(u16::try_from(conf.heartbeat.as_secs().max(1)).unwrap_or(u16::MAX));
+    }
+    bounded("connect to RabbitMQ", conf.connect_timeout, Connection::connect_uri(uri, props)).await
 }
 
 /// Opens a channel with publisher confirms on.

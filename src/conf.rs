@@ -129,6 +129,22 @@ pub struct Database {
     /// Longest start-up waits for the database to answer before giving up.
     #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
+    /// Bound of every round trip: the server cancels a statement running longer, and the
+    /// service drops a connection that does not answer a unit of work within it.
+    #[serde(default = "default_query_timeout", deserialize_with = "de_duration")]
+    pub query_timeout: Duration,
+    /// Size of the separate pool of background work (ingest, reconciler, outbox relay,
+    /// pruning), so it never holds the connections of requests (`max_connections`).
+    #[serde(default = "default_background_connections")]
+    pub background_connections: u32,
+}
+
+fn default_query_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_background_connections() -> u32 {
+    4
 }
 
 /// RabbitMQ topology and consumer settings.
@@ -173,6 +189,10 @@ pub struct RabbitMq {
     /// not hang the service).
     #[serde(deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
+    /// Heartbeat interval asked of the broker (unless the URL sets `heartbeat=`): a
+    /// silent link is given up after two missed heartbeats.
+    #[serde(deserialize_with = "de_duration")]
+    pub heartbeat: Duration,
     /// How long processed event keys are remembered for de-duplication.
     #[serde(deserialize_with = "de_duration")]
     pub dedup_window: Duration,
@@ -199,6 +219,7 @@ impl Default for RabbitMq {
             status_queue_ttl: Duration::from_secs(24 * 3600),
             batch_size: 500,
             connect_timeout: Duration::from_secs(5),
+            heartbeat: Duration::from_secs(10),
             dedup_window: Duration::from_secs(7 * 24 * 3600),
             consume: true,
         }
@@ -535,8 +556,14 @@ impl Bootstrap {
         if !(source.starts_with("postgres://") || source.starts_with("postgresql://")) {
             return Err("data.database.source: expected a postgres:// URL".into());
         }
-        if db.max_connections == 0 {
-            return Err("data.database.max_connections: must be at least 1".into());
+        if db.max_connections == 0 || db.background_connections == 0 {
+            return Err(
+                "data.database.max_connections and background_connections: must be at least 1"
+                    .into(),
+            );
+        }
+        if db.query_timeout < Duration::from_millis(100) {
+            return Err("data.database.query_timeout: must be at least 100ms".into());
         }
         if self.server.http.timeout.is_zero() {
             return Err("server.http.timeout: must be greater than zero".into());

@@ -16,7 +16,7 @@ use resource::{
     },
     conf::{self, AuthMode, LogFormat, NodeId},
     data::{
-        AmqpStatusPublisher, Data, PgAuditRepo, PgInstanceRepo, PgOutboxRepo, PgProbe,
+        AmqpStatusPublisher, Data, Db, PgAuditRepo, PgInstanceRepo, PgOutboxRepo, PgProbe,
         PgReconcileRepo,
     },
     publish::PublishArgs,
@@ -274,10 +274,13 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    // repositories
-    let instances: Arc<dyn InstanceRepo> = Arc::new(PgInstanceRepo::new(data.pool().clone()));
-    let outbox: Arc<dyn OutboxRepo> = Arc::new(PgOutboxRepo::new(data.pool().clone()));
-    let audits: Arc<dyn AuditRepo> = Arc::new(PgAuditRepo::new(data.pool().clone()));
+    // repositories: requests and background work on pools of their own
+    let instances: Arc<dyn InstanceRepo> = Arc::new(PgInstanceRepo::new(data.requests().clone()));
+    let background_instances: Arc<dyn InstanceRepo> =
+        Arc::new(PgInstanceRepo::new(data.background().clone()));
+    let outbox: Arc<dyn OutboxRepo> =
+        Arc::new(PgOutboxRepo::new(data.background().clone(), uuid::Uuid::new_v4().to_string()));
+    let audits: Arc<dyn AuditRepo> = Arc::new(PgAuditRepo::new(data.requests().clone()));
     let publisher: Arc<dyn StatusPublisher> =
         Arc::new(AmqpStatusPublisher::new(conf.data.rabbitmq.clone()));
 
@@ -293,13 +296,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
         NodeId::Fixed(node) => (node, None),
         NodeId::Auto => {
             let owner = uuid::Uuid::new_v4().to_string();
-            // A connection of its own: a flood of API requests exhausting the shared pool
-            // must not stop the renewals (the replica would stop itself to stay safe).
-            let lease_pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(1)
-                .acquire_timeout(Duration::from_secs(5))
-                .connect_lazy_with(data.pool().connect_options().as_ref().clone());
-            match NodeLease::acquire(lease_pool, owner, conf.snowflake.lease_ttl).await {
+            match NodeLease::acquire(data.lease_pool(), owner, conf.snowflake.lease_ttl).await {
                 Ok(lease) => {
                     tracing::info!(node = lease.node(), "snowflake node id leased");
                     (lease.node(), Some(Arc::new(lease)))
@@ -312,21 +309,24 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
         }
     };
     let ids = Arc::new(Snowflake::new(node));
+    let cluster_enabled = conf.data.kubernetes.enabled;
     let instance_uc =
-        Arc::new(InstanceUsecase::new(instances, limits, conf.data.kubernetes.enabled, ids));
+        Arc::new(InstanceUsecase::new(instances, limits, cluster_enabled, ids.clone()));
+    let background_uc =
+        Arc::new(InstanceUsecase::new(background_instances, limits, cluster_enabled, ids));
     let audit_uc = Arc::new(AuditUsecase::new(audits));
     let relay = OutboxRelay::new(outbox.clone(), publisher);
 
     // services
-    let events = Arc::new(EventService::new(instance_uc.clone()));
+    let events = Arc::new(EventService::new(background_uc.clone()));
     let consumer =
         conf.data.rabbitmq.consume.then(|| Consumer::new(conf.data.rabbitmq.clone(), events));
-    let mut probes: Vec<Arc<dyn Probe>> = vec![Arc::new(PgProbe::new(data.pool().clone()))];
+    let mut probes: Vec<Arc<dyn Probe>> = vec![Arc::new(PgProbe::new(data.requests().clone()))];
     if let Some(consumer) = &consumer {
         probes.push(Arc::new(consumer.probe()));
     }
     let reconciler = if conf.data.kubernetes.enabled {
-        match reconciler(&conf.data.kubernetes, instance_uc.clone(), data.pool().clone()).await {
+        match reconciler(&conf.data.kubernetes, background_uc, data.background().clone()).await {
             Ok(reconciler) => {
                 probes.push(reconciler.watch_health());
                 Some(reconciler)
@@ -350,7 +350,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
 
     // servers and background work
     tokio::spawn(resource::server::metrics::upkeep(metrics_handle, shutdown.clone()));
-    tokio::spawn(sample_gauges(data.pool().clone(), shutdown.clone()));
+    tokio::spawn(sample_gauges(data.clone(), shutdown.clone()));
     let servers = match Servers::bind(&conf.server, services).await {
         Ok(servers) => servers,
         Err(e) => {
@@ -442,7 +442,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
 async fn reconciler(
     conf: &conf::Kubernetes,
     instances: Arc<InstanceUsecase>,
-    pool: sqlx::PgPool,
+    db: Db,
 ) -> Result<Arc<Reconciler>, resource::biz::BoxError> {
     let client = kube::client(&conf.kubeconfig).await?;
     let gpu_node_selectors = conf
@@ -474,37 +474,24 @@ async fn reconciler(
     tracing::info!(namespace = %conf.namespace, owner, "reconciling instances with the cluster");
     Ok(Arc::new(Reconciler::new(
         instances,
-        Arc::new(PgReconcileRepo::new(pool)),
+        Arc::new(PgReconcileRepo::new(db)),
         Arc::new(cluster),
         reconcile,
         owner,
     )))
 }
 
-/// Samples the database pool and the outbox backlog into gauges every 5 s.
-async fn sample_gauges(pool: sqlx::PgPool, shutdown: CancellationToken) {
+/// Samples the database pools and the outbox backlog into gauges every 5 s.
+async fn sample_gauges(data: Data, shutdown: CancellationToken) {
     let mut every = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = every.tick() => {}
         }
-        let (size, idle) = (pool.size(), u32::try_from(pool.num_idle()).unwrap_or(u32::MAX));
-        metrics::gauge!("resource_db_pool_connections", "state" => "idle").set(f64::from(idle));
-        metrics::gauge!("resource_db_pool_connections", "state" => "in_use")
-            .set(f64::from(size.saturating_sub(idle)));
-        metrics::gauge!("resource_db_pool_max_connections")
-            .set(f64::from(pool.options().get_max_connections()));
+        data.sample_gauges().await;
         if let Some(rss) = resident_memory_bytes() {
             metrics::gauge!("process_resident_memory_bytes").set(rss);
-        }
-        match sqlx::query_scalar::<_, i64>("SELECT count(*) FROM status_outbox")
-            .fetch_one(&pool)
-            .await
-        {
-            #[allow(clippy::cast_precision_loss)] // a count far below 2^52
-            Ok(backlog) => metrics::gauge!("resource_outbox_backlog").set(backlog as f64),
-            Err(e) => tracing::debug!(error = %e, "could not sample the outbox backlog"),
         }
     }
 }

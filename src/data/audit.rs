@@ -2,9 +2,8 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 
-use super::map_sqlx;
+use super::{Db, map_sqlx};
 use crate::biz::{
     Actor, AuditEntry, AuditRecord, AuditRepo, InstanceId, RepoError, Source,
     audit::{Action, Outcome},
@@ -13,13 +12,13 @@ use crate::biz::{
 /// The audit trail in PostgreSQL.
 #[derive(Clone)]
 pub struct PgAuditRepo {
-    pool: PgPool,
+    db: Db,
 }
 
 impl PgAuditRepo {
-    /// A repository over `pool`.
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    /// A repository over `db`.
+    pub fn new(db: Db) -> Self {
+        Self { db }
     }
 }
 
@@ -82,17 +81,22 @@ impl AuditRepo for PgAuditRepo {
         before: Option<i64>,
         limit: u32,
     ) -> Result<Vec<AuditRecord>, RepoError> {
-        let rows: Vec<AuditRow> = sqlx::query_as(
-            "SELECT id, instance_id, actor, source, action, outcome, reason, request_id, before, \
-             after, created_at FROM audit_logs WHERE instance_id = $1 AND id < $2 \
-             ORDER BY id DESC LIMIT $3",
-        )
-        .bind(instance_id.get())
-        .bind(before.unwrap_or(i64::MAX))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_sqlx)?;
+        let rows: Vec<AuditRow> = self
+            .db
+            .run("list audit rows", async |conn| {
+                sqlx::query_as(
+                    "SELECT id, instance_id, actor, source, action, outcome, reason, \
+                     request_id, before, after, created_at FROM audit_logs \
+                     WHERE instance_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+                )
+                .bind(instance_id.get())
+                .bind(before.unwrap_or(i64::MAX))
+                .bind(i64::from(limit))
+                .fetch_all(conn)
+                .await
+                .map_err(map_sqlx)
+            })
+            .await?;
         rows.into_iter().map(AuditRecord::try_from).collect()
     }
 }

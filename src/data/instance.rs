@@ -4,10 +4,10 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, types::Json};
+use sqlx::{Connection, PgConnection, Postgres, QueryBuilder, types::Json};
 use uuid::Uuid;
 
-use super::map_sqlx;
+use super::{Db, map_sqlx};
 use crate::biz::{
     Changes, EventKey, GpuType, Instance, InstanceId, InstanceRepo, InstanceSpec, InstanceStatus,
     ListQuery, Processed, RepoError, Snapshot,
@@ -27,13 +27,13 @@ macro_rules! select_instances {
 /// Instances in PostgreSQL.
 #[derive(Clone)]
 pub struct PgInstanceRepo {
-    pool: PgPool,
+    db: Db,
 }
 
 impl PgInstanceRepo {
-    /// A repository over `pool`.
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    /// A repository over `db`.
+    pub fn new(db: Db) -> Self {
+        Self { db }
     }
 }
 
@@ -112,12 +112,16 @@ impl TryFrom<InstanceRow> for Instance {
 #[async_trait]
 impl InstanceRepo for PgInstanceRepo {
     async fn get(&self, id: InstanceId) -> Result<Instance, RepoError> {
-        let row: InstanceRow =
-            sqlx::query_as(concat!(select_instances!(), " WHERE i.instance_id = $1"))
-                .bind(id.get())
-                .fetch_one(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+        let row: InstanceRow = self
+            .db
+            .run("get an instance", async |conn| {
+                sqlx::query_as(concat!(select_instances!(), " WHERE i.instance_id = $1"))
+                    .bind(id.get())
+                    .fetch_one(conn)
+                    .await
+                    .map_err(map_sqlx)
+            })
+            .await?;
         row.try_into()
     }
 
@@ -146,19 +150,29 @@ impl InstanceRepo for PgInstanceRepo {
         // plan assumes a large result, loses to the custom plan, and so re-plans on every
         // execution. The limit is a validated integer, so this is injection-free.
         qb.push(" ORDER BY i.instance_id DESC LIMIT ").push(query.limit);
-        let rows: Vec<InstanceRow> =
-            qb.build_query_as().fetch_all(&self.pool).await.map_err(map_sqlx)?;
+        let rows: Vec<InstanceRow> = self
+            .db
+            .run("list instances", async |conn| {
+                qb.build_query_as().fetch_all(conn).await.map_err(map_sqlx)
+            })
+            .await?;
         rows.into_iter().map(Instance::try_from).collect()
     }
 
     async fn processed(&self, key: EventKey) -> Result<Option<Processed>, RepoError> {
-        let row: Option<(i64, Option<Vec<u8>>)> = sqlx::query_as(
-            "SELECT instance_id, request_fingerprint FROM processed_events WHERE event_key = $1",
-        )
-        .bind(key_uuid(&key))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_sqlx)?;
+        let row: Option<(i64, Option<Vec<u8>>)> = self
+            .db
+            .run("look up a processed key", async |conn| {
+                sqlx::query_as(
+                    "SELECT instance_id, request_fingerprint FROM processed_events \
+                     WHERE event_key = $1",
+                )
+                .bind(key_uuid(&key))
+                .fetch_optional(conn)
+                .await
+                .map_err(map_sqlx)
+            })
+            .await?;
         Ok(row.map(|(instance_id, fingerprint)| Processed {
             instance_id,
             fingerprint: fingerprint.and_then(|f| <[u8; 16]>::try_from(f).ok()),
@@ -171,22 +185,26 @@ impl InstanceRepo for PgInstanceRepo {
         keys: &[EventKey],
         work: &mut (dyn FnMut(Snapshot) -> Changes + Send),
     ) -> Result<(), RepoError> {
-        let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
-        // NOTE: every read and write of a unit of work is a primary-key lookup of a few
-        // hundred keys. A generic plan cached while the tables were small keeps hash joins
-        // over them as they grow, which made ingest slow down as it went; so this
-        // transaction plans each statement for its own arguments. (Seq scans are off for
-        // the whole pool: `Data::connect`.)
-        sqlx::query("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
-            .execute(&mut *tx)
+        self.db
+            .run("apply a unit of work", async |conn| {
+                let mut tx = conn.begin().await.map_err(map_sqlx)?;
+                // NOTE: every read and write of a unit of work is a primary-key lookup of
+                // a few hundred keys. A generic plan cached while the tables were small
+                // keeps hash joins over them as they grow, which made ingest slow down as
+                // it went; so this transaction plans each statement for its own
+                // arguments. (Seq scans are off for the whole pool: `Data::connect`.)
+                sqlx::query("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_sqlx)?;
+                let snapshot = load(&mut tx, ids, keys).await?;
+                let changes = work(snapshot);
+                if !changes.is_empty() {
+                    write(&mut tx, &changes).await?;
+                }
+                tx.commit().await.map_err(map_sqlx)
+            })
             .await
-            .map_err(map_sqlx)?;
-        let snapshot = load(&mut tx, ids, keys).await?;
-        let changes = work(snapshot);
-        if !changes.is_empty() {
-            write(&mut tx, &changes).await?;
-        }
-        tx.commit().await.map_err(map_sqlx)
     }
 }
 

@@ -4,6 +4,7 @@
 //! and never crosses into the layers above.
 
 mod audit;
+mod db;
 mod instance;
 pub mod kube;
 mod outbox;
@@ -26,6 +27,7 @@ use crate::{
 };
 
 pub use audit::PgAuditRepo;
+pub use db::Db;
 pub use instance::PgInstanceRepo;
 pub use outbox::PgOutboxRepo;
 pub use publisher::AmqpStatusPublisher;
@@ -34,10 +36,13 @@ pub use reconcile::PgReconcileRepo;
 /// Migrations embedded in the binary, so the image needs no `migrations/` directory.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Shared handles to the backing services.
+/// Shared handles to the backing services: two pools, so that background work
+/// (ingest, the reconciler, the outbox relay, pruning) can never hold the connections API
+/// requests need.
 #[derive(Clone)]
 pub struct Data {
-    pool: PgPool,
+    requests: Db,
+    background: Db,
 }
 
 /// Why start-up could not reach or prepare the database.
@@ -55,46 +60,30 @@ pub enum ConnectError {
 }
 
 impl Data {
-    /// Builds the pool and waits (with backoff, up to `connect_timeout`) until the
+    /// Builds the pools and waits (with backoff, up to `connect_timeout`) until the
     /// database answers.
     ///
     /// # Errors
     /// `ConnectError::InvalidSource`, `ConnectError::Unreachable`.
     pub async fn connect(conf: &conf::Database) -> Result<Self, ConnectError> {
-        let options: PgConnectOptions = conf
-            .source
-            .expose_secret()
-            .parse::<PgConnectOptions>()
-            // The parse error can quote the URL, password included: say only what failed.
-            .map_err(|_| ConnectError::InvalidSource("not a valid PostgreSQL URL".into()))?
-            .application_name("resource")
-            .log_statements(tracing::log::LevelFilter::Trace)
-            .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
-        let pool = PgPoolOptions::new()
-            .max_connections(conf.max_connections)
-            .min_connections(1.min(conf.max_connections))
-            .acquire_timeout(conf.acquire_timeout)
-            // A ping before every checkout doubles the round trips of a read; a dead
-            // connection surfaces as an I/O error (503) on first use and is replaced.
-            .test_before_acquire(false)
-            // Every query of the service is built for an index (keyset pages, key
-            // lookups). With statistics that lag a fast-growing table (autovacuum off or
-            // not there yet) the planner took a seq scan and a sort for "newest first":
-            // 267 ms a page at 18k rows, and a soak ran the pool dry. No seq scans, then.
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    sqlx::Executor::execute(&mut *conn, "SET enable_seqscan = off")
-                        .await
-                        .map(|_| ())
-                })
-            })
-            .connect_lazy_with(options);
+        let options = connect_options(conf)?;
+        let requests = Db::new(
+            pool_options(conf.max_connections, conf.acquire_timeout)
+                .connect_lazy_with(options.clone()),
+            conf.query_timeout,
+        );
+        // Background work can wait for a connection; it never takes one from requests.
+        let background = Db::new(
+            pool_options(conf.background_connections, conf.query_timeout)
+                .connect_lazy_with(options),
+            conf.query_timeout,
+        );
 
         let started = tokio::time::Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            match sqlx::query("SELECT 1").execute(&pool).await {
-                Ok(_) => break,
+            match requests.run("reach the database", async |conn| ping(conn).await).await {
+                Ok(()) => break,
                 Err(e) if started.elapsed() + backoff.peek() < conf.connect_timeout => {
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?delay, "database not reachable yet");
@@ -108,12 +97,7 @@ impl Data {
                 }
             }
         }
-        Ok(Self { pool })
-    }
-
-    /// Wraps an existing pool (tests, tools).
-    pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Ok(Self { requests, background })
     }
 
     /// Applies pending migrations; concurrent replicas serialise on the migrator's lock.
@@ -121,24 +105,114 @@ impl Data {
     /// # Errors
     /// `ConnectError::Migrate`.
     pub async fn migrate(&self) -> Result<(), ConnectError> {
-        MIGRATOR.run(&self.pool).await.map_err(|e| ConnectError::Migrate(e.to_string()))
+        MIGRATOR.run(self.requests.pool()).await.map_err(|e| ConnectError::Migrate(e.to_string()))
     }
 
-    /// The connection pool.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    /// The pool of API requests.
+    pub fn requests(&self) -> &Db {
+        &self.requests
+    }
+
+    /// The pool of background work.
+    pub fn background(&self) -> &Db {
+        &self.background
+    }
+
+    /// A pool of one connection of its own, for the snowflake node lease: neither
+    /// requests nor background work can take it, so renewals always get through.
+    pub fn lease_pool(&self) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(self.requests.pool().connect_options().as_ref().clone())
+    }
+
+    /// Samples both pools and the outbox backlog into gauges.
+    pub async fn sample_gauges(&self) {
+        for (name, db) in [("requests", &self.requests), ("background", &self.background)] {
+            let pool = db.pool();
+            let (size, idle) = (pool.size(), u32::try_from(pool.num_idle()).unwrap_or(u32::MAX));
+            metrics::gauge!("resource_db_pool_connections", "pool" => name, "state" => "idle")
+                .set(f64::from(idle));
+            metrics::gauge!("resource_db_pool_connections", "pool" => name, "state" => "in_use")
+                .set(f64::from(size.saturating_sub(idle)));
+            metrics::gauge!("resource_db_pool_max_connections", "pool" => name)
+                .set(f64::from(pool.options().get_max_connections()));
+        }
+        let backlog = self
+            .background
+            .run("count the outbox", async |conn| {
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM status_outbox")
+                    .fetch_one(conn)
+                    .await
+                    .map_err(map_sqlx)
+            })
+            .await;
+        match backlog {
+            #[allow(clippy::cast_precision_loss)] // a count far below 2^52
+            Ok(backlog) => metrics::gauge!("resource_outbox_backlog").set(backlog as f64),
+            Err(e) => tracing::debug!(error = %e, "could not sample the outbox backlog"),
+        }
     }
 }
+
+/// How the service connects: the URL, its name, and the server-side bounds of a round
+/// trip (a statement running past `query_timeout` is cancelled; a session idle in a
+/// transaction for twice as long — its client gone — is ended, freeing its locks).
+fn connect_options(conf: &conf::Database) -> Result<PgConnectOptions, ConnectError> {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).to_string();
+    Ok(conf
+        .source
+        .expose_secret()
+        .parse::<PgConnectOptions>()
+        // The parse error can quote the URL, password included: say only what failed.
+        .map_err(|_| ConnectError::InvalidSource("not a valid PostgreSQL URL".into()))?
+        .application_name("resource")
+        .options([
+            ("statement_timeout", ms(conf.query_timeout)),
+            ("idle_in_transaction_session_timeout", ms(conf.query_timeout * 2)),
+        ])
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500)))
+}
+
+fn pool_options(size: u32, acquire_timeout: Duration) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .min_connections(1.min(size))
+        .acquire_timeout(acquire_timeout)
+        // A ping before every checkout doubles the round trips of a read; a dead
+        // connection surfaces as an I/O error (503) on first use and is replaced, and a
+        // stalled one misses its deadline (`Db`).
+        .test_before_acquire(false)
+        // Every query of the service is built for an index (keyset pages, key
+        // lookups). With statistics that lag a fast-growing table (autovacuum off or
+        // not there yet) the planner took a seq scan and a sort for "newest first":
+        // 267 ms a page at 18k rows, and a soak ran the pool dry. No seq scans, then.
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::Executor::execute(&mut *conn, "SET enable_seqscan = off").await.map(|_| ())
+            })
+        })
+}
+
+async fn ping(conn: &mut sqlx::PgConnection) -> Result<(), RepoError> {
+    sqlx::query("SELECT 1").execute(conn).await.map(|_| ()).map_err(map_sqlx)
+}
+
+/// How long a readiness probe waits for the database: less than the probe's own bound,
+/// so a stalled connection is dropped here rather than abandoned mid-query.
+const PROBE_WITHIN: Duration = Duration::from_millis(800);
 
 /// Readiness of PostgreSQL.
 pub struct PgProbe {
-    pool: PgPool,
+    db: Db,
 }
 
 impl PgProbe {
-    /// A probe over `pool`.
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    /// A probe over `db`.
+    pub fn new(db: Db) -> Self {
+        Self { db }
     }
 }
 
@@ -149,7 +223,7 @@ impl Probe for PgProbe {
     }
 
     async fn check(&self) -> Result<(), RepoError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ()).map_err(map_sqlx)
+        self.db.run_within(PROBE_WITHIN, "check readiness", async |conn| ping(conn).await).await
     }
 }
 

@@ -5,21 +5,22 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 
-use super::map_sqlx;
+use super::{Db, map_sqlx};
 use crate::biz::{InstanceId, InstanceStatus, OutboxRepo, Pending, RepoError, StatusChange};
 
 /// The outbox in PostgreSQL.
 #[derive(Clone)]
 pub struct PgOutboxRepo {
-    pool: PgPool,
+    db: Db,
+    /// Names this process's claims.
+    claimer: String,
 }
 
 impl PgOutboxRepo {
-    /// A repository over `pool`.
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    /// A repository over `db`, claiming rows as `claimer` (unique per process).
+    pub fn new(db: Db, claimer: String) -> Self {
+        Self { db, claimer }
     }
 }
 
@@ -65,19 +66,29 @@ impl OutboxRepo for PgOutboxRepo {
         // The outbox churns: it is mostly dead tuples, and a sequential scan would read
         // them all; the pool's connections never seq scan (`Data::connect`), so this walks
         // the primary key.
-        let rows: Vec<OutboxRow> = sqlx::query_as(
-            "UPDATE status_outbox SET claimed_until = now() + make_interval(secs => $1), \
-             attempts = attempts + 1 \
-             WHERE id IN (SELECT id FROM status_outbox \
-                          WHERE claimed_until IS NULL OR claimed_until < now() \
-                          ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) \
-             RETURNING id, instance_id, user_id, status, reason, endpoint, version, changed_at",
-        )
-        .bind(lease.as_secs_f64())
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_sqlx)?;
+        // Rows this relay claimed itself are taken back at once: a claim whose answer was
+        // lost (a stalled link) must not wait for its expiry while nobody publishes.
+        let rows: Vec<OutboxRow> = self
+            .db
+            .run("claim outbox rows", async |conn| {
+                sqlx::query_as(
+                    "UPDATE status_outbox SET claimed_until = now() + make_interval(secs => $1), \
+                     claimed_by = $3, attempts = attempts + 1 \
+                     WHERE id IN (SELECT id FROM status_outbox \
+                                  WHERE claimed_until IS NULL OR claimed_until < now() \
+                                     OR claimed_by = $3 \
+                                  ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                     RETURNING id, instance_id, user_id, status, reason, endpoint, version, \
+                     changed_at",
+                )
+                .bind(lease.as_secs_f64())
+                .bind(i64::from(limit))
+                .bind(&self.claimer)
+                .fetch_all(conn)
+                .await
+                .map_err(map_sqlx)
+            })
+            .await?;
         let mut pending: Vec<Pending> =
             rows.into_iter().map(Pending::try_from).collect::<Result<_, _>>()?;
         // RETURNING does not keep the subquery's order; publish oldest first.
@@ -86,22 +97,32 @@ impl OutboxRepo for PgOutboxRepo {
     }
 
     async fn remove(&self, ids: &[i64]) -> Result<(), RepoError> {
-        sqlx::query(
-            "DELETE FROM status_outbox o USING UNNEST($1::bigint[]) AS d(id) WHERE o.id = d.id",
-        )
-        .bind(ids)
-        .execute(&self.pool)
-        .await
-        .map_err(map_sqlx)?;
+        self.db
+            .run("remove published outbox rows", async |conn| {
+                sqlx::query(
+                    "DELETE FROM status_outbox o USING UNNEST($1::bigint[]) AS d(id) \
+                     WHERE o.id = d.id",
+                )
+                .bind(ids)
+                .execute(conn)
+                .await
+                .map_err(map_sqlx)
+            })
+            .await?;
         Ok(())
     }
 
     async fn prune_processed_events(&self, before: DateTime<Utc>) -> Result<u64, RepoError> {
-        let done = sqlx::query("DELETE FROM processed_events WHERE processed_at < $1")
-            .bind(before)
-            .execute(&self.pool)
-            .await
-            .map_err(map_sqlx)?;
+        let done = self
+            .db
+            .run("prune processed keys", async |conn| {
+                sqlx::query("DELETE FROM processed_events WHERE processed_at < $1")
+                    .bind(before)
+                    .execute(conn)
+                    .await
+                    .map_err(map_sqlx)
+            })
+            .await?;
         Ok(done.rows_affected())
     }
 }

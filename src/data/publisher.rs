@@ -75,15 +75,16 @@ impl StatusPublisher for AmqpStatusPublisher {
                 .with_message_id(format!("{}-{}", p.change.instance_id, p.change.version).into())
                 .with_timestamp(u64::try_from(p.change.at.timestamp()).unwrap_or_default())
                 .with_delivery_mode(2);
-            let sent = channel
-                .basic_publish(
-                    self.conf.exchange.as_str().into(),
-                    self.conf.status_routing_key.as_str().into(),
-                    options,
-                    &message(p).encode_to_vec(),
-                    properties,
-                )
-                .await;
+            let body = message(p).encode_to_vec();
+            let publish = channel.basic_publish(
+                self.conf.exchange.as_str().into(),
+                self.conf.status_routing_key.as_str().into(),
+                options,
+                &body,
+                properties,
+            );
+            let sent =
+                amqp::bounded("publish a status event", self.conf.connect_timeout, publish).await;
             match sent {
                 Ok(confirm) => confirms.push((p.id, confirm)),
                 Err(e) => {
@@ -94,7 +95,9 @@ impl StatusPublisher for AmqpStatusPublisher {
         }
         let mut sent = Vec::with_capacity(confirms.len());
         for (id, confirm) in confirms {
-            match confirm.await {
+            // A confirm that never comes (a silent link) leaves the row in the outbox.
+            match amqp::bounded("confirm a status event", self.conf.connect_timeout, confirm).await
+            {
                 Ok(Confirmation::Ack(None)) => sent.push(id),
                 Ok(
                     Confirmation::Ack(Some(_)) | Confirmation::Nack(_) | Confirmation::NotRequested,

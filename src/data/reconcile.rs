@@ -4,21 +4,20 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::PgPool;
 
-use super::map_sqlx;
+use super::{Db, map_sqlx};
 use crate::biz::{InstanceId, RepoError, reconcile::ReconcileRepo};
 
 /// The reconciler's tables in PostgreSQL.
 #[derive(Clone)]
 pub struct PgReconcileRepo {
-    pool: PgPool,
+    db: Db,
 }
 
 impl PgReconcileRepo {
-    /// A repository over `pool`.
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    /// A repository over `db`.
+    pub fn new(db: Db) -> Self {
+        Self { db }
     }
 }
 
@@ -29,21 +28,31 @@ fn ids(rows: Vec<i64>) -> Vec<InstanceId> {
 #[async_trait]
 impl ReconcileRepo for PgReconcileRepo {
     async fn unsettled(&self) -> Result<Vec<InstanceId>, RepoError> {
-        let rows: Vec<i64> = sqlx::query_scalar(
-            "SELECT instance_id FROM instances WHERE status IN ('CREATING', 'STOPPING', 'DELETING')",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_sqlx)?;
+        let rows: Vec<i64> = self
+            .db
+            .run("list unsettled instances", async |conn| {
+                sqlx::query_scalar(
+                    "SELECT instance_id FROM instances \
+                     WHERE status IN ('CREATING', 'STOPPING', 'DELETING')",
+                )
+                .fetch_all(conn)
+                .await
+                .map_err(map_sqlx)
+            })
+            .await?;
         Ok(ids(rows))
     }
 
     async fn live(&self) -> Result<Vec<InstanceId>, RepoError> {
-        let rows: Vec<i64> =
-            sqlx::query_scalar("SELECT instance_id FROM instances WHERE status <> 'DELETED'")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(map_sqlx)?;
+        let rows: Vec<i64> = self
+            .db
+            .run("list live instances", async |conn| {
+                sqlx::query_scalar("SELECT instance_id FROM instances WHERE status <> 'DELETED'")
+                    .fetch_all(conn)
+                    .await
+                    .map_err(map_sqlx)
+            })
+            .await?;
         Ok(ids(rows))
     }
 
@@ -51,51 +60,70 @@ impl ReconcileRepo for PgReconcileRepo {
         &self,
         after: Option<i64>,
     ) -> Result<(Vec<Option<InstanceId>>, i64), RepoError> {
-        let newest: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM audit_logs")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(map_sqlx)?;
+        let newest: i64 = self
+            .db
+            .run("read the newest audit id", async |conn| {
+                sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM audit_logs")
+                    .fetch_one(conn)
+                    .await
+                    .map_err(map_sqlx)
+            })
+            .await?;
         let Some(after) = after else { return Ok((Vec::new(), newest)) };
         // Rows by primary key range: only what was written since the last look.
-        let rows: Vec<i64> = sqlx::query_scalar(
-            "SELECT instance_id FROM audit_logs
+        let rows: Vec<i64> = self
+            .db
+            .run("read sync requests", async |conn| {
+                sqlx::query_scalar(
+                    "SELECT instance_id FROM audit_logs
              WHERE id > $1 AND id <= $2 AND action = 'K8S_SYNC' AND source <> 'reconciler'",
-        )
-        .bind(after)
-        .bind(newest)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_sqlx)?;
+                )
+                .bind(after)
+                .bind(newest)
+                .fetch_all(conn)
+                .await
+                .map_err(map_sqlx)
+            })
+            .await?;
         let requests = rows.into_iter().map(|id| InstanceId::try_from(id).ok()).collect();
         Ok((requests, newest))
     }
 
     async fn claim(&self, id: InstanceId, owner: &str, ttl: Duration) -> Result<bool, RepoError> {
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        let taken: Option<i32> = sqlx::query_scalar(
-            "INSERT INTO reconcile_leases (instance_id, owner, expires_at)
+        let taken: Option<i32> = self
+            .db
+            .run("claim a reconcile lease", async |conn| {
+                sqlx::query_scalar(
+                    "INSERT INTO reconcile_leases (instance_id, owner, expires_at)
              VALUES ($1, $2, now() + make_interval(secs => $3::double precision / 1000))
              ON CONFLICT (instance_id) DO UPDATE
                 SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
                 WHERE reconcile_leases.expires_at < now() OR reconcile_leases.owner = EXCLUDED.owner
              RETURNING 1",
-        )
-        .bind(id.get())
-        .bind(owner)
-        .bind(ttl_ms)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_sqlx)?;
+                )
+                .bind(id.get())
+                .bind(owner)
+                .bind(ttl_ms)
+                .fetch_optional(conn)
+                .await
+                .map_err(map_sqlx)
+            })
+            .await?;
         Ok(taken.is_some())
     }
 
     async fn release(&self, id: InstanceId, owner: &str) -> Result<(), RepoError> {
-        sqlx::query("DELETE FROM reconcile_leases WHERE instance_id = $1 AND owner = $2")
-            .bind(id.get())
-            .bind(owner)
-            .execute(&self.pool)
-            .await
-            .map_err(map_sqlx)?;
+        self.db
+            .run("release a reconcile lease", async |conn| {
+                sqlx::query("DELETE FROM reconcile_leases WHERE instance_id = $1 AND owner = $2")
+                    .bind(id.get())
+                    .bind(owner)
+                    .execute(conn)
+                    .await
+                    .map_err(map_sqlx)
+            })
+            .await?;
         Ok(())
     }
 }

@@ -9,8 +9,9 @@
 //! | `resource_events_dead_lettered_total` | reason |
 //! | `resource_outbox_backlog` | — |
 //! | `resource_reconcile_operations_total` / `resource_reconcile_errors_total` | step / — |
-//! | `resource_db_pool_connections` | state (`idle`, `in_use`) |
-//! | `resource_db_pool_max_connections` | — |
+//! | `resource_db_pool_connections` | pool (`requests`, `background`), state (`idle`, `in_use`) |
+//! | `resource_db_pool_max_connections` | pool |
+//! | `resource_db_stalled_total` | — (round trips dropped for missing their deadline) |
 //!
 //! Every label value comes from a closed set, whatever a client sends: standard HTTP
 //! methods, matched route templates and the known RPCs, else `other` (or `unmatched`

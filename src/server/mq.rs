@@ -238,8 +238,10 @@ impl Consumer {
             tracing::debug!(count = ours.len(), "ignoring the service's own status events");
         }
         let inbound: Vec<Inbound> = work.iter().map(decode).collect();
+        let t = self.conf.connect_timeout;
         if inbound.is_empty() {
-            channel.basic_ack(last_tag, BasicAckOptions { multiple: true }).await?;
+            let ack = channel.basic_ack(last_tag, BasicAckOptions { multiple: true });
+            amqp::bounded("acknowledge a batch", t, ack).await?;
             return Ok(());
         }
         let Some(dispositions) = self.apply(&inbound, shutdown).await else {
@@ -298,20 +300,20 @@ impl Consumer {
                     reason = %reroute.reason,
                     "event not applied"
                 );
-                let confirm = channel
-                    .basic_publish(
-                        reroute.exchange.as_str().into(),
-                        reroute.routing_key.as_str().into(),
-                        BasicPublishOptions { mandatory: true, ..Default::default() },
-                        &delivery.data,
-                        reroute.properties,
-                    )
-                    .await?;
-                confirms.push(confirm);
+                let publish = channel.basic_publish(
+                    reroute.exchange.as_str().into(),
+                    reroute.routing_key.as_str().into(),
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    &delivery.data,
+                    reroute.properties,
+                );
+                confirms.push(amqp::bounded("dead-letter or retry an event", t, publish).await?);
             }
         }
         for confirm in confirms {
-            match confirm.await? {
+            // A confirm that never comes (a silent link) must not hold the batch for ever:
+            // unacknowledged, it is redelivered to whoever consumes next.
+            match amqp::bounded("confirm a dead letter or retry", t, confirm).await? {
                 Confirmation::Ack(None) => {}
                 other => {
                     // Not stored by the broker: do not acknowledge; redelivery retries it.
@@ -323,7 +325,8 @@ impl Consumer {
         }
         // Ack only after commit (and after dead letters are safely stored): one ack for
         // the whole batch, on the channel that delivered it.
-        channel.basic_ack(last_tag, BasicAckOptions { multiple: true }).await?;
+        let ack = channel.basic_ack(last_tag, BasicAckOptions { multiple: true });
+        amqp::bounded("acknowledge a batch", t, ack).await?;
         Ok(())
     }
 

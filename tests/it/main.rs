@@ -18,4 +18,5 @@ mod replicas;
 mod secrets;
 mod shutdown;
 mod specs;
+mod stalls;
 mod tracing;

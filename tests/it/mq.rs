@@ -93,6 +93,16 @@ impl Broker {
         self.publish_raw(&app.mq.exchange, routing_key, body.as_bytes(), props).await;
     }
 
+    /// How many messages `queue` holds, ready to be delivered.
+    pub(crate) async fn queue_length(&self, queue: &str) -> u32 {
+        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        self.channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .expect("the queue exists")
+            .message_count()
+    }
+
     /// Takes one message from `queue`, waiting up to `wait`.
     pub(crate) async fn get(&self, queue: &str, wait: Duration) -> Option<BasicGetMessage> {
         let deadline = tokio::time::Instant::now() + wait;
@@ -597,16 +607,11 @@ async fn the_status_queue_keeps_the_newest_events_up_to_its_bound() {
     })
     .await;
 
-    let queue = broker
-        .channel
-        .queue_declare(
-            app.mq.status_queue.as_str().into(),
-            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(queue.message_count(), 50, "bounded by status_queue_max_length");
+    assert_eq!(
+        broker.queue_length(&app.mq.status_queue).await,
+        50,
+        "bounded by status_queue_max_length"
+    );
     let oldest = broker.get(&app.mq.status_queue, Duration::from_secs(5)).await.unwrap();
     let oldest = InstanceStatusChanged::decode(oldest.delivery.data.as_slice()).unwrap();
     assert_eq!(oldest.instance_id, 9_671, "the oldest were dropped, the newest kept");
@@ -774,15 +779,6 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
         sqlx::query_scalar("SELECT count(*) FROM audit_logs").fetch_one(&pool).await.unwrap();
     assert_eq!(applied, audited, "every applied event is audited");
     // Whatever was not applied is still in the queue, not lost.
-    let left = broker
-        .channel
-        .queue_declare(
-            queue.as_str().into(),
-            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap()
-        .message_count();
+    let left = broker.queue_length(&queue).await;
     assert_eq!(applied + i64::from(left), 300);
 }
