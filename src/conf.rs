@@ -51,6 +51,43 @@ pub struct Server {
     /// connections still open after it (long-lived HTTP/2 clients) are dropped.
     #[serde(default = "default_shutdown_timeout", deserialize_with = "de_duration")]
     pub shutdown_timeout: Duration,
+    /// Bounds of the client connections of both listeners.
+    #[serde(default)]
+    pub connections: Connections,
+}
+
+/// How long and how many client connections may be held, per listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Connections {
+    /// Most open connections per listener; more wait in the kernel's backlog.
+    pub max: usize,
+    /// A connection that sends nothing for this long after it opened is closed.
+    #[serde(deserialize_with = "de_duration")]
+    pub first_byte_timeout: Duration,
+    /// HTTP/1: a request's headers must have arrived this long after the connection
+    /// opened or the previous response went out (an idle keep-alive connection is closed
+    /// after it too).
+    #[serde(deserialize_with = "de_duration")]
+    pub header_read_timeout: Duration,
+    /// HTTP/2: an idle connection is pinged this often…
+    #[serde(deserialize_with = "de_duration")]
+    pub keepalive_interval: Duration,
+    /// …and closed when a ping is not answered within this.
+    #[serde(deserialize_with = "de_duration")]
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            max: 4096,
+            first_byte_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 fn default_shutdown_timeout() -> Duration {
@@ -69,6 +106,13 @@ pub struct HttpServer {
     /// Largest accepted request body, in bytes.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// A request body must have arrived within this (else 408); `timeout` starts after.
+    #[serde(default = "default_body_timeout", deserialize_with = "de_duration")]
+    pub body_timeout: Duration,
+}
+
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// gRPC listener.
@@ -564,6 +608,20 @@ impl Bootstrap {
         }
         if db.query_timeout < Duration::from_millis(100) {
             return Err("data.database.query_timeout: must be at least 100ms".into());
+        }
+        let c = &self.server.connections;
+        if c.max == 0
+            || [
+                c.first_byte_timeout,
+                c.header_read_timeout,
+                c.keepalive_interval,
+                c.keepalive_timeout,
+            ]
+            .iter()
+            .any(Duration::is_zero)
+            || self.server.http.body_timeout.is_zero()
+        {
+            return Err("server.connections (max and every timeout) and server.http.body_timeout must be greater than zero".into());
         }
         if self.server.http.timeout.is_zero() {
             return Err("server.http.timeout: must be greater than zero".into());

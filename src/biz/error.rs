@@ -94,6 +94,8 @@ pub enum ErrorKind {
     FailedPrecondition,
     /// 413 / RESOURCE_EXHAUSTED.
     PayloadTooLarge,
+    /// 408 / DEADLINE_EXCEEDED: the client was too slow sending its request.
+    RequestTimeout,
     /// 504 / DEADLINE_EXCEEDED.
     DeadlineExceeded,
     /// 503 / UNAVAILABLE.

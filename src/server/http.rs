@@ -53,7 +53,11 @@ pub struct AppState {
 /// The REST API with its middleware: request ids, tracing, per-request timeout and the
 /// body size limit from `conf`.
 pub fn router(state: AppState, conf: &conf::HttpServer) -> Router {
-    let limits = Limits { timeout: conf.timeout, max_body_bytes: conf.max_body_bytes };
+    let limits = Limits {
+        timeout: conf.timeout,
+        body_timeout: conf.body_timeout,
+        max_body_bytes: conf.max_body_bytes,
+    };
     let openapi = Bytes::from(
         super::openapi::document(state.resource.limits(), state.auth.required()).to_string(),
     );
@@ -111,26 +115,52 @@ pub fn router(state: AppState, conf: &conf::HttpServer) -> Router {
 #[derive(Clone, Copy)]
 struct Limits {
     timeout: Duration,
+    body_timeout: Duration,
     max_body_bytes: usize,
 }
 
-/// Refuses a declared oversized body before reading it (a body without a length is cut
-/// by `DefaultBodyLimit` where it is read), and answers 504 when the handler outlives
-/// `server.http.timeout`.
+/// Reads the whole body first, within `body_timeout` (408 when the client is too slow)
+/// and `max_body_bytes` (413, refused at once when declared larger); then answers 504
+/// when the handler outlives `server.http.timeout`, which starts after the body.
 async fn enforce_limits(State(limits): State<Limits>, req: Request, next: Next) -> Response {
+    let too_large = || {
+        HttpError(ApiError::new(
+            ErrorKind::PayloadTooLarge,
+            "PAYLOAD_TOO_LARGE",
+            format!("request body exceeds {} bytes", limits.max_body_bytes),
+        ))
+        .into_response()
+    };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limits.max_body_bytes as u64) {
-        return HttpError(ApiError::new(
-            ErrorKind::PayloadTooLarge,
-            "PAYLOAD_TOO_LARGE",
-            format!("request body exceeds {} bytes", limits.max_body_bytes),
-        ))
-        .into_response();
+        return too_large();
     }
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, limits.max_body_bytes);
+    let body = match tokio::time::timeout(limits.body_timeout, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            if e.into_inner().is::<http_body_util::LengthLimitError>() {
+                return too_large();
+            }
+            // The client went away mid-body: nobody reads the answer.
+            return HttpError::from(biz::Error::invalid("body", "the request body was cut short"))
+                .into_response();
+        }
+        Err(_) => {
+            return HttpError(ApiError::new(
+                ErrorKind::RequestTimeout,
+                "REQUEST_TIMEOUT",
+                format!("the request body did not arrive within {:?}", limits.body_timeout),
+            ))
+            .into_response();
+        }
+    };
+    let req = Request::from_parts(parts, axum::body::Body::from(body));
     match tokio::time::timeout(limits.timeout, next.run(req)).await {
         Ok(response) => response,
         Err(_) => {

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod codec;
+pub mod conn;
 pub mod edge;
 pub mod grpc;
 pub mod http;
@@ -17,7 +18,6 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 use tower_http::{
     LatencyUnit,
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
@@ -108,8 +108,11 @@ impl Servers {
             .build_v1alpha()?;
 
         let request_id = axum::http::HeaderName::from_static("x-request-id");
+        let limits = &self.conf.connections;
         let grpc = tonic::transport::Server::builder()
             .max_connection_age(self.conf.grpc.max_connection_age)
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
             .layer(metrics::GrpcMetricsLayer)
             .layer(edge::GrpcRefusalsLayer { max_message_bytes: self.conf.grpc.max_message_bytes })
             .layer(edge::SanitizeRequestIdLayer)
@@ -142,7 +145,7 @@ impl Servers {
                 .max_decoding_message_size(self.conf.grpc.max_message_bytes),
             )
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
+                incoming(self.grpc, conn::Guard::new(limits)),
                 token.clone().cancelled_owned(),
             );
 
@@ -154,14 +157,89 @@ impl Servers {
             metrics: self.services.metrics.clone(),
         };
         let app = http::router(state, &self.conf.http);
-        let rest =
-            axum::serve(self.http, app).with_graceful_shutdown(token.clone().cancelled_owned());
+        let rest = serve_http(self.http, app, self.conf.connections.clone(), token.clone());
 
         tracing::info!(http = %http_addr, grpc = %grpc_addr, "serving");
-        let (grpc_result, http_result) = tokio::join!(grpc, async { rest.await });
+        let (grpc_result, http_result) = tokio::join!(grpc, rest);
         token.cancel();
         grpc_result?;
         http_result?;
         Ok(())
     }
+}
+
+/// The accepted connections of `listener`, as tonic takes them.
+fn incoming(
+    listener: TcpListener,
+    guard: conn::Guard,
+) -> impl futures::Stream<Item = std::io::Result<conn::Guarded>> {
+    futures::stream::unfold((listener, guard), |(listener, guard)| async move {
+        let next = guard.accept(&listener).await;
+        Some((next, (listener, guard)))
+    })
+}
+
+/// Serves `app` on `listener` until `stop`, then lets open requests finish. HTTP/1 and
+/// HTTP/2 (prior knowledge), with hyper's timers set from `limits`.
+async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    limits: conf::Connections,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo, TokioTimer},
+        server::conn::auto::Builder,
+        service::TowerToHyperService,
+    };
+    use tower::ServiceExt;
+
+    let guard = conn::Guard::new(&limits);
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout);
+    // Each connection holds a receiver; all are gone when every connection has closed.
+    let (open_tx, open_rx) = tokio::sync::watch::channel(());
+    loop {
+        let stream = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = guard.accept(&listener) => match accepted {
+                Ok(stream) => stream,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before accept.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let service = TowerToHyperService::new(app.clone().map_request(
+            |req: axum::http::Request<hyper::body::Incoming>| req.map(axum::body::Body::new),
+        ));
+        let (builder, stop, open) = (builder.clone(), stop.clone(), open_rx.clone());
+        tokio::spawn(async move {
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                ended = conn.as_mut() => {
+                    if let Err(e) = ended {
+                        tracing::debug!(error = %e, "HTTP connection ended");
+                    }
+                }
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(open);
+        });
+    }
+    drop(open_rx);
+    drop(listener);
+    open_tx.closed().await;
+    Ok(())
 }

@@ -70,6 +70,7 @@ pub fn http_status(kind: ErrorKind) -> StatusCode {
             StatusCode::CONFLICT
         }
         ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -88,6 +89,7 @@ pub fn grpc_code(kind: ErrorKind) -> tonic::Code {
         ErrorKind::Conflict => tonic::Code::Aborted,
         ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
         ErrorKind::PayloadTooLarge => tonic::Code::ResourceExhausted,
+        ErrorKind::RequestTimeout => tonic::Code::DeadlineExceeded,
         ErrorKind::DeadlineExceeded => tonic::Code::DeadlineExceeded,
         ErrorKind::Unavailable => tonic::Code::Unavailable,
         ErrorKind::Internal => tonic::Code::Internal,
@@ -215,7 +217,7 @@ mod tests {
 
     #[test]
     fn every_reason_is_a_value_of_the_proto_enum() {
-        let transport = ["NOT_FOUND", "METHOD_NOT_ALLOWED", "PAYLOAD_TOO_LARGE"];
+        let transport = ["NOT_FOUND", "METHOD_NOT_ALLOWED", "PAYLOAD_TOO_LARGE", "REQUEST_TIMEOUT"];
         let reasons = every_error().into_iter().map(|(e, _, _)| e.reason()).chain(transport);
         for reason in reasons {
             assert!(ErrorReason::from_str_name(reason).is_some(), "{reason}");

@@ -1,6 +1,7 @@
 //! Integration tests: the real binary against real PostgreSQL, one database per test.
 
 mod auth;
+mod clients;
 mod config;
 mod grpc;
 mod helpers;
