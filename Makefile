@@ -4,7 +4,7 @@
 CONF ?= ./configs
 CARGO ?= cargo
 
-.PHONY: help build test test-it lint fmt proto migrate run bench image image-smoke deps
+.PHONY: help build test test-it lint fmt proto migrate run bench image image-smoke deps toolchain
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -12,20 +12,23 @@ help: ## list the targets
 deps: ## make sure PostgreSQL and RabbitMQ answer (install or start them if not)
 	@scripts/deps.sh
 
-build: ## release build (the Dockerfile runs exactly this)
+toolchain: ## make the Rust toolchain of rust-toolchain.toml available
+	@scripts/toolchain.sh
+
+build: toolchain ## release build (the Dockerfile runs exactly this)
 	$(CARGO) build --release --locked
 
-test: deps ## every test: unit and integration, against the local PostgreSQL and RabbitMQ
+test: toolchain deps ## every test: unit and integration, against the local PostgreSQL and RabbitMQ
 	@if command -v cargo-nextest >/dev/null; then \
 		$(CARGO) nextest run --workspace --locked --no-fail-fast; \
 	else \
 		$(CARGO) test --workspace --locked --no-fail-fast; \
 	fi
 
-test-it: deps ## integration tests only
+test-it: toolchain deps ## integration tests only
 	$(CARGO) test --locked --test it
 
-lint: ## formatting and clippy, as CI checks them
+lint: toolchain ## formatting and clippy, as CI checks them
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --locked --all-targets -- -D warnings
 
@@ -39,12 +42,12 @@ migrate: ## apply database migrations to the configured database
 	@scripts/deps.sh --create-db
 	$(CARGO) run --release --locked -- -conf $(CONF) migrate
 
-run: ## start the service (PostgreSQL and RabbitMQ prepared, database created and migrated)
+run: toolchain ## start the service (PostgreSQL and RabbitMQ prepared, database created and migrated)
 	@scripts/deps.sh --create-db
 	$(CARGO) run --release --locked -- -conf $(CONF) migrate
 	$(CARGO) run --release --locked -- -conf $(CONF) serve
 
-bench: deps ## benchmarks with printed figures (ListResources vs pgbench, ...)
+bench: toolchain deps ## benchmarks with printed figures (ListResources vs pgbench, ...)
 	$(CARGO) bench --locked
 
 image: ## build the container image resource:latest (docker, else podman with local base images)
