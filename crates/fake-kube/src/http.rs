@@ -1,12 +1,14 @@
-//! The HTTP surface: routes, verbs, query parameters, `Status` errors and watch streams.
+//! The HTTP surface: routes, verbs, query parameters, `Status` errors and watch streams,
+//! behind a front layer that counts, logs and injects faults.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::extract::{Path, Query, Request as HttpRequest, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, any, get};
 use futures::StreamExt;
@@ -14,9 +16,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use crate::Kind;
 use crate::selector::Selector;
-use crate::store::{ApiError, Change, Event, Scope, Shared, WatchStart, watch_line};
+use crate::store::{ApiError, Change, Event, Origin, Scope, Shared, WatchStart, watch_line};
+use crate::{FaultAction, Kind, RequestRecord, Verb};
 
 /// The watch timeout when the client sets none (the real server picks 30 to 60 minutes).
 const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
@@ -39,22 +41,96 @@ fn router(shared: Arc<Shared>) -> Router {
             discovery(|| json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})),
         )
         .route("/api/v1/{*path}", any(object))
-        .fallback(|State(s): State<Arc<Shared>>| async move {
-            s.count(Verb::Other as usize);
+        .fallback(|| async {
             let message = "the server could not find the requested resource";
             ApiError::new(404, "NotFound", message).into_response()
         })
+        .layer(middleware::from_fn_with_state(shared.clone(), front))
         .with_state(shared)
+}
+
+// === the front: counting, logging, faults ===
+
+/// Counts and logs every request, then serves it or applies the first matching fault.
+async fn front(State(shared): State<Arc<Shared>>, request: HttpRequest, next: Next) -> Response {
+    let record = record_of(request.method(), request.uri());
+    let (verb, kind) = (record.verb, record.kind);
+    let name = record.name.clone();
+    shared.record(record);
+    let action = shared.faults().take(verb, kind, &name);
+    match action {
+        None => next.run(request).await,
+        Some(FaultAction::Delay(delay)) => {
+            tokio::time::sleep(delay).await;
+            next.run(request).await
+        }
+        Some(FaultAction::Hang) => {
+            // Pending until the client drops the connection; a shutdown must not wait.
+            shared.closed().await;
+            ApiError::new(503, "ServiceUnavailable", "fake-kube is shutting down").into_response()
+        }
+        Some(FaultAction::Status { code, reason, message, retry_after }) => {
+            let status = fault_status(code, &reason, &message, retry_after, kind, &name);
+            fault_response(verb, status, retry_after)
+        }
+    }
+}
+
+/// What the request addresses, as the handlers will see it.
+fn record_of(method: &Method, uri: &Uri) -> RequestRecord {
+    let target = uri.path().strip_prefix("/api/v1/").and_then(target_of);
+    let watch = Query::<Params>::try_from_uri(uri).is_ok_and(|q| is_true(&q.watch));
+    let verb = target.as_ref().map_or(Verb::Other, |t| verb_of(t, method, watch));
+    let (kind, namespace, name) = match target {
+        Some(t) => (Some(t.kind), t.ns.unwrap_or_default(), t.name),
+        None => (None, String::new(), String::new()),
+    };
+    RequestRecord { at: Instant::now(), verb, kind, namespace, name }
+}
+
+/// The `Status` an injected fault answers.
+fn fault_status(
+    code: u16,
+    reason: &str,
+    message: &str,
+    retry_after: Option<u32>,
+    kind: Option<Kind>,
+    name: &str,
+) -> Value {
+    let mut status = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code,
+    });
+    if let Some(kind) = kind {
+        status["details"] = json!({"name": name, "kind": kind.plural()});
+    }
+    if let Some(seconds) = retry_after {
+        status["details"]["retryAfterSeconds"] = json!(seconds);
+    }
+    status
+}
+
+/// Sends a fault's `Status`: on a watch, 410 as the `ERROR` event the API server sends for
+/// an expired version; otherwise as the HTTP status, with `Retry-After` when asked.
+fn fault_response(verb: Verb, status: Value, retry_after: Option<u32>) -> Response {
+    if verb == Verb::Watch && status["code"] == 410 {
+        let body = Body::from(watch_line("ERROR", &status));
+        return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+    }
+    let code = status["code"].as_u64().and_then(|c| u16::try_from(c).ok());
+    let code = code.and_then(|c| StatusCode::from_u16(c).ok());
+    let mut response = json_response(code.unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), &status);
+    if let Some(seconds) = retry_after {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
 }
 
 // === discovery ===
 
-/// A GET route answering a fixed discovery document, counted as `other`.
+/// A GET route answering a fixed discovery document (counted as `other` by the front).
 fn discovery(doc: fn() -> Value) -> MethodRouter<Arc<Shared>> {
-    get(move |State(s): State<Arc<Shared>>| async move {
-        s.count(Verb::Other as usize);
-        json_response(StatusCode::OK, &doc())
-    })
+    get(move || async move { json_response(StatusCode::OK, &doc()) })
 }
 
 fn version() -> Value {
@@ -71,7 +147,6 @@ fn api_versions() -> Value {
 
 fn api_resources() -> Value {
     let all = ["create", "delete", "get", "list", "patch", "update", "watch"];
-    let without_delete = ["create", "get", "list", "patch", "update", "watch"];
     let resource = |name: &str, singular: &str, kind: Kind, verbs: &[&str], short: &str| {
         json!({"name": name, "singularName": singular, "namespaced": kind.is_namespaced(),
                "kind": kind.name(), "verbs": verbs, "shortNames": [short]})
@@ -85,7 +160,7 @@ fn api_resources() -> Value {
         status("pods/status", Kind::Pod),
         resource("services", "service", Kind::Service, &all, "svc"),
         status("services/status", Kind::Service),
-        resource("namespaces", "namespace", Kind::Namespace, &without_delete, "ns"),
+        resource("namespaces", "namespace", Kind::Namespace, &all, "ns"),
     ]})
 }
 
@@ -118,19 +193,6 @@ struct Params {
 
 fn is_true(flag: &Option<String>) -> bool {
     matches!(flag.as_deref(), Some("true" | "1"))
-}
-
-/// Verbs as counted in [`crate::RequestCounts`]; the value is the counter's index.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Verb {
-    Get = 1,
-    List,
-    Watch,
-    Create,
-    Update,
-    Patch,
-    Delete,
-    Other,
 }
 
 struct Request {
@@ -171,15 +233,13 @@ async fn object(
     dispatch(&shared, target_of(&path), Request { method, params, headers, body })
 }
 
-/// Counts the request under its verb, then serves it.
+/// Serves the request (the front has counted it).
 fn dispatch(shared: &Arc<Shared>, target: Option<Target>, req: Request) -> Response {
     let Some(target) = target else {
-        shared.count(Verb::Other as usize);
         return ApiError::new(404, "NotFound", "the server could not find the requested resource")
             .into_response();
     };
-    let verb = verb_of(&target, &req);
-    shared.count(verb as usize);
+    let verb = verb_of(&target, &req.method, is_true(&req.params.watch));
     let result = match verb {
         Verb::Get => get_one(shared, &target),
         Verb::List => list(shared, &target, &req.params),
@@ -198,11 +258,11 @@ fn dispatch(shared: &Arc<Shared>, target: Option<Target>, req: Request) -> Respo
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-fn verb_of(target: &Target, req: &Request) -> Verb {
+fn verb_of(target: &Target, method: &Method, watch: bool) -> Verb {
     let collection = target.name.is_empty();
     let wide = target.ns.is_none() && target.kind.is_namespaced();
-    match (&req.method, collection) {
-        (&Method::GET, true) if is_true(&req.params.watch) => Verb::Watch,
+    match (method, collection) {
+        (&Method::GET, true) if watch => Verb::Watch,
         (&Method::GET, true) => Verb::List,
         (&Method::GET, false) => Verb::Get,
         (&Method::POST, true) if !wide && target.scope == Scope::Main => Verb::Create,
@@ -286,7 +346,7 @@ fn update(
             ));
         }
     };
-    let (obj, created) = shared.update(t.kind, ns_of(t), &t.name, t.scope, change)?;
+    let (obj, created) = shared.update(t.kind, ns_of(t), &t.name, t.scope, change, Origin::Api)?;
     let code = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok(json_response(code, &obj))
 }
@@ -321,6 +381,7 @@ fn watch(shared: &Arc<Shared>, t: &Target, params: &Params) -> Result<Response, 
     let stream = futures::stream::iter(first)
         .chain(futures::stream::unfold(live, next_event))
         .take_until(tokio::time::sleep(timeout))
+        .take_until(shared.watches_ended())
         .take_until(shared.closed())
         .map(Ok::<_, std::convert::Infallible>);
     Ok(([(header::CONTENT_TYPE, "application/json")], Body::from_stream(stream)).into_response())

@@ -29,10 +29,32 @@
 //!   patch as apply, merge, strategic-merge (treated as merge) and JSON patch. `pods/status`
 //!   may be read and patched. Cluster-wide lists and watches at `/api/v1/{pods,services}`.
 //! - One global `resourceVersion` counter; a write carrying a stale `metadata.resourceVersion`
-//!   is 409 `Conflict`. Errors are `Status` objects with the real reasons and codes.
+//!   is 409 `Conflict`. Errors are `Status` objects with the real reasons and codes; a create
+//!   whose name is held by an object being deleted is 409 `AlreadyExists`, "object is being
+//!   deleted: …".
 //! - Finalizers and graceful deletion: a deleted object with finalizers keeps a
 //!   `deletionTimestamp` until a patch empties them; a deleted pod keeps its name for
 //!   [`Options::termination_delay`] (immediately with `gracePeriodSeconds: 0`).
+//! - Namespace lifecycle: deleting a namespace (over HTTP or with
+//!   [`FakeKube::delete_out_of_band`]) sets its `deletionTimestamp` and `status.phase:
+//!   Terminating` and deletes every object in it as a client delete would (finalizers hold
+//!   objects, pods terminate); the namespace is removed once it holds no objects (and has no
+//!   finalizers of its own). Deleting it again is 409 `Conflict`, creating it again 409
+//!   `AlreadyExists`. Creating in a terminating namespace (POST, or an apply that creates) is
+//!   403 `Forbidden`; updates of what is still in it work. Creating in a missing namespace
+//!   is 404 `NotFound`, `namespaces "x" not found`. Every step sends its watch events.
+//! - Fault injection in front of the handlers, as a fault-injecting proxy
+//!   ([`FakeKube::inject`]): a [`Fault`] matching verb, kind and object name answers a
+//!   `Status` (with `Retry-After` if asked), hangs, or delays, for a number of requests or
+//!   forever; watches included. Faulted requests are counted and logged like the others.
+//!   Note that `kube` itself retries 429, 503 and 504 (honouring `Retry-After`).
+//! - Watch disruption: [`FakeKube::end_watches`] ends every open watch (clients watch
+//!   again), [`FakeKube::expire_history`] makes every version handed out so far 410 Gone.
+//! - A request log: [`FakeKube::request_log`] has each request's arrival time, verb, kind,
+//!   namespace and name, for rates and per-object counts; [`FakeKube::requests`] counts.
+//! - Changes behind the client's back: [`FakeKube::create_out_of_band`],
+//!   [`FakeKube::patch_out_of_band`] (a merge patch that may also change a pod's spec
+//!   beyond images, and the status) and [`FakeKube::delete_out_of_band`].
 //! - Pod spec immutability: any change but container images is 422 `Invalid`; so is a
 //!   change of a Service's `spec.clusterIP` once set (also to or from `None`, headless).
 //! - A kubelet: a pod is `Pending` when created, `Running` with a pod IP after
@@ -53,11 +75,18 @@
 //! - `dryRun`, `fieldSelector`, `propagationPolicy` and preconditions are ignored.
 //!
 //! # What it does not do
-//! No authentication or authorisation, no TLS, no other API groups, no namespace deletion,
-//! no owner-reference garbage collection, no admission, no protobuf, no persistence.
+//! No authentication or authorisation, no TLS, no other API groups, no owner-reference
+//! garbage collection, no admission beyond the namespace lifecycle checks, no protobuf, no
+//! persistence. Namespaces have no `spec.finalizers` (`kubernetes`) and no
+//! `NamespaceDeletionContentFailure`-style conditions; their content is deleted at once
+//! rather than by a controller. Faults cannot reset connections or corrupt bodies, and
+//! match no namespace or label. A fault's 410 on a watch is an `ERROR` event in a 200
+//! stream, as the API server sends an expired version; every other fault code is the HTTP
+//! status.
 
 #![forbid(unsafe_code)]
 
+mod fault;
 mod http;
 mod kubelet;
 mod patch;
@@ -68,12 +97,13 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
-use crate::store::Shared;
+pub use crate::fault::{Fault, FaultAction, FaultId};
+use crate::store::{Change, Origin, Scope, Shared};
 
 /// How the simulated kubelet and API server behave.
 #[derive(Debug, Clone)]
@@ -134,10 +164,65 @@ impl Kind {
         self != Kind::Namespace
     }
 
+    /// Every kind the fake stores.
+    pub(crate) const ALL: [Kind; 3] = [Kind::Pod, Kind::Service, Kind::Namespace];
+
     fn from_plural(plural: &str) -> Option<Kind> {
-        [Kind::Pod, Kind::Service, Kind::Namespace].into_iter().find(|k| k.plural() == plural)
+        Kind::ALL.into_iter().find(|k| k.plural() == plural)
     }
 }
+
+/// What a request does, as counted in [`RequestCounts`], logged in [`RequestRecord`] and
+/// matched by a [`Fault`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verb {
+    /// `GET` of one object (or its status).
+    Get,
+    /// `GET` of a collection.
+    List,
+    /// `GET` of a collection with `watch=true`.
+    Watch,
+    /// `POST` to a collection.
+    Create,
+    /// `PUT` of one object (or its status).
+    Update,
+    /// `PATCH` of one object (or its status), including server-side apply.
+    Patch,
+    /// `DELETE` of one object.
+    Delete,
+    /// Discovery (`/version`, `/api`, `/apis`) and everything that is not an object verb.
+    Other,
+}
+
+impl Verb {
+    /// Whether the verb writes: create, update, patch or delete.
+    pub fn is_write(self) -> bool {
+        matches!(self, Verb::Create | Verb::Update | Verb::Patch | Verb::Delete)
+    }
+
+    /// The index of the verb's counter in the store (0 is the total).
+    pub(crate) fn counter(self) -> usize {
+        self as usize + 1
+    }
+}
+
+/// One request the fake received, in [`FakeKube::request_log`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// When the request arrived.
+    pub at: Instant,
+    /// What it does.
+    pub verb: Verb,
+    /// The kind it addresses; `None` for discovery and unknown paths.
+    pub kind: Option<Kind>,
+    /// The namespace in the URL; empty for cluster-scoped objects and cluster-wide lists.
+    pub namespace: String,
+    /// The object name in the URL; empty for collections.
+    pub name: String,
+}
+
+/// How many [`RequestRecord`]s [`FakeKube::request_log`] keeps; older ones are dropped.
+pub const REQUEST_LOG_CAPACITY: usize = 200_000;
 
 /// API requests served since start, by verb, to measure a client's request rate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -236,8 +321,45 @@ impl FakeKube {
 
     /// Deletes as another client would (`kubectl delete`): finalizers and pod termination
     /// are respected. Returns whether the object existed.
+    ///
+    /// A namespace (`kind` [`Kind::Namespace`], `ns` empty) becomes `Terminating`, its
+    /// objects are deleted and it is removed once it holds none, as on a cluster.
     pub fn delete_out_of_band(&self, kind: Kind, ns: &str, name: &str) -> bool {
-        self.shared.delete(kind, ns, name, None).is_ok()
+        match self.shared.delete(kind, ns, name, None) {
+            Ok(_) => true,
+            Err(e) => e.code != 404,
+        }
+    }
+
+    /// Applies a JSON merge patch as another client would (`kubectl edit`): the version is
+    /// bumped and watchers get `MODIFIED` (a patch that changes nothing writes nothing).
+    ///
+    /// Unlike a client write, it may change a pod's spec beyond its images (to simulate a
+    /// pod someone else created) and, when the patch has a `status`, the status too.
+    /// Finalizers, deletion and the kubelet react as to any write.
+    ///
+    /// # Errors
+    /// The API error (`"404 NotFound: pods \"p\" not found"`, a 409 conflict for a stale
+    /// `metadata.resourceVersion` in the patch, …) as text.
+    pub fn patch_out_of_band(
+        &self,
+        kind: Kind,
+        ns: &str,
+        name: &str,
+        merge_patch: Value,
+    ) -> Result<Value, String> {
+        let change = Change::Merge(merge_patch);
+        let written = self.shared.update(kind, ns, name, Scope::Main, change, Origin::OutOfBand);
+        written.map(|(object, _)| object).map_err(|e| e.to_string())
+    }
+
+    /// Creates `object` as another client would (a stray pod someone else started); the
+    /// kubelet runs a pod like any other. `ns` is ignored for namespaces.
+    ///
+    /// # Errors
+    /// The API error as text, e.g. `"409 AlreadyExists: pods \"p\" already exists"`.
+    pub fn create_out_of_band(&self, kind: Kind, ns: &str, object: Value) -> Result<Value, String> {
+        self.shared.create(kind, ns, object).map_err(|e| e.to_string())
     }
 
     /// Creates namespace `name` unless it exists.
@@ -253,6 +375,42 @@ impl FakeKube {
     /// Requests served so far.
     pub fn requests(&self) -> RequestCounts {
         self.shared.requests()
+    }
+
+    /// Every request received so far, oldest first (the newest
+    /// [`REQUEST_LOG_CAPACITY`] when there were more), faulted ones included.
+    pub fn request_log(&self) -> Vec<RequestRecord> {
+        self.shared.request_log()
+    }
+
+    /// Injects `fault` behind every fault injected before it: a request gets the action of
+    /// the first fault that matches it and has uses left. The request is still counted and
+    /// logged.
+    pub fn inject(&self, fault: Fault) -> FaultId {
+        self.shared.faults().insert(fault)
+    }
+
+    /// Removes an injected fault; requests already hanging or delayed by it stay so.
+    pub fn remove_fault(&self, id: FaultId) {
+        self.shared.faults().remove(id);
+    }
+
+    /// Removes every injected fault.
+    pub fn clear_faults(&self) {
+        self.shared.faults().clear();
+    }
+
+    /// Ends every open watch stream now, as an API server restart or a load balancer
+    /// would; clients watch again from their last version.
+    pub fn end_watches(&self) {
+        self.shared.end_watches();
+    }
+
+    /// Forgets the kept watch history, as a compaction does: a watch resuming from any
+    /// version handed out so far is 410 Gone, and the next list reports a newer version
+    /// to watch from. Open watches are not affected.
+    pub fn expire_history(&self) {
+        self.shared.expire_history();
     }
 
     /// Ends open watches, stops accepting and waits (at most 5 s) for requests in flight.

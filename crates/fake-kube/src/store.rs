@@ -4,6 +4,7 @@
 //! event's version order is the order in which watchers receive it.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -11,8 +12,9 @@ use axum::body::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
+use crate::fault::Faults;
 use crate::selector::Selector;
-use crate::{Kind, Options, RequestCounts, kubelet, patch};
+use crate::{Kind, Options, REQUEST_LOG_CAPACITY, RequestCounts, RequestRecord, kubelet, patch};
 
 /// Kind, namespace (empty for namespaces) and name.
 pub(crate) type Key = (Kind, String, String);
@@ -70,6 +72,20 @@ impl ApiError {
         let message = format!("{} \"{name}\" is invalid: {detail}", kind.name());
         ApiError::new(422, "Invalid", message).about(kind, name)
     }
+
+    /// The namespace lifecycle admission's answer to a create in a terminating namespace.
+    fn namespace_terminating(ns: &str, kind: Kind, name: &str) -> Self {
+        let message = format!(
+            "unable to create new content in namespace {ns} because it is being terminated"
+        );
+        ApiError::new(403, "Forbidden", message).about(kind, name)
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.code, self.reason, self.message)
+    }
 }
 
 /// Where a watch starts.
@@ -97,6 +113,21 @@ pub(crate) enum Change {
     Apply(Value),
 }
 
+/// Who writes: a client through the API, or a test behind the client's back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    Api,
+    /// May change a pod's whole spec, and the status along with the main resource.
+    OutOfBand,
+}
+
+/// A delete's outcome: the object as last written, and whether the kubelet must now
+/// terminate it (a pod that got its `deletionTimestamp`).
+struct Deletion {
+    object: Value,
+    kubelet_follow_up: bool,
+}
+
 /// Which part of the object a write may change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scope {
@@ -120,7 +151,11 @@ pub(crate) struct State {
 pub(crate) struct Shared {
     state: Mutex<State>,
     closed: watch::Sender<bool>,
+    /// Bumped by [`Shared::end_watches`]; every open watch ends when it changes.
+    watch_epoch: watch::Sender<u64>,
     counts: [AtomicU64; 9],
+    log: Mutex<VecDeque<RequestRecord>>,
+    faults: Mutex<Faults>,
     /// Runs kubelet timers even when a write comes from outside the runtime.
     pub runtime: tokio::runtime::Handle,
 }
@@ -175,19 +210,69 @@ impl State {
         obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         let line = watch_line(kind_of_event, &obj);
         let (kind, ns) = (key.0, key.1.clone());
-        if kind_of_event == "DELETED" {
+        let removed = kind_of_event == "DELETED";
+        if removed {
             self.objects.remove(&key);
         } else {
             self.objects.insert(key, obj.clone());
         }
-        let event = Arc::new(Event { rv: self.rv, kind, ns, object: obj.clone(), line });
+        let event =
+            Arc::new(Event { rv: self.rv, kind, ns: ns.clone(), object: obj.clone(), line });
         if self.history.len() >= self.opts.watch_history.max(1) {
             self.expired_rv = self.history.pop_front().map_or(self.expired_rv, |e| e.rv);
         }
         self.history.push_back(event.clone());
         // No receiver is not an error: nobody is watching.
         let _ = self.events.send(event);
+        if removed && kind.is_namespaced() {
+            self.purge_namespace_if_done(&ns);
+        }
         obj
+    }
+
+    /// Removes a terminating namespace once it holds no objects and no finalizers.
+    fn purge_namespace_if_done(&mut self, ns: &str) {
+        let key = key(Kind::Namespace, "", ns);
+        let Some(namespace) = self.objects.get(&key) else { return };
+        if is_deleting(namespace) && finalizers_empty(namespace) && !self.holds_objects(ns) {
+            let namespace = namespace.clone();
+            self.commit(key, namespace, "DELETED");
+        }
+    }
+
+    /// Whether any namespaced object (terminating ones included) is in `ns`.
+    fn holds_objects(&self, ns: &str) -> bool {
+        self.keys_in(ns).next().is_some()
+    }
+
+    /// The keys of every object in namespace `ns`, by kind then name.
+    fn keys_in<'a>(&'a self, ns: &'a str) -> impl Iterator<Item = &'a Key> + 'a {
+        Kind::ALL.into_iter().filter(|k| k.is_namespaced()).flat_map(move |kind| {
+            let first = (kind, ns.to_string(), String::new());
+            self.objects
+                .range(first..)
+                .map(|(k, _)| k)
+                .take_while(move |k| k.0 == kind && k.1 == ns)
+        })
+    }
+
+    /// Rejects a create in namespace `ns` unless it exists and is not terminating.
+    fn check_namespace_open(&self, ns: &str, kind: Kind, name: &str) -> Result<(), ApiError> {
+        match self.objects.get(&key(Kind::Namespace, "", ns)) {
+            None => Err(ApiError::not_found(Kind::Namespace, ns)),
+            Some(namespace) if is_deleting(namespace) => {
+                Err(ApiError::namespace_terminating(ns, kind, name))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Forgets the history and moves the version on, so every version handed out so far
+    /// is older than the history (410 Gone) and the next list reports a newer one.
+    fn expire_history(&mut self) {
+        self.rv += 1;
+        self.expired_rv = self.rv;
+        self.history.clear();
     }
 
     fn next_id(&mut self) -> u64 {
@@ -204,13 +289,12 @@ impl State {
             let msg = "the namespace of the provided object does not match the namespace sent on the request";
             return Err(ApiError::bad_request(msg));
         }
-        if kind.is_namespaced() && !self.objects.contains_key(&key(Kind::Namespace, "", ns)) {
-            return Err(ApiError::not_found(Kind::Namespace, ns));
+        if kind.is_namespaced() {
+            self.check_namespace_open(ns, kind, &name)?;
         }
         let key = key(kind, ns, &name);
-        if self.objects.contains_key(&key) {
-            let message = format!("{} \"{name}\" already exists", kind.plural());
-            return Err(ApiError::new(409, "AlreadyExists", message).about(kind, &name));
+        if let Some(existing) = self.objects.get(&key) {
+            return Err(already_exists(kind, &name, existing));
         }
         let id = self.next_id();
         obj["apiVersion"] = json!("v1");
@@ -263,6 +347,80 @@ impl State {
             Kind::Namespace => obj["status"] = json!({"phase": "Active"}),
         }
     }
+
+    /// Deletes like the API server: objects with finalizers, and pods (which terminate for
+    /// [`Options::termination_delay`] unless `grace` is 0), get a `deletionTimestamp` first.
+    fn delete(
+        &mut self,
+        kind: Kind,
+        ns: &str,
+        name: &str,
+        grace: Option<i64>,
+    ) -> Result<Deletion, ApiError> {
+        let key = key(kind, ns, name);
+        let mut obj =
+            self.objects.get(&key).cloned().ok_or_else(|| ApiError::not_found(kind, name))?;
+        if is_deleting(&obj) {
+            return Ok(Deletion { object: obj, kubelet_follow_up: false });
+        }
+        let graceful = kind == Kind::Pod && grace != Some(0);
+        if finalizers_empty(&obj) && !graceful {
+            let object = self.commit(key, obj, "DELETED");
+            return Ok(Deletion { object, kubelet_follow_up: false });
+        }
+        obj["metadata"]["deletionTimestamp"] = json!(now());
+        obj["metadata"]["deletionGracePeriodSeconds"] =
+            json!(if graceful { grace.unwrap_or(30) } else { 0 });
+        let object = self.commit(key, obj, "MODIFIED");
+        Ok(Deletion { object, kubelet_follow_up: kind == Kind::Pod })
+    }
+
+    /// Marks a namespace `Terminating` and deletes its objects as a client delete would;
+    /// it is removed once it holds none (see [`State::purge_namespace_if_done`]).
+    ///
+    /// Returns the namespace as last written and the pods the kubelet must terminate.
+    fn delete_namespace(&mut self, name: &str) -> Result<(Value, Vec<Value>), ApiError> {
+        let key = key(Kind::Namespace, "", name);
+        let mut namespace = self
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(Kind::Namespace, name))?;
+        if is_deleting(&namespace) {
+            let message = format!(
+                "Operation cannot be fulfilled on namespaces \"{name}\": The system is ensuring \
+                 all content is removed from this namespace.  Upon completion, this namespace \
+                 will automatically be purged by the system."
+            );
+            return Err(ApiError::new(409, "Conflict", message).about(Kind::Namespace, name));
+        }
+        namespace["metadata"]["deletionTimestamp"] = json!(now());
+        namespace["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+        namespace["status"]["phase"] = json!("Terminating");
+        let mut last = self.commit(key.clone(), namespace, "MODIFIED");
+        let contents: Vec<Key> = self.keys_in(name).cloned().collect();
+        let mut terminating = Vec::new();
+        for (kind, ns, object) in contents {
+            // Cannot fail: the key was just listed under the same lock.
+            if let Ok(deletion) = self.delete(kind, &ns, &object, None) {
+                terminating.extend(deletion.kubelet_follow_up.then_some(deletion.object));
+            }
+        }
+        self.purge_namespace_if_done(name);
+        if let Some(current) = self.objects.get(&key) {
+            last = current.clone();
+        }
+        Ok((last, terminating))
+    }
+}
+
+/// The conflict of a create whose name is taken, as the API server words it.
+fn already_exists(kind: Kind, name: &str, existing: &Value) -> ApiError {
+    let mut message = format!("{} \"{name}\" already exists", kind.plural());
+    if is_deleting(existing) {
+        message = format!("object is being deleted: {message}");
+    }
+    ApiError::new(409, "AlreadyExists", message).about(kind, name)
 }
 
 /// Encodes one watch event as the newline-terminated JSON line a watch sends.
@@ -319,15 +477,38 @@ fn without_images(spec: &Value) -> Value {
     spec
 }
 
-/// Rejects the changes a real API server forbids, with its messages.
-fn validate_update(kind: Kind, name: &str, old: &Value, new: &Value) -> Result<(), ApiError> {
-    if kind == Kind::Pod && without_images(&old["spec"]) != without_images(&new["spec"]) {
+/// Rejects the changes a real API server forbids, with its messages; a write behind the
+/// client's back may change a pod's spec.
+fn validate_update(
+    kind: Kind,
+    name: &str,
+    old: &Value,
+    new: &Value,
+    origin: Origin,
+) -> Result<(), ApiError> {
+    if origin == Origin::Api && kind == Kind::Pod {
+        validate_pod_update(name, old, new)?;
+    }
+    validate_service_update(kind, name, old, new)
+}
+
+fn validate_pod_update(name: &str, old: &Value, new: &Value) -> Result<(), ApiError> {
+    if without_images(&old["spec"]) != without_images(&new["spec"]) {
         let detail = "spec: Forbidden: pod updates may not change fields other than \
                       `spec.containers[*].image`, `spec.initContainers[*].image`, \
                       `spec.activeDeadlineSeconds`, `spec.tolerations` (only additions to \
                       existing tolerations), `spec.terminationGracePeriodSeconds`";
-        return Err(ApiError::invalid(kind, name, detail));
+        return Err(ApiError::invalid(Kind::Pod, name, detail));
     }
+    Ok(())
+}
+
+fn validate_service_update(
+    kind: Kind,
+    name: &str,
+    old: &Value,
+    new: &Value,
+) -> Result<(), ApiError> {
     let cluster_ip = |obj: &Value| obj["spec"]["clusterIP"].as_str().map(str::to_owned);
     if kind == Kind::Service
         && cluster_ip(old).is_some_and(|ip| !ip.is_empty())
@@ -375,7 +556,10 @@ impl Shared {
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             closed: watch::channel(false).0,
+            watch_epoch: watch::channel(0).0,
             counts: Default::default(),
+            log: Mutex::new(VecDeque::new()),
+            faults: Mutex::new(Faults::default()),
             runtime: tokio::runtime::Handle::current(),
         });
         shared.ensure_namespace("default");
@@ -387,9 +571,41 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(crate) fn count(&self, verb: usize) {
+    /// Counts a received request under its verb and appends it to the bounded log.
+    pub(crate) fn record(&self, record: RequestRecord) {
         self.counts[0].fetch_add(1, Ordering::Relaxed);
-        self.counts[verb].fetch_add(1, Ordering::Relaxed);
+        self.counts[record.verb.counter()].fetch_add(1, Ordering::Relaxed);
+        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        if log.len() >= REQUEST_LOG_CAPACITY {
+            log.pop_front();
+        }
+        log.push_back(record);
+    }
+
+    pub(crate) fn request_log(&self) -> Vec<RequestRecord> {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect()
+    }
+
+    /// The injected faults; a panic elsewhere while holding the lock leaves them usable.
+    pub(crate) fn faults(&self) -> MutexGuard<'_, Faults> {
+        self.faults.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn end_watches(&self) {
+        self.watch_epoch.send_modify(|epoch| *epoch += 1);
+    }
+
+    /// Resolves at the next [`Shared::end_watches`] after this call.
+    pub(crate) fn watches_ended(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.watch_epoch.subscribe();
+        async move {
+            // An error means the fake is gone, which ends the watch too.
+            let _ = rx.changed().await;
+        }
+    }
+
+    pub(crate) fn expire_history(&self) {
+        self.lock().expire_history();
     }
 
     pub(crate) fn requests(&self) -> RequestCounts {
@@ -543,6 +759,7 @@ impl Shared {
         name: &str,
         scope: Scope,
         change: Change,
+        origin: Origin,
     ) -> Result<(Value, bool), ApiError> {
         let mut st = self.lock();
         let key = key(kind, ns, name);
@@ -577,8 +794,12 @@ impl Shared {
         };
         check_shape(&candidate)?;
         check_version(kind, name, &old, &candidate)?;
+        let status = candidate.get("status").filter(|_| origin == Origin::OutOfBand).cloned();
         let mut new = reconcile(kind, &old, candidate, scope);
-        validate_update(kind, name, &old, &new)?;
+        if let Some(status) = status {
+            new["status"] = status;
+        }
+        validate_update(kind, name, &old, &new, origin)?;
         if new == old {
             // As on a cluster: a no-op write bumps no version and sends no event.
             return Ok((old, false));
@@ -587,7 +808,9 @@ impl Shared {
             new["metadata"]["generation"] =
                 json!(old["metadata"]["generation"].as_i64().unwrap_or(0) + 1);
         }
-        let finished = is_deleting(&new) && finalizers_empty(&new);
+        let finished = is_deleting(&new)
+            && finalizers_empty(&new)
+            && (kind != Kind::Namespace || !st.holds_objects(name));
         if finished && kind != Kind::Pod {
             return Ok((st.commit(key, new, "DELETED"), false));
         }
@@ -599,8 +822,8 @@ impl Shared {
         Ok((written, false))
     }
 
-    /// Deletes like the API server: objects with finalizers, and pods (which terminate for
-    /// [`Options::termination_delay`] unless `grace` is 0), get a `deletionTimestamp` first.
+    /// Deletes like the API server (see [`State::delete`]); a namespace terminates first
+    /// (see [`State::delete_namespace`]).
     pub(crate) fn delete(
         self: &Arc<Self>,
         kind: Kind,
@@ -608,31 +831,17 @@ impl Shared {
         name: &str,
         grace: Option<i64>,
     ) -> Result<Value, ApiError> {
-        if kind == Kind::Namespace {
-            return Err(ApiError::new(
-                405,
-                "MethodNotAllowed",
-                "fake-kube does not delete namespaces",
-            ));
-        }
         let mut st = self.lock();
-        let key = key(kind, ns, name);
-        let mut obj =
-            st.objects.get(&key).cloned().ok_or_else(|| ApiError::not_found(kind, name))?;
-        if is_deleting(&obj) {
-            return Ok(obj);
-        }
-        let graceful = kind == Kind::Pod && grace != Some(0);
-        if finalizers_empty(&obj) && !graceful {
-            return Ok(st.commit(key, obj, "DELETED"));
-        }
-        obj["metadata"]["deletionTimestamp"] = json!(now());
-        obj["metadata"]["deletionGracePeriodSeconds"] =
-            json!(if graceful { grace.unwrap_or(30) } else { 0 });
-        let written = st.commit(key, obj, "MODIFIED");
+        let (written, terminating) = if kind == Kind::Namespace {
+            st.delete_namespace(name)?
+        } else {
+            let deletion = st.delete(kind, ns, name, grace)?;
+            let terminating = deletion.kubelet_follow_up.then(|| deletion.object.clone());
+            (deletion.object, terminating.into_iter().collect())
+        };
         drop(st);
-        if kind == Kind::Pod {
-            kubelet::on_pod_written(self, None, &written);
+        for pod in &terminating {
+            kubelet::on_pod_written(self, None, pod);
         }
         Ok(written)
     }

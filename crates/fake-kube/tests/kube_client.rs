@@ -14,51 +14,9 @@ use kube::runtime::watcher;
 use kube::{Client, Config, ResourceExt};
 use serde_json::json;
 
-const NS: &str = "default";
+mod common;
 
-async fn start(opts: Options) -> (FakeKube, Client) {
-    let fake = FakeKube::start(opts).await.expect("the fake binds a port");
-    let kubeconfig = Kubeconfig::from_yaml(&fake.kubeconfig_yaml(NS)).expect("valid kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("kube reads the kubeconfig");
-    (fake, Client::try_from(config).expect("kube builds a client"))
-}
-
-fn pod(name: &str, image: &str, cpu: &str) -> Pod {
-    serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "labels": {"app": "resource", "instance": name}},
-        "spec": {"containers": [{"name": "main", "image": image,
-                                 "resources": {"limits": {"cpu": cpu}}}]},
-    }))
-    .expect("a valid pod")
-}
-
-fn apply() -> PatchParams {
-    PatchParams::apply("resource").force()
-}
-
-async fn apply_pod(pods: &Api<Pod>, pod: &Pod) -> Result<Pod, kube::Error> {
-    pods.patch(&pod.name_any(), &apply(), &Patch::Apply(pod)).await
-}
-
-/// Polls `get` until `done` holds; fails the test after 5 s.
-async fn wait_for<F: Fn(&Pod) -> bool>(pods: &Api<Pod>, name: &str, done: F) -> Pod {
-    for _ in 0..500 {
-        if let Some(pod) = pods.get_opt(name).await.expect("get works") {
-            if done(&pod) {
-                return pod;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("pod {name} did not reach the expected state");
-}
-
-fn phase(pod: &Pod) -> &str {
-    pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or_default()
-}
+use common::{NS, apply, apply_pod, phase, pod, start, wait_for};
 
 fn waiting_reason(pod: &Pod) -> Option<String> {
     let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
@@ -456,23 +414,8 @@ async fn shutdown_ends_open_watches() {
 
 /// Sends one raw HTTP/1.1 request and returns the status code and body.
 async fn raw(fake: &FakeKube, head: &str, body: &str) -> (u16, serde_json::Value) {
-    let (addr, request) = (
-        fake.addr(),
-        format!("{head}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()),
-    );
-    let response = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-        stream.write_all(request.as_bytes()).expect("send");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("receive");
-        response
-    })
-    .await
-    .expect("the request ran");
-    let code = response[9..12].parse().expect("a status code");
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (code, serde_json::from_str(body).unwrap_or_default())
+    let (code, _, body) = common::raw(fake, head, body).await;
+    (code, body)
 }
 
 #[tokio::test]
