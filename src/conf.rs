@@ -295,10 +295,21 @@ pub struct Kubernetes {
     /// How long a replica holds an instance while reconciling it.
     #[serde(deserialize_with = "de_duration")]
     pub lease_ttl: Duration,
-    /// The Pod watch is re-established this often; readiness fails when it has not been
-    /// for twice as long.
+    /// The API server ends each watch after this long and it is resumed where it
+    /// stopped (a watch that hangs silently is replaced).
     #[serde(deserialize_with = "de_duration")]
     pub watch_restart: Duration,
+    /// Create the namespace when it is missing (at start-up, and again if it is deleted).
+    pub create_namespace: bool,
+    /// Bound of every cluster call but watches.
+    #[serde(deserialize_with = "de_duration")]
+    pub call_timeout: Duration,
+    /// Longest wait between two tries of an instance whose reconcile fails.
+    #[serde(deserialize_with = "de_duration")]
+    pub backoff_max: Duration,
+    /// How often the namespace is checked (and whether the API server answers at rest).
+    #[serde(deserialize_with = "de_duration")]
+    pub namespace_check: Duration,
 }
 
 impl Default for Kubernetes {
@@ -325,6 +336,10 @@ impl Default for Kubernetes {
             resync_interval: Duration::from_secs(60),
             lease_ttl: Duration::from_secs(30),
             watch_restart: Duration::from_secs(300),
+            create_namespace: true,
+            call_timeout: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(30),
+            namespace_check: Duration::from_secs(5),
         }
     }
 }

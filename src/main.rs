@@ -26,6 +26,7 @@ use resource::{
 use resource::{
     biz::{
         GpuType,
+        cluster::ClusterHealth,
         reconcile::{ReconcileConf, Reconciler},
     },
     data::kube::{self, KubeCluster, KubeSettings},
@@ -328,7 +329,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     let reconciler = if conf.data.kubernetes.enabled {
         match reconciler(&conf.data.kubernetes, background_uc, data.background().clone()).await {
             Ok(reconciler) => {
-                probes.push(reconciler.watch_health());
+                probes.push(reconciler.health());
                 Some(reconciler)
             }
             Err(e) => {
@@ -455,20 +456,23 @@ async fn reconciler(
         .collect();
     let settings = KubeSettings {
         namespace: conf.namespace.clone(),
+        create_namespace: conf.create_namespace,
         gpu_node_selectors,
-        watch_restart: conf.watch_restart,
+        api_qps: conf.api_qps,
+        call_timeout: conf.call_timeout,
+        watch_timeout: conf.watch_restart,
+        backoff_max: conf.backoff_max,
     };
-    let cluster =
-        tokio::time::timeout(Duration::from_secs(30), KubeCluster::connect(client, settings))
-            .await
-            .map_err(|_| "the API server did not answer within 30 s")??;
+    let health = Arc::new(ClusterHealth::new(&kube::WATCHED));
+    let cluster = KubeCluster::new(client, settings, health.clone());
+    cluster.connect().await?;
     let reconcile = ReconcileConf {
         concurrency: conf.concurrency,
-        api_qps: conf.api_qps,
         poll_interval: conf.poll_interval,
         resync_interval: conf.resync_interval,
         lease_ttl: conf.lease_ttl,
-        watch_silence: conf.watch_restart * 2,
+        backoff_max: conf.backoff_max,
+        namespace_check: conf.namespace_check,
     };
     let owner = uuid::Uuid::new_v4().to_string();
     tracing::info!(namespace = %conf.namespace, owner, "reconciling instances with the cluster");
@@ -476,6 +480,7 @@ async fn reconciler(
         instances,
         Arc::new(PgReconcileRepo::new(db)),
         Arc::new(cluster),
+        health,
         reconcile,
         owner,
     )))

@@ -2,14 +2,16 @@
 //! run (a [`Workload`]), what runs (an [`Observed`] workload), and the [`Cluster`] trait
 //! a Kubernetes implementation in `data` provides.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Mutex};
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, time::Instant};
+use tokio_util::sync::CancellationToken;
 
 use super::{
-    BoxError, Error,
+    BoxError, Error, RepoError,
+    health::Probe,
     instance::{Endpoint, GpuType, Instance, InstanceId, Port},
 };
 
@@ -188,12 +190,52 @@ impl Workload {
 /// How a workload is doing, as the cluster reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Phase {
-    /// Accepted, not running yet (scheduling, pulling the image).
-    Pending,
+    /// Accepted, not running yet. `Some`: why it does not start on its own soon (not
+    /// schedulable, held by another controller), worth showing the user.
+    Pending(Option<String>),
     /// Running and ready.
     Running,
-    /// Cannot run: the reason (image pull error, crash loop, unschedulable).
+    /// Cannot run: the reason (image pull error, crash loop, exited).
     Failed(String),
+}
+
+/// A difference between what the service applied and what runs, made behind its back
+/// (`kubectl edit`, another controller).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drift {
+    /// The container runs another image (mutable: restored in place).
+    Image {
+        /// What runs.
+        live: String,
+    },
+    /// The service's labels or annotations are missing or changed (restored in place).
+    Metadata,
+    /// The service's finalizer was removed (restored in place).
+    Finalizer,
+    /// The Service is missing or differs (selector, ports, headless or not).
+    Service(String),
+    /// An immutable part of the Pod differs (resources, node selector, ports,
+    /// command, environment): the Pod is replaced.
+    Pod(&'static str),
+}
+
+impl Drift {
+    /// Whether correcting it needs a new Pod.
+    pub fn replaces(&self) -> bool {
+        matches!(self, Drift::Pod(_))
+    }
+}
+
+impl std::fmt::Display for Drift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Drift::Image { live } => write!(f, "the image was changed to {live:?}"),
+            Drift::Metadata => f.write_str("the labels or annotations were changed"),
+            Drift::Finalizer => f.write_str("the finalizer was removed"),
+            Drift::Service(what) => write!(f, "the Service {what}"),
+            Drift::Pod(what) => write!(f, "the Pod's {what} differ"),
+        }
+    }
 }
 
 /// One workload found in the cluster.
@@ -201,7 +243,7 @@ pub enum Phase {
 pub struct Observed {
     /// The instance it belongs to.
     pub id: InstanceId,
-    /// The spec hash it was applied with.
+    /// The spec hash it was applied with (empty: none recorded).
     pub spec_hash: String,
     /// How it is doing.
     pub phase: Phase,
@@ -212,22 +254,76 @@ pub struct Observed {
     /// Still carries the service's finalizer: if it is terminating, someone else
     /// deleted it (the service removes its finalizer before it deletes).
     pub protected: bool,
-    /// Its Service exists (every running instance has one, headless without ports).
-    pub service_ok: bool,
+    /// Finalizers of other controllers, which hold a terminating Pod.
+    pub foreign_finalizers: Vec<String>,
+    /// How it differs from the workload it was compared with.
+    pub drift: Vec<Drift>,
+}
+
+/// An object carrying the service's managed-by label that is no instance's workload
+/// (not named `inst-<id>`, or not labelled with the id of its name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stray {
+    /// `Pod` or `Service`.
+    pub kind: &'static str,
+    /// Its name.
+    pub name: String,
+    /// The instance its labels name, if any.
+    pub instance: Option<InstanceId>,
 }
 
 /// Why a cluster call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    /// The API server did not answer or answered 5xx/429; retry with backoff.
-    #[error("cluster unavailable: {0}")]
-    Unavailable(#[source] BoxError),
-    /// The API server refused the request (4xx); retrying the same request will not help.
+    /// The API server did not answer in time, or answered 5xx/429; retry with backoff,
+    /// not before `retry_after` when it said so.
+    #[error("cluster unavailable: {source}")]
+    Unavailable {
+        /// What failed.
+        #[source]
+        source: BoxError,
+        /// The server's `Retry-After`.
+        retry_after: Option<std::time::Duration>,
+    },
+    /// The API server refused the request (4xx); retrying the same request will not help
+    /// until someone changes something (permissions, quotas).
     #[error("cluster refused the request: {0}")]
     Refused(String),
+    /// The instances' namespace does not exist, or is being deleted.
+    #[error("{0}")]
+    NamespaceMissing(String),
 }
 
-/// The cluster. Implementations own the mapping to Pods and Services.
+impl ClusterError {
+    /// An `Unavailable` without a server hint.
+    pub fn unavailable(source: impl Into<BoxError>) -> Self {
+        ClusterError::Unavailable { source: source.into(), retry_after: None }
+    }
+
+    /// The server's hint of when to try again.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            ClusterError::Unavailable { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// What [`Cluster::ensure_namespace`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NamespaceState {
+    /// It exists.
+    Exists,
+    /// It was missing and has been created.
+    Created,
+    /// It is being deleted; it can be created again once it is gone.
+    Terminating,
+    /// It is missing and the service may not create it.
+    Missing,
+}
+
+/// The cluster. Implementations own the mapping to Pods and Services and keep a cache
+/// of them fed by watches, so reading costs no request.
 #[async_trait]
 pub trait Cluster: Send + Sync {
     /// Creates or updates the workload of an instance (idempotent).
@@ -236,43 +332,233 @@ pub trait Cluster: Send + Sync {
     /// `ClusterError` when the API server fails or refuses.
     async fn apply(&self, workload: &Workload) -> Result<(), ClusterError>;
 
-    /// Removes the workload of an instance (releasing the service's finalizer first);
-    /// whether nothing of it remains.
+    /// Removes what exists of an instance's workload (releasing the service's
+    /// finalizer first); whether nothing of it remains.
     ///
     /// # Errors
     /// `ClusterError` when the API server fails or refuses.
     async fn remove(&self, id: InstanceId) -> Result<bool, ClusterError>;
 
-    /// The workload of one instance, if any exists.
-    ///
-    /// # Errors
-    /// `ClusterError` when the API server fails.
-    async fn observe(&self, id: InstanceId) -> Result<Option<Observed>, ClusterError>;
+    /// The workload of one instance, if its Pod exists, compared with `want` (from the
+    /// cache).
+    fn observe(&self, id: InstanceId, want: Option<&Workload>) -> Option<Observed>;
 
-    /// Every workload the service manages.
-    ///
-    /// # Errors
-    /// `ClusterError` when the API server fails.
-    async fn list(&self) -> Result<Vec<Observed>, ClusterError>;
+    /// Whether the instance's Service exists (from the cache).
+    fn has_service(&self, id: InstanceId) -> bool;
 
-    /// Watches the managed workloads and sends the id of each one that changes; returns
-    /// when the watch ends or fails (the caller restarts it). `alive` is sent `()` each
-    /// time the watch is (re)established.
+    /// The instances that have a Pod or a Service (from the cache).
+    fn known(&self) -> Vec<InstanceId>;
+
+    /// Objects labelled as the service's that belong to no instance (from the cache).
+    fn strays(&self) -> Vec<Stray>;
+
+    /// Deletes a stray object.
     ///
     /// # Errors
-    /// `ClusterError` when the watch fails.
-    async fn watch(
-        &self,
-        changed: mpsc::Sender<InstanceId>,
-        alive: mpsc::Sender<()>,
-    ) -> Result<(), ClusterError>;
+    /// `ClusterError` when the API server fails or refuses.
+    async fn remove_stray(&self, stray: &Stray) -> Result<(), ClusterError>;
+
+    /// Makes sure the instances' namespace exists, creating it when allowed.
+    ///
+    /// # Errors
+    /// `ClusterError` when the API server fails or refuses.
+    async fn ensure_namespace(&self) -> Result<NamespaceState, ClusterError>;
+
+    /// Keeps the cache in step with the cluster until `shutdown`, sending the id of each
+    /// instance whose objects change (the implementation reports its watches' state to
+    /// the [`ClusterHealth`] it was made with).
+    async fn watch(&self, changed: mpsc::Sender<InstanceId>, shutdown: CancellationToken);
+}
+
+/// What readiness knows of the cluster: the watches, the calls, the namespace.
+#[derive(Debug)]
+pub struct ClusterHealth {
+    state: Mutex<HealthState>,
+}
+
+#[derive(Debug, Default)]
+struct HealthState {
+    /// Watches by kind: since when listed and watching (`None`: failed, or not yet).
+    watches: BTreeMap<&'static str, Option<Instant>>,
+    /// Every watch has listed once: the cache can be read.
+    listed: bool,
+    /// When recent watch failures happened, and the last one.
+    watch_failures: Vec<Instant>,
+    last_watch_error: String,
+    /// Cluster calls failed in a row, and the last failure.
+    failing_calls: u32,
+    last_call_error: String,
+    /// Why the namespace cannot be used, if it cannot.
+    namespace: Option<String>,
+}
+
+/// Watch failures within this window that make the watch count as failing (a 410 Gone
+/// loop: each watch is listed, then fails at once) ...
+const WATCH_FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// ... how many ...
+const WATCH_FAILURES: usize = 3;
+/// ... until a watch has stayed up this long.
+const WATCH_STABLE: std::time::Duration = std::time::Duration::from_secs(5);
+/// A watch that stayed up this long before failing starts a fresh count.
+const WATCH_LASTED: std::time::Duration = std::time::Duration::from_secs(30);
+/// Calls failed in a row that make the cluster count as failing.
+const CALL_FAILURES: u32 = 3;
+
+impl ClusterHealth {
+    /// Health of watches of `kinds`, none established yet.
+    pub fn new(kinds: &[&'static str]) -> Self {
+        let watches = kinds.iter().map(|k| (*k, None)).collect();
+        Self { state: Mutex::new(HealthState { watches, ..HealthState::default() }) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The watch of `kind` has listed everything and watches.
+    pub fn watch_established(&self, kind: &'static str) {
+        let mut state = self.lock();
+        state.watches.insert(kind, Some(Instant::now()));
+        if state.watches.values().all(Option::is_some) {
+            state.listed = true;
+        }
+    }
+
+    /// Whether every watch has listed at least once, so the cache can be read.
+    pub fn listed(&self) -> bool {
+        self.lock().listed
+    }
+
+    /// The watch of `kind` failed; it is re-established.
+    pub fn watch_failed(&self, kind: &'static str, error: &str) {
+        let mut state = self.lock();
+        let now = Instant::now();
+        if let Some(Some(up)) = state.watches.insert(kind, None)
+            && now.duration_since(up) >= WATCH_LASTED
+        {
+            state.watch_failures.clear();
+        }
+        state.watch_failures.retain(|at| now.duration_since(*at) < WATCH_FAILURE_WINDOW);
+        state.watch_failures.push(now);
+        state.last_watch_error = format!("{kind} watch: {error}");
+    }
+
+    /// A cluster call answered.
+    pub fn call_succeeded(&self) {
+        self.lock().failing_calls = 0;
+    }
+
+    /// A cluster call failed (not answered, 5xx, 429, 401 or 403).
+    pub fn call_failed(&self, error: &str) {
+        let mut state = self.lock();
+        state.failing_calls = state.failing_calls.saturating_add(1);
+        state.last_call_error = error.to_owned();
+    }
+
+    /// Why the namespace cannot be used (`None`: it can).
+    pub fn namespace(&self, problem: Option<String>) {
+        self.lock().namespace = problem;
+    }
+
+    /// What is wrong, if anything.
+    pub fn problem(&self) -> Option<String> {
+        let state = self.lock();
+        if let Some(problem) = &state.namespace {
+            return Some(problem.clone());
+        }
+        if let Some((kind, _)) = state.watches.iter().find(|(_, up)| up.is_none()) {
+            let cause = if state.last_watch_error.is_empty() {
+                "not listed yet".to_owned()
+            } else {
+                state.last_watch_error.clone()
+            };
+            return Some(format!("the {kind} watch is not established ({cause})"));
+        }
+        let now = Instant::now();
+        let recent = state
+            .watch_failures
+            .iter()
+            .filter(|at| now.duration_since(**at) < WATCH_FAILURE_WINDOW)
+            .count();
+        let youngest = state.watches.values().flatten().max().copied();
+        let settled = youngest.is_some_and(|at| now.duration_since(at) >= WATCH_STABLE);
+        if recent >= WATCH_FAILURES && !settled {
+            return Some(format!(
+                "the cluster watch failed {recent} times in {} s (last: {})",
+                WATCH_FAILURE_WINDOW.as_secs(),
+                state.last_watch_error
+            ));
+        }
+        if state.failing_calls >= CALL_FAILURES {
+            return Some(format!(
+                "{} cluster calls failed in a row (last: {})",
+                state.failing_calls, state.last_call_error
+            ));
+        }
+        None
+    }
+}
+
+#[async_trait]
+impl Probe for ClusterHealth {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    async fn check(&self) -> Result<(), RepoError> {
+        match self.problem() {
+            None => Ok(()),
+            Some(problem) => Err(RepoError::Unavailable(problem.into())),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use serde_json::json;
 
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn readiness_follows_the_watches_and_the_calls() {
+        let health = ClusterHealth::new(&["pods", "services"]);
+        assert!(health.problem().unwrap().contains("not established"), "not listed yet");
+        health.watch_established("pods");
+        assert!(!health.listed() && health.problem().is_some(), "every kind must list");
+        health.watch_established("services");
+        assert!(health.listed());
+        assert_eq!(health.problem(), None);
+
+        // One 410 Gone now and then is the normal course: ready once listed again.
+        tokio::time::advance(Duration::from_secs(40)).await;
+        health.watch_failed("pods", "410 Gone");
+        assert!(health.problem().is_some(), "down while it lists again");
+        health.watch_established("pods");
+        assert_eq!(health.problem(), None);
+
+        // A loop of 410s: every watch fails right after its list.
+        for _ in 0..3 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            health.watch_failed("pods", "410 Gone");
+            health.watch_established("pods");
+        }
+        assert!(health.problem().unwrap().contains("times in 60 s"), "{:?}", health.problem());
+        // Once a watch stays up, it is ready again.
+        tokio::time::advance(WATCH_STABLE).await;
+        assert_eq!(health.problem(), None);
+
+        for _ in 0..CALL_FAILURES {
+            health.call_failed("403 Forbidden");
+        }
+        assert!(health.problem().unwrap().contains("403 Forbidden"));
+        health.call_succeeded();
+        assert_eq!(health.problem(), None);
+
+        health.namespace(Some("the namespace is gone".into()));
+        assert_eq!(health.problem().as_deref(), Some("the namespace is gone"));
+    }
 
     #[test]
     fn config_json_maps_to_the_container() {

@@ -1,33 +1,44 @@
 //! The reconciler: keeps every instance's workload in the cluster in agreement with the
 //! instance in the database, level-triggered.
 //!
-//! The database holds the desired state and the cluster the actual one. What is looked
-//! at, and when: instances whose status waits for the cluster (CREATING, STOPPING,
-//! DELETING) on every poll; an instance whose workload changed (the watch); an instance,
-//! or all of them, named by an `INSTANCE_K8S_SYNC` (read from the audit trail, so every
-//! replica sees it); everything at start-up and every `resync_interval`. Each look
-//! decides afresh from both sides ([`decide`]), so a missed trigger only delays work.
+//! The database holds the desired state and the cluster the actual one, read from a
+//! watch-fed cache (so looking costs no API request). What is looked at, and when:
+//! instances whose status waits for the cluster (CREATING, STOPPING, DELETING) when they
+//! change; an instance whose objects changed (the watch); an instance, or all of them,
+//! named by an `INSTANCE_K8S_SYNC`; everything at start-up and every `resync_interval`.
+//! Each look decides afresh from both sides ([`decide`]), so a missed trigger only delays
+//! work.
+//!
+//! Work is a queue, not a batch: `concurrency` workers each take the next instance that
+//! is due, user actions and watch news ahead of periodic resyncs, so one slow or failing
+//! instance never holds the others. A failure backs that instance off alone (exponential,
+//! jittered, never before the server's `Retry-After`).
 //!
 //! One instance is handled by one replica at a time: a lease row in PostgreSQL
-//! ([`ReconcileRepo::claim`]) is taken before and released after. Status changes go
-//! through the planner as [`Observation`]s, so they are audited (actor `reconciler`) and
-//! published like every other change; the reconciler's own audit rows do not trigger it.
+//! ([`ReconcileRepo::claim`]) is taken before acting and released after (a look that
+//! finds nothing to do takes none). Status changes go through the planner as
+//! [`Observation`]s, so they are audited (actor `reconciler`) and published like every
+//! other change; so are corrections of what was changed behind the service's back.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap},
+    hash::BuildHasher,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use async_trait::async_trait;
-use futures::StreamExt;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{Notify, mpsc},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::{
     Actor, Backoff, Error, RepoError, Source,
-    cluster::{Cluster, ClusterError, Observed, Phase, Workload},
-    health::Probe,
+    cluster::{
+        Cluster, ClusterError, ClusterHealth, Drift, NamespaceState, Observed, Phase, Workload,
+    },
     instance::{
         Command, Endpoint, Envelope, InstanceId, InstanceStatus, InstanceUsecase, Observation,
         Outcome,
@@ -39,26 +50,27 @@ use super::{
 pub struct ReconcileConf {
     /// Instances reconciled at the same time.
     pub concurrency: usize,
-    /// Most cluster API writes (apply, remove) per second.
-    pub api_qps: u32,
     /// How often instances waiting for the cluster and sync requests are looked up.
     pub poll_interval: Duration,
     /// How often everything is compared.
     pub resync_interval: Duration,
     /// How long a replica holds an instance while it reconciles it.
     pub lease_ttl: Duration,
-    /// Readiness fails when the watch has not been (re)established for this long.
-    pub watch_silence: Duration,
+    /// Longest wait between two tries of an instance whose reconcile fails.
+    pub backoff_max: Duration,
+    /// How often the namespace is checked (and recreated when it is gone).
+    pub namespace_check: Duration,
 }
 
 /// What the reconciler needs from the database besides the instances themselves.
 #[async_trait]
 pub trait ReconcileRepo: Send + Sync {
-    /// Instances whose status waits for the cluster (CREATING, STOPPING, DELETING).
+    /// Instances whose status waits for the cluster (CREATING, STOPPING, DELETING), with
+    /// their versions.
     ///
     /// # Errors
     /// `RepoError::Unavailable` when the store does not answer.
-    async fn unsettled(&self) -> Result<Vec<InstanceId>, RepoError>;
+    async fn unsettled(&self) -> Result<Vec<(InstanceId, i64)>, RepoError>;
 
     /// Every instance that is not deleted.
     ///
@@ -92,30 +104,42 @@ pub trait ReconcileRepo: Send + Sync {
 /// One decision about one instance.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
-    /// Nothing to change; look again after this long (or when something changes).
+    /// Nothing to change; look again after this long (`None`: when something changes).
     Wait(Option<Duration>),
     /// Create or update the workload.
     Apply(Box<Workload>),
+    /// Put right what was changed behind the service's back: in place, or by replacing
+    /// the Pod when an immutable part differs.
+    Restore(Vec<Drift>, Box<Workload>),
     /// Remove the workload (then report it gone where the status waits for that).
     Remove,
+    /// Remove the workload of an instance that does not exist (or is deleted).
+    RemoveOrphan,
     /// Record an observation.
     Report(Observation),
     /// Record an observation, then remove what is left.
     ReportThenRemove(Observation),
 }
 
-/// How long to wait for a workload that is starting before looking again.
-const PENDING_RECHECK: Duration = Duration::from_secs(2);
+/// How long to wait for a workload that is starting before looking again (the watch
+/// normally tells sooner; this look costs no API request).
+const PENDING_RECHECK: Duration = Duration::from_secs(10);
 /// How long to wait after applying before looking again if the watch says nothing.
 const APPLIED_RECHECK: Duration = Duration::from_secs(5);
 /// How long to wait for a workload being removed.
-const REMOVING_RECHECK: Duration = Duration::from_millis(500);
+const REMOVING_RECHECK: Duration = Duration::from_secs(2);
+/// First wait after a failure.
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+/// Failures in a row after which a waiting instance's reason names the error.
+const FAILURES_SHOWN: u32 = 3;
 
 /// What the database says about one instance.
 #[derive(Debug, Clone, Copy)]
 pub struct Desired<'a> {
     /// Its status.
     pub status: InstanceStatus,
+    /// Its status reason.
+    pub reason: &'a str,
     /// The endpoint it records.
     pub endpoint: &'a Endpoint,
     /// What it should run.
@@ -123,70 +147,88 @@ pub struct Desired<'a> {
 }
 
 /// Decides what to do with one instance from the database (`None`: no such instance)
-/// and its workload in the cluster (`None`: none).
-pub fn decide(desired: Option<Desired<'_>>, observed: Option<&Observed>) -> Step {
+/// and its Pod in the cluster (`None`: none); `service_left` says whether a Service
+/// exists without a Pod.
+pub fn decide(
+    desired: Option<Desired<'_>>,
+    observed: Option<&Observed>,
+    service_left: bool,
+) -> Step {
     use InstanceStatus as S;
-    let status = desired.map(|d| d.status);
-    let wants_workload = matches!(status, Some(S::Creating | S::Running));
-    let instance = desired.map(|d| (d.status, d.workload));
-    match (instance, observed) {
-        (Some((_, workload)), None) if wants_workload => Step::Apply(Box::new(workload.clone())),
-        (Some((status, _)), Some(o)) if wants_workload && o.terminating => {
-            match (o.protected, status) {
-                // Someone else deleted it: record that, release it, recreate it.
-                (true, S::Running) => Step::ReportThenRemove(Observation::Lost(
-                    "workload deleted out of band; recreating".into(),
-                )),
-                (true, _) => Step::Remove,
-                // Our own removal is in progress.
-                (false, _) => Step::Wait(Some(REMOVING_RECHECK)),
-            }
+    let Some(d) = desired.filter(|d| d.status != S::Deleted) else {
+        return match observed {
+            Some(o) if o.terminating && !o.protected => Step::Wait(Some(REMOVING_RECHECK)),
+            Some(_) => Step::RemoveOrphan,
+            None if service_left => Step::RemoveOrphan,
+            None => Step::Wait(None),
+        };
+    };
+    let wants_workload = matches!(d.status, S::Creating | S::Running);
+    let waiting = |reason: String| {
+        if reason == d.reason {
+            Step::Wait(Some(REMOVING_RECHECK))
+        } else {
+            Step::Report(Observation::Waiting(reason))
         }
-        (Some((_, workload)), Some(o)) if wants_workload && o.spec_hash != workload.spec_hash => {
+    };
+    match observed {
+        None if wants_workload => Step::Apply(Box::new(d.workload.clone())),
+        Some(o) if wants_workload && o.terminating => match (d.status, o.protected) {
+            // Someone else deleted it: record that, release it, recreate it.
+            (S::Running, true) => Step::ReportThenRemove(Observation::Lost(
+                "workload deleted out of band; recreating".into(),
+            )),
+            // Our own replacement (a spec change) is in progress.
+            (S::Running, false) if o.foreign_finalizers.is_empty() => {
+                Step::Wait(Some(REMOVING_RECHECK))
+            }
+            // Removed by someone else, and held: it no longer runs as it should.
+            (S::Running, false) => Step::Report(Observation::Lost(format!(
+                "workload is being removed{}; recreating",
+                held_by(o)
+            ))),
+            (_, true) => Step::Remove,
+            // Our own removal is in progress.
+            (_, false) if o.foreign_finalizers.is_empty() => Step::Wait(Some(REMOVING_RECHECK)),
+            (_, false) => waiting(format!("waiting for the old workload to go{}", held_by(o))),
+        },
+        // Our own update of the spec: the Pod is replaced.
+        Some(o)
+            if wants_workload && !o.spec_hash.is_empty() && o.spec_hash != d.workload.spec_hash =>
+        {
             Step::Remove
         }
-        // The Service went missing (deleted by hand): applying again restores it.
-        (Some((_, workload)), Some(o)) if wants_workload && !o.service_ok => {
-            Step::Apply(Box::new(workload.clone()))
+        Some(o) if wants_workload && !o.drift.is_empty() => {
+            Step::Restore(o.drift.clone(), Box::new(d.workload.clone()))
         }
-        (Some((status, _)), Some(o)) if wants_workload => match &o.phase {
-            Phase::Running
-                if status == S::Creating || desired.is_some_and(|d| *d.endpoint != o.endpoint) =>
-            {
+        Some(o) if wants_workload => match &o.phase {
+            Phase::Running if d.status == S::Creating || *d.endpoint != o.endpoint => {
                 Step::Report(Observation::Running(o.endpoint.clone()))
             }
             Phase::Running => Step::Wait(None),
             Phase::Failed(reason) => Step::Report(Observation::Failed(reason.clone())),
-            Phase::Pending => Step::Wait(Some(PENDING_RECHECK)),
+            Phase::Pending(Some(reason)) if d.status == S::Creating => waiting(reason.clone()),
+            Phase::Pending(_) => Step::Wait(Some(PENDING_RECHECK)),
         },
-        (_, Some(o)) if o.terminating && !o.protected => Step::Wait(Some(REMOVING_RECHECK)),
-        (_, Some(_)) => Step::Remove,
-        (_, None) if matches!(status, Some(S::Stopping | S::Deleting)) => {
-            Step::Report(Observation::Gone)
+        Some(o) if o.terminating && !o.protected => {
+            if o.foreign_finalizers.is_empty() || !matches!(d.status, S::Stopping | S::Deleting) {
+                Step::Wait(Some(REMOVING_RECHECK))
+            } else {
+                waiting(format!("waiting for the workload to go{}", held_by(o)))
+            }
         }
-        (_, None) => Step::Wait(None),
+        Some(_) => Step::Remove,
+        None if service_left => Step::Remove,
+        None if matches!(d.status, S::Stopping | S::Deleting) => Step::Report(Observation::Gone),
+        None => Step::Wait(None),
     }
 }
 
-/// Spaces cluster writes evenly to at most `qps` per second.
-struct RateLimiter {
-    interval: Duration,
-    next: Mutex<Instant>,
-}
-
-impl RateLimiter {
-    fn new(qps: u32) -> Self {
-        Self { interval: Duration::from_secs(1) / qps.max(1), next: Mutex::new(Instant::now()) }
-    }
-
-    async fn acquire(&self) {
-        let at = {
-            let mut next = self.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let at = (*next).max(Instant::now());
-            *next = at + self.interval;
-            at
-        };
-        tokio::time::sleep_until(at).await;
+fn held_by(o: &Observed) -> String {
+    if o.foreign_finalizers.is_empty() {
+        String::new()
+    } else {
+        format!(" (held by finalizers: {})", o.foreign_finalizers.join(", "))
     }
 }
 
@@ -199,6 +241,170 @@ enum Failure {
     Store(#[from] Error),
 }
 
+/// When to look at an instance again.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Next {
+    /// After this long.
+    After(Duration),
+    /// When something changes (the watch, a poll, the next resync).
+    Park,
+    /// The reconcile failed: back off, not before this.
+    Failed(Option<Duration>),
+}
+
+/// How a push ranks an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Push {
+    /// A user action or watch news: ahead of everything else, now.
+    Urgent,
+    /// A periodic look: now, behind urgent work.
+    Normal,
+    /// Only if the instance is not queued at all.
+    IfAbsent,
+}
+
+/// Where an instance waits in the queue.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    at: Instant,
+    urgent: bool,
+}
+
+/// Instances due for a look, by rank and time; each is handed to one worker at a time.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<QueueState>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct QueueState {
+    entries: HashMap<InstanceId, Entry>,
+    urgent: BTreeSet<(Instant, InstanceId)>,
+    normal: BTreeSet<(Instant, InstanceId)>,
+    /// Instances being reconciled, with a push that came meanwhile.
+    busy: HashMap<InstanceId, Option<Push>>,
+    /// Failures in a row, per instance.
+    failures: HashMap<InstanceId, u32>,
+    /// The version of each instance when it was last looked at.
+    seen: HashMap<InstanceId, i64>,
+}
+
+/// What a worker gets from the queue.
+enum Take {
+    Ready(InstanceId, u32),
+    Idle(Option<Instant>),
+}
+
+impl QueueState {
+    fn set(&mut self, id: InstanceId, entry: Entry) {
+        if let Some(old) = self.entries.insert(id, entry) {
+            let set = if old.urgent { &mut self.urgent } else { &mut self.normal };
+            set.remove(&(old.at, id));
+        }
+        let set = if entry.urgent { &mut self.urgent } else { &mut self.normal };
+        set.insert((entry.at, id));
+    }
+
+    fn push(&mut self, id: InstanceId, push: Push, now: Instant) {
+        if let Some(pending) = self.busy.get_mut(&id) {
+            if push != Push::IfAbsent && *pending != Some(Push::Urgent) {
+                *pending = Some(push);
+            }
+            return;
+        }
+        let backing_off = self.failures.contains_key(&id);
+        let entry = match (self.entries.get(&id).copied(), push) {
+            (None, push) => Entry { at: now, urgent: push == Push::Urgent },
+            (Some(_), Push::IfAbsent) => return,
+            // A failing instance waits for its turn, whatever is reported meanwhile.
+            (Some(e), _) if backing_off => e,
+            (Some(e), push) => {
+                Entry { at: e.at.min(now), urgent: e.urgent || push == Push::Urgent }
+            }
+        };
+        self.set(id, entry);
+    }
+
+    fn take(&mut self, now: Instant) -> Take {
+        let first = |set: &BTreeSet<(Instant, InstanceId)>| set.first().copied();
+        let pick = match (first(&self.urgent), first(&self.normal)) {
+            (Some((at, id)), _) if at <= now => Some(id),
+            (_, Some((at, id))) if at <= now => Some(id),
+            (u, n) => return Take::Idle(u.map(|u| u.0).into_iter().chain(n.map(|n| n.0)).min()),
+        };
+        let id = pick.expect("a due instance");
+        if let Some(entry) = self.entries.remove(&id) {
+            let set = if entry.urgent { &mut self.urgent } else { &mut self.normal };
+            set.remove(&(entry.at, id));
+        }
+        self.busy.insert(id, None);
+        Take::Ready(id, self.failures.get(&id).copied().unwrap_or(0))
+    }
+
+    fn done(
+        &mut self,
+        id: InstanceId,
+        version: Option<i64>,
+        next: Next,
+        backoff: &Backoff,
+        now: Instant,
+    ) {
+        let pending = self.busy.remove(&id).flatten();
+        if let Some(version) = version {
+            self.seen.insert(id, version);
+        }
+        let mut entry = match next {
+            Next::After(after) => Entry { at: now + after, urgent: false },
+            // Parked far away: a resync, a poll or the watch brings it forward.
+            Next::Park => Entry { at: now + Duration::from_secs(86_400), urgent: false },
+            Next::Failed(retry_after) => {
+                let attempt = self.failures.entry(id).or_insert(0);
+                *attempt += 1;
+                let delay = jitter(backoff.delay(*attempt), id, *attempt)
+                    .max(retry_after.unwrap_or_default());
+                self.set(id, Entry { at: now + delay, urgent: false });
+                return;
+            }
+        };
+        self.failures.remove(&id);
+        if let Some(push) = pending {
+            entry = Entry { at: now, urgent: push == Push::Urgent };
+        }
+        self.set(id, entry);
+    }
+
+    fn forget(&mut self, id: InstanceId) {
+        if let Some(entry) = self.entries.remove(&id) {
+            let set = if entry.urgent { &mut self.urgent } else { &mut self.normal };
+            set.remove(&(entry.at, id));
+        }
+        self.failures.remove(&id);
+        self.seen.remove(&id);
+    }
+}
+
+/// `delay` spread over [delay/2, delay], so instances failing together retry apart.
+fn jitter(delay: Duration, id: InstanceId, attempt: u32) -> Duration {
+    static SEED: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    let hash =
+        SEED.get_or_init(std::hash::RandomState::new).hash_one((id.get(), attempt, Instant::now()));
+    #[allow(clippy::cast_precision_loss)] // a fraction only
+    let fraction = (hash % 1_000) as f64 / 1_000.0;
+    delay.mul_f64(0.5 + fraction / 2.0)
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn push(&self, id: InstanceId, push: Push) {
+        self.lock().push(id, push, Instant::now());
+        self.wake.notify_one();
+    }
+}
+
 /// The reconciler of one replica.
 pub struct Reconciler {
     instances: Arc<InstanceUsecase>,
@@ -206,109 +412,199 @@ pub struct Reconciler {
     cluster: Arc<dyn Cluster>,
     conf: ReconcileConf,
     owner: String,
-    limiter: RateLimiter,
-    watch: Arc<WatchHealth>,
+    health: Arc<ClusterHealth>,
+    queue: Queue,
+    backoff: Backoff,
+    namespace: tokio::sync::Mutex<()>,
 }
 
-/// When the cluster watch was last (re)established; read by readiness.
-pub struct WatchHealth {
-    last: Mutex<Option<Instant>>,
-    bound: Duration,
-}
-
-#[async_trait]
-impl Probe for WatchHealth {
-    fn name(&self) -> &'static str {
-        "kubernetes"
-    }
-
-    async fn check(&self) -> Result<(), RepoError> {
-        let last = *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match last {
-            Some(at) if at.elapsed() <= self.bound => Ok(()),
-            _ => Err(RepoError::Unavailable("the cluster watch is not established".into())),
-        }
-    }
+/// What one look at an instance found and did.
+struct Looked {
+    version: Option<i64>,
+    status: Option<InstanceStatus>,
+    result: Result<Next, Failure>,
 }
 
 impl Reconciler {
-    /// A reconciler acting as `owner` (unique per replica).
+    /// A reconciler acting as `owner` (unique per replica); `health` is the one the
+    /// cluster implementation reports to.
     pub fn new(
         instances: Arc<InstanceUsecase>,
         repo: Arc<dyn ReconcileRepo>,
         cluster: Arc<dyn Cluster>,
+        health: Arc<ClusterHealth>,
         conf: ReconcileConf,
         owner: String,
     ) -> Self {
-        let watch = Arc::new(WatchHealth { last: Mutex::new(None), bound: conf.watch_silence });
-        let limiter = RateLimiter::new(conf.api_qps);
-        Self { instances, repo, cluster, conf, owner, limiter, watch }
+        let backoff = Backoff::new(BACKOFF_FIRST, conf.backoff_max.max(BACKOFF_FIRST));
+        Self {
+            instances,
+            repo,
+            cluster,
+            conf,
+            owner,
+            health,
+            queue: Queue::default(),
+            backoff,
+            namespace: tokio::sync::Mutex::new(()),
+        }
     }
 
-    /// The readiness probe of the cluster watch.
-    pub fn watch_health(&self) -> Arc<WatchHealth> {
-        self.watch.clone()
+    /// The readiness probe of the cluster.
+    pub fn health(&self) -> Arc<ClusterHealth> {
+        self.health.clone()
     }
 
-    /// Runs until `shutdown`: the watch, the polls and the resyncs.
+    /// Runs until `shutdown`: the watch, the workers, the polls and the resyncs.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let (changed_tx, mut changed) = mpsc::channel(8192);
-        let (alive_tx, mut alive) = mpsc::channel(16);
-        tokio::spawn(self.clone().supervise_watch(changed_tx, alive_tx, shutdown.clone()));
+        tokio::spawn({
+            let (cluster, shutdown) = (self.cluster.clone(), shutdown.clone());
+            async move { cluster.watch(changed_tx, shutdown).await }
+        });
+        self.check_namespace().await;
+        // Nothing is decided from a cache that has not been filled yet.
+        while !self.health.listed() {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        let workers: Vec<_> = (0..self.conf.concurrency.max(1))
+            .map(|_| tokio::spawn(self.clone().work(shutdown.clone())))
+            .collect();
 
-        let mut due: HashMap<InstanceId, Instant> = HashMap::new();
-        // Instances the watch reported: fresh facts, handled before the backlog.
-        let mut urgent: HashSet<InstanceId> = HashSet::new();
-        let mut failures: HashMap<InstanceId, u32> = HashMap::new();
         let mut audit_mark: Option<i64> = None;
         let mut poll = tokio::time::interval(self.conf.poll_interval);
         let mut resync = tokio::time::interval(self.conf.resync_interval);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut more = false;
+        let mut namespace = tokio::time::interval(self.conf.namespace_check);
+        for tick in [&mut poll, &mut resync, &mut namespace] {
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
         loop {
             tokio::select! {
-                () = shutdown.cancelled() => return,
-                // Work is left from the last chunk: go on at once (the other branches are
-                // still polled, so the watch is read between chunks).
-                () = std::future::ready(()), if more => {}
+                () = shutdown.cancelled() => break,
                 Some(id) = changed.recv() => {
-                    urgent.insert(id);
+                    self.queue.push(id, Push::Urgent);
                     while let Ok(id) = changed.try_recv() {
-                        urgent.insert(id);
+                        self.queue.push(id, Push::Urgent);
                     }
-                }
-                Some(()) = alive.recv() => {
-                    *self.watch.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
                 }
                 _ = resync.tick() => {
-                    if let Err(e) = self.resync(&mut due).await {
+                    if let Err(e) = self.resync().await {
                         tracing::warn!(error = %e, "reconciler: resync failed; retrying at the next one");
                     }
-                    continue;
                 }
                 _ = poll.tick() => {
-                    if let Err(e) = self.poll(&mut due, &mut audit_mark).await {
+                    if let Err(e) = self.poll(&mut audit_mark).await {
                         tracing::warn!(error = %e, "reconciler: poll failed");
                     }
                 }
+                _ = namespace.tick() => self.check_namespace().await,
             }
-            self.work_off(&mut due, &mut urgent, &mut failures, &shutdown).await;
-            let now = Instant::now();
-            more = !urgent.is_empty() || due.values().any(|at| *at <= now);
+        }
+        for worker in workers {
+            let _ = worker.await;
         }
     }
 
-    /// Instances waiting for the cluster, and sync requests, become due.
-    async fn poll(
-        &self,
-        due: &mut HashMap<InstanceId, Instant>,
-        audit_mark: &mut Option<i64>,
-    ) -> Result<(), Failure> {
-        let now = Instant::now();
-        for id in self.repo.unsettled().await.map_err(Error::from)? {
-            due.entry(id).or_insert(now);
+    /// One worker: takes the next due instance, reconciles it, schedules its next look.
+    async fn work(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let notified = self.queue.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let take = self.queue.lock().take(Instant::now());
+            let (id, attempt) = match take {
+                Take::Ready(id, attempt) => (id, attempt),
+                Take::Idle(until) => {
+                    let until = until.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = &mut notified => {}
+                        () = tokio::time::sleep_until(until) => {}
+                    }
+                    continue;
+                }
+            };
+            // Another instance may be due as well: let an idle worker look.
+            self.queue.wake.notify_one();
+            let looked = tokio::select! {
+                () = shutdown.cancelled() => return,
+                looked = self.reconcile(id) => looked,
+            };
+            let next = match looked.result {
+                Ok(next) => next,
+                Err(e) => self.failed(id, attempt + 1, looked.status, e).await,
+            };
+            let mut queue = self.queue.lock();
+            let gone = matches!(looked.status, None | Some(InstanceStatus::Deleted));
+            if gone && next == Next::Park {
+                // Neither in the database nor in the cluster: nothing more to look at.
+                queue.busy.remove(&id);
+                queue.forget(id);
+            } else {
+                queue.done(id, looked.version, next, &self.backoff, Instant::now());
+            }
         }
+    }
+
+    /// Logs a failure and, for an instance waiting on the cluster, shows it in the
+    /// reason once it persists.
+    async fn failed(
+        &self,
+        id: InstanceId,
+        attempt: u32,
+        status: Option<InstanceStatus>,
+        e: Failure,
+    ) -> Next {
+        metrics::counter!("resource_reconcile_errors_total").increment(1);
+        let retry_after = match &e {
+            Failure::Cluster(c) => c.retry_after(),
+            Failure::Store(_) => None,
+        };
+        let delay = self.backoff.delay(attempt).max(retry_after.unwrap_or_default());
+        tracing::warn!(instance_id = id.get(), attempt, error = %e,
+            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "reconcile failed; backing off");
+        if let Failure::Cluster(ClusterError::NamespaceMissing(_)) = &e {
+            self.check_namespace().await;
+        }
+        let lasting = attempt >= FAILURES_SHOWN
+            || matches!(
+                e,
+                Failure::Cluster(ClusterError::Refused(_) | ClusterError::NamespaceMissing(_))
+            );
+        let waiting = matches!(
+            status,
+            Some(InstanceStatus::Creating | InstanceStatus::Stopping | InstanceStatus::Deleting)
+        );
+        if lasting
+            && waiting
+            && let Failure::Cluster(c) = &e
+            && let Err(e) = self.report(id, Observation::Waiting(c.to_string())).await
+        {
+            tracing::debug!(instance_id = id.get(), error = %e, "could not record why an instance waits");
+        }
+        Next::Failed(retry_after)
+    }
+
+    /// Instances waiting for the cluster that changed, and sync requests, become due.
+    async fn poll(&self, audit_mark: &mut Option<i64>) -> Result<(), Failure> {
+        let unsettled = self.repo.unsettled().await.map_err(Error::from)?;
+        {
+            let mut queue = self.queue.lock();
+            let now = Instant::now();
+            for (id, version) in unsettled {
+                let push = if queue.seen.get(&id) == Some(&version) {
+                    Push::IfAbsent
+                } else {
+                    Push::Urgent
+                };
+                queue.push(id, push, now);
+            }
+        }
+        self.queue.wake.notify_one();
         let (requests, newest) = self.repo.sync_requests(*audit_mark).await.map_err(Error::from)?;
         if audit_mark.is_none() {
             // Start-up: the first resync covers whatever was asked before.
@@ -318,106 +614,107 @@ impl Reconciler {
         *audit_mark = Some(newest);
         for request in requests {
             match request {
-                Some(id) => {
-                    due.insert(id, now);
-                }
-                None => self.resync(due).await?,
+                Some(id) => self.queue.push(id, Push::Urgent),
+                None => self.resync().await?,
             }
         }
         Ok(())
     }
 
-    /// Everything the database or the cluster knows becomes due.
-    async fn resync(&self, due: &mut HashMap<InstanceId, Instant>) -> Result<(), Failure> {
-        let now = Instant::now();
+    /// Everything the database or the cluster knows becomes due, behind urgent work;
+    /// objects that belong to no instance are removed.
+    async fn resync(&self) -> Result<(), Failure> {
         let live = self.repo.live().await.map_err(Error::from)?;
-        let observed = self.cluster.list().await?;
-        for id in live.into_iter().chain(observed.into_iter().map(|o| o.id)) {
-            due.insert(id, now);
+        {
+            let mut queue = self.queue.lock();
+            let now = Instant::now();
+            for id in live.into_iter().chain(self.cluster.known()) {
+                queue.push(id, Push::Normal, now);
+            }
+        }
+        self.queue.wake.notify_waiters();
+        for stray in self.cluster.strays() {
+            tracing::warn!(
+                kind = stray.kind,
+                name = %stray.name,
+                "removing an object labelled as ours that is no instance's workload"
+            );
+            self.cluster.remove_stray(&stray).await?;
+            if let Some(id) = stray.instance {
+                let note = format!(
+                    "removed stray {} {:?}, labelled as this instance's",
+                    stray.kind, stray.name
+                );
+                self.report(id, Observation::Corrected(note)).await?;
+            }
         }
         Ok(())
     }
 
-    /// Reconciles a bounded chunk of due instances, `concurrency` at a time: what the
-    /// watch reported first, then the backlog, oldest first. The chunk is bounded so the
-    /// loop soon reads the watch again (a flood of creates must not delay the news that
-    /// their Pods run).
-    async fn work_off(
-        &self,
-        due: &mut HashMap<InstanceId, Instant>,
-        urgent: &mut HashSet<InstanceId>,
-        failures: &mut HashMap<InstanceId, u32>,
-        shutdown: &CancellationToken,
-    ) {
-        let now = Instant::now();
-        let chunk = self.conf.concurrency.max(1) * 4;
-        // Instances backing off after a failure wait for their turn even when reported.
-        urgent.retain(|id| due.get(id).is_none_or(|at| *at <= now || !failures.contains_key(id)));
-        let mut ready: Vec<InstanceId> = urgent.iter().copied().take(chunk).collect();
-        for id in &ready {
-            urgent.remove(id);
-            due.remove(id);
-        }
-        if ready.len() < chunk {
-            let mut backlog: Vec<(Instant, InstanceId)> =
-                due.iter().filter(|(_, at)| **at <= now).map(|(id, at)| (*at, *id)).collect();
-            backlog.sort_unstable();
-            for (_, id) in backlog.into_iter().take(chunk - ready.len()) {
-                due.remove(&id);
-                ready.push(id);
+    /// Checks the namespace and recreates it when it is gone (and allowed).
+    async fn check_namespace(&self) {
+        let Ok(_one) = self.namespace.try_lock() else { return };
+        let problem = match self.cluster.ensure_namespace().await {
+            Ok(NamespaceState::Exists) => None,
+            Ok(NamespaceState::Created) => {
+                tracing::warn!("the instances' namespace was missing; created it again");
+                if let Err(e) = self.resync().await {
+                    tracing::warn!(error = %e, "reconciler: resync failed");
+                }
+                None
             }
-        }
-        if ready.is_empty() {
-            return;
-        }
-        let mut results = futures::stream::iter(ready)
-            .map(|id| async move { (id, self.reconcile(id).await) })
-            .buffer_unordered(self.conf.concurrency.max(1));
-        let mut seen = HashSet::new();
-        while let Some((id, result)) = results.next().await {
-            seen.insert(id);
-            match result {
-                Ok(Some(after)) => {
-                    failures.remove(&id);
-                    due.insert(id, Instant::now() + after);
-                }
-                Ok(None) => {
-                    failures.remove(&id);
-                }
-                Err(e) => {
-                    metrics::counter!("resource_reconcile_errors_total").increment(1);
-                    let attempt = failures.entry(id).or_insert(0);
-                    *attempt += 1;
-                    let delay = Backoff::new(Duration::from_millis(200), Duration::from_secs(30))
-                        .delay(*attempt);
-                    tracing::warn!(instance_id = id.get(), attempt = *attempt, error = %e,
-                        retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                        "reconcile failed; backing off");
-                    due.insert(id, Instant::now() + delay);
-                }
-            }
-            if shutdown.is_cancelled() {
+            Ok(NamespaceState::Terminating) => Some(
+                "the instances' namespace is being deleted; \
+                     it is created again once it is gone"
+                    .to_owned(),
+            ),
+            Ok(NamespaceState::Missing) => Some(
+                "the instances' namespace does not exist \
+                 and data.kubernetes.create_namespace is false"
+                    .to_owned(),
+            ),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not check the namespace");
                 return;
             }
-        }
+        };
+        self.health.namespace(problem);
     }
 
-    /// Reconciles one instance under its lease; when to look again (`None`: when
-    /// something changes).
-    async fn reconcile(&self, id: InstanceId) -> Result<Option<Duration>, Failure> {
-        let ttl = self.conf.lease_ttl;
-        if !self.repo.claim(id, &self.owner, ttl).await.map_err(Error::from)? {
-            // Another replica is on it; it will see what we would have.
-            return Ok(Some(ttl));
+    /// Looks at one instance and acts when something is to be done, under its lease.
+    async fn reconcile(&self, id: InstanceId) -> Looked {
+        let (instance, step) = match self.look(id).await {
+            Ok(found) => found,
+            Err(e) => return Looked { version: None, status: None, result: Err(e) },
+        };
+        let (version, status) =
+            (instance.as_ref().map(|i| i.version), instance.as_ref().map(|i| i.status));
+        if let Step::Wait(after) = step {
+            let next = after.map_or(Next::Park, Next::After);
+            return Looked { version, status, result: Ok(next) };
         }
-        let result = self.reconcile_held(id).await;
+        let ttl = self.conf.lease_ttl;
+        match self.repo.claim(id, &self.owner, ttl).await {
+            // Another replica is on it; it will see what we would have.
+            Ok(false) => return Looked { version, status, result: Ok(Next::After(ttl)) },
+            Ok(true) => {}
+            Err(e) => return Looked { version, status, result: Err(Error::from(e).into()) },
+        }
+        // Looked at again under the lease: another replica may have acted meanwhile.
+        let result = match self.look(id).await {
+            Ok((instance, step)) => self.act(id, instance.as_ref().map(|i| i.status), step).await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = self.repo.release(id, &self.owner).await {
             tracing::warn!(instance_id = id.get(), error = %e, "could not release a reconcile lease; it expires");
         }
-        result
+        Looked { version, status, result }
     }
 
-    async fn reconcile_held(&self, id: InstanceId) -> Result<Option<Duration>, Failure> {
+    async fn look(
+        &self,
+        id: InstanceId,
+    ) -> Result<(Option<super::instance::Instance>, Step), Failure> {
         let instance = match self.instances.get(id).await {
             Ok(instance) => Some(instance),
             Err(Error::InstanceNotFound { .. }) => None,
@@ -427,39 +724,76 @@ impl Reconciler {
             Ok(workload) => workload,
             Err(e) => {
                 // Only rows written before the container schema existed can get here.
-                self.report(id, Observation::Failed(format!("invalid config_json: {e}"))).await?;
-                return Ok(None);
+                let step = Step::Report(Observation::Failed(format!("invalid config_json: {e}")));
+                return Ok((instance, step));
             }
         };
-        let observed = self.cluster.observe(id).await?;
+        let observed = self.cluster.observe(id, workload.as_ref());
+        let service_left = observed.is_none() && self.cluster.has_service(id);
         let desired = instance.as_ref().zip(workload.as_ref()).map(|(i, workload)| Desired {
             status: i.status,
+            reason: &i.status_reason,
             endpoint: &i.endpoint,
             workload,
         });
-        let step = decide(desired, observed.as_ref());
+        let step = decide(desired, observed.as_ref(), service_left);
+        Ok((instance, step))
+    }
+
+    async fn act(
+        &self,
+        id: InstanceId,
+        status: Option<InstanceStatus>,
+        step: Step,
+    ) -> Result<Next, Failure> {
         let name = match &step {
             Step::Wait(_) => "wait",
             Step::Apply(_) => "apply",
-            Step::Remove => "remove",
+            Step::Restore(..) => "restore",
+            Step::Remove | Step::RemoveOrphan => "remove",
             Step::Report(_) | Step::ReportThenRemove(_) => "report",
         };
         metrics::counter!("resource_reconcile_operations_total", "step" => name).increment(1);
         match step {
-            Step::Wait(after) => Ok(after),
+            Step::Wait(after) => Ok(after.map_or(Next::Park, Next::After)),
             Step::Apply(workload) => {
-                // One write for the Pod, one for the Service.
-                self.limiter.acquire().await;
-                if !workload.container.ports.is_empty() {
-                    self.limiter.acquire().await;
-                }
                 self.cluster.apply(&workload).await?;
-                Ok(Some(APPLIED_RECHECK))
+                Ok(Next::After(APPLIED_RECHECK))
             }
-            Step::Remove => self.remove(id, instance.map(|i| i.status)).await,
+            Step::Restore(drift, workload) => {
+                let what: Vec<String> = drift.iter().map(ToString::to_string).collect();
+                let replace = drift.iter().any(Drift::replaces);
+                let how = if replace { "replacing the Pod" } else { "restoring it" };
+                tracing::warn!(
+                    instance_id = id.get(),
+                    drift = %what.join("; "),
+                    "the workload was changed behind our back; {how}"
+                );
+                self.report(id, Observation::Corrected(format!("{}; {how}", what.join("; "))))
+                    .await?;
+                if replace {
+                    self.remove(id, None).await
+                } else {
+                    self.cluster.apply(&workload).await?;
+                    Ok(Next::After(APPLIED_RECHECK))
+                }
+            }
+            Step::Remove => self.remove(id, status).await,
+            Step::RemoveOrphan => {
+                tracing::info!(
+                    instance_id = id.get(),
+                    "removing the workload of an instance that no longer exists"
+                );
+                self.report(
+                    id,
+                    Observation::Corrected("removed the workload of a deleted instance".into()),
+                )
+                .await?;
+                self.remove(id, None).await
+            }
             Step::Report(observation) => {
                 self.report(id, observation).await?;
-                Ok(Some(Duration::ZERO))
+                Ok(Next::After(Duration::ZERO))
             }
             Step::ReportThenRemove(observation) => {
                 self.report(id, observation).await?;
@@ -472,17 +806,14 @@ impl Reconciler {
         &self,
         id: InstanceId,
         status: Option<InstanceStatus>,
-    ) -> Result<Option<Duration>, Failure> {
-        // Up to three writes: the Service, the finalizer, the Pod.
-        for _ in 0..3 {
-            self.limiter.acquire().await;
-        }
+    ) -> Result<Next, Failure> {
         let gone = self.cluster.remove(id).await?;
         if gone && matches!(status, Some(InstanceStatus::Stopping | InstanceStatus::Deleting)) {
             self.report(id, Observation::Gone).await?;
-            return Ok(None);
+            return Ok(Next::Park);
         }
-        Ok(Some(if gone { Duration::ZERO } else { REMOVING_RECHECK }))
+        // The watch reports the Pod gone; this is the safety net.
+        Ok(Next::After(if gone { Duration::ZERO } else { REMOVING_RECHECK }))
     }
 
     async fn report(&self, id: InstanceId, observation: Observation) -> Result<(), Failure> {
@@ -499,35 +830,6 @@ impl Reconciler {
                 Ok(())
             }
             _ => Ok(()),
-        }
-    }
-
-    /// Keeps the watch running: restarts it with backoff when it fails or ends.
-    async fn supervise_watch(
-        self: Arc<Self>,
-        changed: mpsc::Sender<InstanceId>,
-        alive: mpsc::Sender<()>,
-        shutdown: CancellationToken,
-    ) {
-        let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let mut attempt = 0;
-        loop {
-            let watch = self.cluster.watch(changed.clone(), alive.clone());
-            let result = tokio::select! {
-                () = shutdown.cancelled() => return,
-                result = watch => result,
-            };
-            match result {
-                Ok(()) => attempt = 0,
-                Err(e) => {
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, "cluster watch failed; restarting it");
-                }
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(if attempt == 0 { Duration::ZERO } else { backoff.delay(attempt) }) => {}
-            }
         }
     }
 }
@@ -559,7 +861,8 @@ mod tests {
             endpoint: Endpoint { pod_ip: "10.0.0.1".into(), ..Endpoint::default() },
             terminating: false,
             protected: true,
-            service_ok: true,
+            foreign_finalizers: Vec::new(),
+            drift: Vec::new(),
         }
     }
 
@@ -570,49 +873,167 @@ mod tests {
         let running = observed("a", Phase::Running);
         let gone_by_hand = Observed { terminating: true, ..running.clone() };
         let ours_going = Observed { terminating: true, protected: false, ..running.clone() };
+        let held = Observed { foreign_finalizers: vec!["x.io/hold".into()], ..ours_going.clone() };
         let outdated = observed("old", Phase::Running);
-        let pending = observed("a", Phase::Pending);
+        let pending = observed("a", Phase::Pending(None));
+        let gated = observed("a", Phase::Pending(Some("not scheduled: SchedulingGated".into())));
         let failing = observed("a", Phase::Failed("ErrImagePull".into()));
-        let no_service = Observed { service_ok: false, ..running.clone() };
+        let no_service =
+            Observed { drift: vec![Drift::Service("is missing".into())], ..running.clone() };
+        let resized = Observed { drift: vec![Drift::Pod("resources")], ..running.clone() };
         let none = Endpoint::default();
-        let at = |status| Some(Desired { status, endpoint: &none, workload: &w });
-        let cases: Vec<(Option<Desired<'_>>, Option<&Observed>, Step)> = vec![
-            (at(S::Creating), None, Step::Apply(Box::new(w.clone()))),
-            (at(S::Running), None, Step::Apply(Box::new(w.clone()))),
+        let at = |status| Some(Desired { status, reason: "", endpoint: &none, workload: &w });
+        let cases: Vec<(Option<Desired<'_>>, Option<&Observed>, bool, Step)> = vec![
+            (at(S::Creating), None, false, Step::Apply(Box::new(w.clone()))),
+            (at(S::Running), None, false, Step::Apply(Box::new(w.clone()))),
             (
                 at(S::Creating),
                 Some(&running),
+                false,
                 Step::Report(Observation::Running(running.endpoint.clone())),
             ),
-            (at(S::Creating), Some(&outdated), Step::Remove),
-            (at(S::Creating), Some(&pending), Step::Wait(Some(PENDING_RECHECK))),
+            (at(S::Creating), Some(&outdated), false, Step::Remove),
+            (at(S::Creating), Some(&pending), false, Step::Wait(Some(PENDING_RECHECK))),
+            (
+                at(S::Creating),
+                Some(&gated),
+                false,
+                Step::Report(Observation::Waiting("not scheduled: SchedulingGated".into())),
+            ),
             (
                 at(S::Running),
                 Some(&failing),
+                false,
                 Step::Report(Observation::Failed("ErrImagePull".into())),
             ),
             (
                 at(S::Running),
                 Some(&gone_by_hand),
+                false,
                 Step::ReportThenRemove(Observation::Lost(
                     "workload deleted out of band; recreating".into(),
                 )),
             ),
-            (at(S::Running), Some(&ours_going), Step::Wait(Some(REMOVING_RECHECK))),
-            (at(S::Stopping), Some(&running), Step::Remove),
-            (at(S::Stopping), None, Step::Report(Observation::Gone)),
-            (at(S::Deleting), None, Step::Report(Observation::Gone)),
-            (at(S::Stopped), None, Step::Wait(None)),
-            (at(S::Failed), Some(&running), Step::Remove),
-            (None, Some(&running), Step::Remove),
-            (None, None, Step::Wait(None)),
-            (at(S::Running), Some(&no_service), Step::Apply(Box::new(w.clone()))),
+            (at(S::Running), Some(&ours_going), false, Step::Wait(Some(REMOVING_RECHECK))),
+            (
+                at(S::Running),
+                Some(&held),
+                false,
+                Step::Report(Observation::Lost(
+                    "workload is being removed (held by finalizers: x.io/hold); recreating".into(),
+                )),
+            ),
+            (
+                at(S::Stopping),
+                Some(&held),
+                false,
+                Step::Report(Observation::Waiting(
+                    "waiting for the workload to go (held by finalizers: x.io/hold)".into(),
+                )),
+            ),
+            (at(S::Stopping), Some(&running), false, Step::Remove),
+            (at(S::Stopping), None, false, Step::Report(Observation::Gone)),
+            (at(S::Stopping), None, true, Step::Remove),
+            (at(S::Deleting), None, false, Step::Report(Observation::Gone)),
+            (at(S::Stopped), None, false, Step::Wait(None)),
+            (at(S::Stopped), None, true, Step::Remove),
+            (at(S::Failed), Some(&running), false, Step::Remove),
+            (at(S::Deleted), Some(&running), false, Step::RemoveOrphan),
+            (None, Some(&running), false, Step::RemoveOrphan),
+            (None, None, true, Step::RemoveOrphan),
+            (None, None, false, Step::Wait(None)),
+            (
+                at(S::Running),
+                Some(&no_service),
+                false,
+                Step::Restore(no_service.drift.clone(), Box::new(w.clone())),
+            ),
+            (
+                at(S::Running),
+                Some(&resized),
+                false,
+                Step::Restore(resized.drift.clone(), Box::new(w.clone())),
+            ),
         ];
-        for (desired, obs, expected) in cases {
-            assert_eq!(decide(desired, obs), expected, "{desired:?} / {obs:?}");
+        for (desired, obs, service_left, expected) in cases {
+            assert_eq!(decide(desired, obs, service_left), expected, "{desired:?} / {obs:?}");
         }
         let known = running.endpoint.clone();
-        let converged = Desired { status: S::Running, endpoint: &known, workload: &w };
-        assert_eq!(decide(Some(converged), Some(&running)), Step::Wait(None), "nothing to do");
+        let converged = Desired { status: S::Running, reason: "", endpoint: &known, workload: &w };
+        assert_eq!(
+            decide(Some(converged), Some(&running), false),
+            Step::Wait(None),
+            "nothing to do"
+        );
+        let shown = "not scheduled: SchedulingGated";
+        let told = Desired { status: S::Creating, reason: shown, endpoint: &none, workload: &w };
+        assert_eq!(
+            decide(Some(told), Some(&gated), false),
+            Step::Wait(Some(REMOVING_RECHECK)),
+            "a reason already shown is not written again"
+        );
+    }
+
+    fn id(n: i64) -> InstanceId {
+        InstanceId::try_from(n).unwrap()
+    }
+
+    #[test]
+    fn the_queue_serves_urgent_work_first_and_one_instance_to_one_worker() {
+        let mut q = QueueState::default();
+        let now = Instant::now();
+        for n in 1..=100 {
+            q.push(id(n), Push::Normal, now);
+        }
+        q.push(id(500), Push::Urgent, now);
+        let Take::Ready(first, 0) = q.take(now) else { panic!("nothing due") };
+        assert_eq!(first, id(500), "a user action goes ahead of a resync");
+        let Take::Ready(second, _) = q.take(now) else { panic!("nothing due") };
+        // Pushed while busy: not handed out twice, looked at again once done.
+        q.push(second, Push::Urgent, now);
+        let mut handed = vec![second];
+        while let Take::Ready(next, _) = q.take(now) {
+            handed.push(next);
+        }
+        assert_eq!(handed.iter().filter(|i| **i == second).count(), 1);
+        let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        q.done(second, Some(1), Next::Park, &backoff, now);
+        let Take::Ready(again, _) = q.take(now) else { panic!("the pending push was lost") };
+        assert_eq!(again, second);
+    }
+
+    #[test]
+    fn a_failing_instance_backs_off_alone_and_not_before_retry_after() {
+        let mut q = QueueState::default();
+        let now = Instant::now();
+        let backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        q.push(id(1), Push::Urgent, now);
+        q.push(id(2), Push::Normal, now);
+        let Take::Ready(failing, 0) = q.take(now) else { panic!() };
+        q.done(failing, None, Next::Failed(Some(Duration::from_secs(7))), &backoff, now);
+        // News about the failing instance does not bring it forward.
+        q.push(failing, Push::Urgent, now);
+        let Take::Ready(other, 0) = q.take(now) else { panic!() };
+        assert_eq!(other, id(2), "the other instance is not held up");
+        match q.take(now) {
+            Take::Idle(Some(at)) => {
+                assert!(at >= now + Duration::from_secs(7), "Retry-After honoured")
+            }
+            _ => panic!("the failing instance must wait"),
+        }
+        let later = now + Duration::from_secs(8);
+        let Take::Ready(retried, 1) = q.take(later) else { panic!("attempt count kept") };
+        assert_eq!(retried, failing);
+    }
+
+    #[test]
+    fn jitter_spreads_delays_within_half_to_whole() {
+        let d = Duration::from_secs(8);
+        let spread: Vec<Duration> = (1..200).map(|n| jitter(d, id(n), 3)).collect();
+        assert!(spread.iter().all(|j| *j >= d / 2 && *j <= d));
+        assert!(
+            spread.iter().any(|j| *j < d.mul_f64(0.7))
+                && spread.iter().any(|j| *j > d.mul_f64(0.8))
+        );
     }
 }

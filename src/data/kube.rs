@@ -7,9 +7,17 @@
 //! (terminating, still protected) until the reconciler has seen and recorded it (delete
 //! events can be missed by a watch: kube-rs/kube#290). The service removes its finalizer
 //! before it deletes a Pod itself.
+//!
+//! Reads come from a cache of the namespace's Pods and Services kept by two watches
+//! (kube-runtime reflector stores), so at rest the service makes no request per
+//! instance. Every call is bounded by `call_timeout`, writes are spaced to at most
+//! `api_qps` per second, and kube's own retry layer is off: the reconciler owns retries.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt::Debug,
+    future::Future,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -23,16 +31,24 @@ use k8s_openapi::{
     apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
 };
 use kube::{
-    Api, Client,
+    Api, Client, Resource, ResourceExt,
     api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::watcher,
+    runtime::{
+        reflector::{ObjectRef, Store, store::Writer},
+        watcher,
+    },
 };
-use tokio::sync::mpsc;
+use serde::de::DeserializeOwned;
+use tokio::{sync::mpsc, time::Instant};
+use tokio_util::sync::CancellationToken;
 
 use crate::biz::{
-    BoxError,
-    cluster::{Cluster, ClusterError, Observed, Phase, Workload},
+    Backoff, BoxError,
+    cluster::{
+        Cluster, ClusterError, ClusterHealth, Drift, NamespaceState, Observed, Phase, Stray,
+        Workload,
+    },
     instance::{Endpoint, GpuType, InstanceId, Port},
 };
 
@@ -60,60 +76,169 @@ const FAILING_REASONS: &[&str] = &[
 pub struct KubeSettings {
     /// Where instances run.
     pub namespace: String,
+    /// Whether the namespace is created (again) when it is missing.
+    pub create_namespace: bool,
     /// Node selector per GPU type.
     pub gpu_node_selectors: BTreeMap<GpuType, BTreeMap<String, String>>,
-    /// A watch is ended and re-established after this long, so a watch that hangs
-    /// silently (kube-rs/kube#1615) is replaced and readiness sees the watch alive.
-    pub watch_restart: Duration,
+    /// Most writes (apply, patch, delete) per second.
+    pub api_qps: u32,
+    /// Bound of every call but watches.
+    pub call_timeout: Duration,
+    /// The API server ends each watch after this long; it is resumed where it stopped.
+    pub watch_timeout: Duration,
+    /// Longest wait before a failed watch is established again.
+    pub backoff_max: Duration,
 }
 
+/// Kinds the cache watches, as readiness names them.
+pub const WATCHED: [&str; 2] = ["pods", "services"];
+
 /// The cluster, through the API server.
-#[derive(Clone)]
 pub struct KubeCluster {
     pods: Api<Pod>,
     services: Api<Service>,
+    namespaces: Api<Namespace>,
+    pod_cache: Store<Pod>,
+    service_cache: Store<Service>,
+    writers: Mutex<Option<(Writer<Pod>, Writer<Service>)>>,
     settings: KubeSettings,
+    limiter: RateLimiter,
+    health: Arc<ClusterHealth>,
 }
 
-/// A client from `kubeconfig` (empty: the in-cluster service account).
+/// A client from `kubeconfig` (empty: the in-cluster service account), without kube's
+/// retry layer (the reconciler retries per instance, honouring `Retry-After`).
 ///
 /// # Errors
 /// The kubeconfig cannot be read or names no usable cluster.
 pub async fn client(kubeconfig: &str) -> Result<Client, BoxError> {
-    let config = if kubeconfig.is_empty() {
+    let mut config = if kubeconfig.is_empty() {
         kube::Config::incluster()?
     } else {
         let file = Kubeconfig::read_from(kubeconfig)?;
         kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default()).await?
     };
+    config.default_retry = false;
     Ok(Client::try_from(config)?)
 }
 
+/// At most `qps` writes in any second, counted when each is sent: writes are spaced
+/// `1/qps` apart, and a sliding window of the last `qps` send times holds back a write
+/// that would make `qps + 1` within a window (tasks woken late after a busy moment
+/// would otherwise send at once).
+struct RateLimiter {
+    qps: usize,
+    spacing: Duration,
+    state: Mutex<(std::collections::VecDeque<Instant>, Instant)>,
+}
+
+/// The window, with slack for the time between sending and the server's clock.
+const RATE_WINDOW: Duration = Duration::from_millis(1_050);
+
+impl RateLimiter {
+    fn new(qps: u32) -> Self {
+        let spacing = Duration::from_secs(1) / qps.max(1);
+        let qps = usize::try_from(qps.max(1)).unwrap_or(usize::MAX);
+        let sent = std::collections::VecDeque::with_capacity(qps);
+        Self { qps, spacing, state: Mutex::new((sent, Instant::now())) }
+    }
+
+    async fn acquire(&self) {
+        loop {
+            let wait_until = {
+                let mut state =
+                    self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let (sent, next) = &mut *state;
+                let now = Instant::now();
+                while sent.front().is_some_and(|at| now.duration_since(*at) >= RATE_WINDOW) {
+                    sent.pop_front();
+                }
+                if sent.len() < self.qps && now >= *next {
+                    sent.push_back(now);
+                    *next = now + self.spacing;
+                    return;
+                }
+                let window_free = if sent.len() < self.qps { now } else { sent[0] + RATE_WINDOW };
+                window_free.max(*next)
+            };
+            tokio::time::sleep_until(wait_until).await;
+        }
+    }
+}
+
 impl KubeCluster {
-    /// The cluster behind `client`; creates `settings.namespace` when it is missing.
+    /// The cluster behind `client`, reporting to `health`. The namespace is checked (and
+    /// created when missing and allowed) by the reconciler.
+    pub fn new(client: Client, settings: KubeSettings, health: Arc<ClusterHealth>) -> Self {
+        let (pod_writer, service_writer) = (Writer::default(), Writer::default());
+        Self {
+            pods: Api::namespaced(client.clone(), &settings.namespace),
+            services: Api::namespaced(client.clone(), &settings.namespace),
+            namespaces: Api::all(client),
+            pod_cache: pod_writer.as_reader(),
+            service_cache: service_writer.as_reader(),
+            writers: Mutex::new(Some((pod_writer, service_writer))),
+            limiter: RateLimiter::new(settings.api_qps),
+            settings,
+            health,
+        }
+    }
+
+    /// Checks that the API server answers (start-up: a wrong kubeconfig fails fast).
     ///
     /// # Errors
-    /// The API server does not answer, or the namespace is missing and cannot be created.
-    pub async fn connect(client: Client, settings: KubeSettings) -> Result<Self, BoxError> {
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        if namespaces.get_opt(&settings.namespace).await?.is_none() {
-            let namespace = Namespace {
-                metadata: ObjectMeta {
-                    name: Some(settings.namespace.clone()),
-                    ..ObjectMeta::default()
-                },
-                ..Namespace::default()
-            };
-            namespaces.create(&PostParams::default(), &namespace).await.map_err(|e| {
-                format!("namespace {:?} is missing and cannot be created: {e}", settings.namespace)
-            })?;
-            tracing::info!(namespace = %settings.namespace, "created the instances namespace");
+    /// The API server does not answer or refuses.
+    pub async fn connect(&self) -> Result<(), BoxError> {
+        // A Pod list needs only the namespaced Role (and answers for a missing namespace).
+        let one = kube::api::ListParams::default().limit(1);
+        let name = &self.settings.namespace;
+        self.call(self.pods.list(&one)).await?.map_err(|e| -> BoxError {
+            format!("cannot list the Pods of namespace {name:?}: {e}").into()
+        })?;
+        Ok(())
+    }
+
+    /// Runs a call within `call_timeout`, recording in health whether the cluster
+    /// answered. The outer error is the timeout.
+    async fn call<T>(
+        &self,
+        call: impl Future<Output = Result<T, kube::Error>>,
+    ) -> Result<Result<T, kube::Error>, ClusterError> {
+        match tokio::time::timeout(self.settings.call_timeout, call).await {
+            Ok(result) => {
+                match &result {
+                    Err(e) if is_outage(e) => self.health.call_failed(&e.to_string()),
+                    _ => self.health.call_succeeded(),
+                }
+                Ok(result)
+            }
+            Err(_) => {
+                let message = format!(
+                    "the API server did not answer within {} ms",
+                    self.settings.call_timeout.as_millis()
+                );
+                self.health.call_failed(&message);
+                Err(ClusterError::unavailable(message))
+            }
         }
-        Ok(Self {
-            pods: Api::namespaced(client.clone(), &settings.namespace),
-            services: Api::namespaced(client, &settings.namespace),
-            settings,
-        })
+    }
+
+    /// A write: waits for its turn under `api_qps`, then calls.
+    async fn write<T>(
+        &self,
+        call: impl Future<Output = Result<T, kube::Error>>,
+    ) -> Result<Result<T, kube::Error>, ClusterError> {
+        self.limiter.acquire().await;
+        metrics::counter!("resource_kube_writes_total").increment(1);
+        self.call(call).await
+    }
+
+    fn pod_cached(&self, name: &str) -> Option<Arc<Pod>> {
+        self.pod_cache.get(&ObjectRef::new(name).within(&self.settings.namespace))
+    }
+
+    fn service_cached(&self, name: &str) -> Option<Arc<Service>> {
+        self.service_cache.get(&ObjectRef::new(name).within(&self.settings.namespace))
     }
 
     fn service_host(&self, name: &str) -> String {
@@ -220,12 +345,10 @@ impl KubeCluster {
         }
     }
 
-    /// What `pod` says about its instance; `service_exists` is whether its Service exists
-    /// (looked up by the caller).
-    fn observed(&self, pod: &Pod, service_exists: bool) -> Option<Observed> {
+    /// What `pod` says about its instance, compared with `want`.
+    fn observed(&self, pod: &Pod, want: Option<&Workload>) -> Option<Observed> {
         let meta = &pod.metadata;
-        let id = meta.labels.as_ref()?.get(INSTANCE_LABEL)?.parse::<i64>().ok()?;
-        let id = InstanceId::try_from(id).ok()?;
+        let id = instance_of(meta)?;
         let name = meta.name.clone().unwrap_or_default();
         let ports = container_ports(pod);
         let endpoint = Endpoint {
@@ -233,6 +356,13 @@ impl KubeCluster {
             pod_ip: pod.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default(),
             service_host: self.service_host(&name),
             ports,
+        };
+        let finalizers = meta.finalizers.clone().unwrap_or_default();
+        let protected = finalizers.iter().any(|f| f == FINALIZER);
+        let terminating = meta.deletion_timestamp.is_some();
+        let drift = match want {
+            Some(want) if !terminating => self.drift(pod, want),
+            _ => Vec::new(),
         };
         Some(Observed {
             id,
@@ -242,16 +372,99 @@ impl KubeCluster {
                 .and_then(|a| a.get(SPEC_HASH).cloned())
                 .unwrap_or_default(),
             phase: phase(pod),
-            terminating: meta.deletion_timestamp.is_some(),
-            protected: meta.finalizers.as_ref().is_some_and(|f| f.iter().any(|f| f == FINALIZER)),
-            service_ok: service_exists,
+            terminating,
+            protected,
+            foreign_finalizers: finalizers.into_iter().filter(|f| f != FINALIZER).collect(),
+            drift,
             endpoint,
         })
     }
 
-    /// Deletes the Service `name`, if there is one.
+    /// How the live Pod and Service differ from what `want` renders to, in what matters.
+    fn drift(&self, live: &Pod, want: &Workload) -> Vec<Drift> {
+        let mut drift = Vec::new();
+        let expected = self.pod(want);
+        let main = |pod: &Pod| pod.spec.as_ref().and_then(|s| s.containers.first().cloned());
+        let (Some(live_main), Some(want_main)) = (main(live), main(&expected)) else {
+            return vec![Drift::Pod("containers")];
+        };
+        if live_main.image != want_main.image {
+            drift.push(Drift::Image { live: live_main.image.clone().unwrap_or_default() });
+        }
+        if !same_resources(live_main.resources.as_ref(), want_main.resources.as_ref()) {
+            drift.push(Drift::Pod("resources"));
+        }
+        let selector =
+            |pod: &Pod| pod.spec.as_ref().and_then(|s| s.node_selector.clone()).unwrap_or_default();
+        if selector(live) != selector(&expected) {
+            drift.push(Drift::Pod("node selector"));
+        }
+        if container_ports(live) != container_ports(&expected) {
+            drift.push(Drift::Pod("ports"));
+        }
+        let env = |c: &Container| {
+            c.env.iter().flatten().map(|e| (e.name.clone(), e.value.clone())).collect::<Vec<_>>()
+        };
+        if live_main.command != want_main.command
+            || live_main.args != want_main.args
+            || env(&live_main) != env(&want_main)
+        {
+            drift.push(Drift::Pod("command, arguments or environment"));
+        }
+        if !contains_all(live.metadata.labels.as_ref(), expected.metadata.labels.as_ref())
+            || !contains_all(
+                live.metadata.annotations.as_ref(),
+                expected.metadata.annotations.as_ref(),
+            )
+        {
+            drift.push(Drift::Metadata);
+        }
+        if !live.finalizers().iter().any(|f| f == FINALIZER) {
+            drift.push(Drift::Finalizer);
+        }
+        if let Some(what) = self.service_drift(want) {
+            drift.push(Drift::Service(what));
+        }
+        drift
+    }
+
+    /// How the Service of `want` differs from what it should be, if it does.
+    fn service_drift(&self, want: &Workload) -> Option<String> {
+        let Some(live) = self.service_cached(&object_name(want.id)) else {
+            return Some("is missing".into());
+        };
+        let expected = self.service(want);
+        let (live_spec, want_spec) = (live.spec.clone().unwrap_or_default(), expected.spec?);
+        let headless = |s: &ServiceSpec| s.cluster_ip.as_deref() == Some("None");
+        let ports = |s: &ServiceSpec| {
+            s.ports
+                .iter()
+                .flatten()
+                .map(|p| {
+                    let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".into());
+                    (p.name.clone(), p.port, p.target_port.clone(), protocol)
+                })
+                .collect::<Vec<_>>()
+        };
+        if live_spec.selector != want_spec.selector {
+            Some("selects other Pods".into())
+        } else if headless(&live_spec) != headless(&want_spec)
+            || ports(&live_spec) != ports(&want_spec)
+        {
+            Some("has other ports".into())
+        } else if !contains_all(live.metadata.labels.as_ref(), expected.metadata.labels.as_ref()) {
+            Some("has other labels".into())
+        } else {
+            None
+        }
+    }
+
+    /// Deletes the Service `name`, if the cache knows one.
     async fn delete_service(&self, name: &str) -> Result<(), ClusterError> {
-        match self.services.delete(name, &DeleteParams::default()).await {
+        if self.service_cached(name).is_none() {
+            return Ok(());
+        }
+        match self.write(self.services.delete(name, &DeleteParams::default())).await? {
             Ok(_) => Ok(()),
             Err(e) if status_code(&e) == Some(404) => Ok(()),
             Err(e) => Err(cluster_error(e)),
@@ -271,12 +484,186 @@ impl KubeCluster {
             "metadata": { "finalizers": rest, "resourceVersion": pod.metadata.resource_version },
         });
         let name = pod.metadata.name.clone().unwrap_or_default();
-        match self.pods.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+        let params = PatchParams::default();
+        match self.write(self.pods.patch(&name, &params, &Patch::Merge(&patch))).await? {
             Ok(_) => Ok(()),
             Err(e) if status_code(&e) == Some(404) => Ok(()),
             Err(e) => Err(cluster_error(e)),
         }
     }
+
+    /// Removes the finalizer of `pod` and deletes it unless it is being deleted.
+    async fn remove_pod(&self, pod: &Pod) -> Result<(), ClusterError> {
+        self.release(pod).await?;
+        if pod.metadata.deletion_timestamp.is_some() {
+            return Ok(());
+        }
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        match self.write(self.pods.delete(&name, &DeleteParams::default())).await? {
+            Ok(_) => Ok(()),
+            Err(e) if status_code(&e) == Some(404) => Ok(()),
+            Err(e) => Err(cluster_error(e)),
+        }
+    }
+
+    /// Applies one object; a namespace that is gone or going is named as such.
+    async fn apply_one<K>(&self, api: &Api<K>, name: &str, object: &K) -> Result<(), kube::Error>
+    where
+        K: Resource + Clone + DeserializeOwned + Debug + serde::Serialize,
+    {
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        match self.write(api.patch(name, &params, &Patch::Apply(object))).await {
+            Ok(result) => result.map(|_| ()),
+            Err(timeout) => Err(kube::Error::Service(timeout.to_string().into())),
+        }
+    }
+
+    /// Keeps one kind's cache in step until `shutdown`; re-lists after any failure.
+    async fn keep_cache<K>(
+        &self,
+        kind: &'static str,
+        api: Api<K>,
+        mut writer: Writer<K>,
+        changed: mpsc::Sender<InstanceId>,
+        shutdown: CancellationToken,
+    ) where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    {
+        let backoff = Backoff::new(Duration::from_millis(200), self.settings.backoff_max);
+        let timeout =
+            u32::try_from(self.settings.watch_timeout.as_secs()).unwrap_or(290).clamp(1, 3600);
+        let mut attempt = 0u32;
+        loop {
+            let config = watcher::Config::default().timeout(timeout);
+            let mut events = std::pin::pin!(watcher(api.clone(), config));
+            // What the cache held before a (re)list, to tell which objects changed.
+            let mut before: HashMap<String, String> = HashMap::new();
+            let mut relisted: Vec<InstanceId> = Vec::new();
+            let mut listed_at: Option<Instant> = None;
+            let failure = loop {
+                let event = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    event = events.next() => event,
+                };
+                let event = match event {
+                    None => break None,
+                    Some(Err(e)) => break Some(e),
+                    Some(Ok(event)) => event,
+                };
+                let mut news = None;
+                match &event {
+                    watcher::Event::Init => {
+                        before = writer
+                            .as_reader()
+                            .state()
+                            .iter()
+                            .map(|o| (o.name_any(), o.resource_version().unwrap_or_default()))
+                            .collect();
+                    }
+                    watcher::Event::InitApply(object) => {
+                        let (name, version) = (object.name_any(), object.resource_version());
+                        if before.remove(&name) != version {
+                            relisted.extend(instance_of(object.meta()));
+                        }
+                    }
+                    watcher::Event::InitDone => {}
+                    watcher::Event::Apply(object) | watcher::Event::Delete(object) => {
+                        news = instance_of(object.meta());
+                    }
+                }
+                writer.apply_watcher_event(&event);
+                if matches!(event, watcher::Event::InitDone) {
+                    self.health.watch_established(kind);
+                    listed_at = Some(Instant::now());
+                    // Objects gone while the watch was down, and those changed meanwhile.
+                    relisted.extend(before.drain().filter_map(|(name, _)| id_of_name(&name)));
+                    for id in relisted.drain(..) {
+                        if changed.send(id).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                if let Some(id) = news
+                    && changed.send(id).await.is_err()
+                {
+                    return;
+                }
+            };
+            match failure {
+                Some(e) => {
+                    tracing::warn!(kind, error = %e, "cluster watch failed; listing again");
+                    self.health.watch_failed(kind, &e.to_string());
+                    // A watch that ran a while starts its backoff afresh.
+                    let lasted = listed_at.is_some_and(|at| at.elapsed() > Duration::from_secs(30));
+                    attempt = if lasted { 1 } else { attempt + 1 };
+                }
+                None => attempt = 0,
+            }
+            let delay = if attempt == 0 { Duration::ZERO } else { backoff.delay(attempt) };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+}
+
+/// The instance an object's labels name.
+fn instance_of(meta: &ObjectMeta) -> Option<InstanceId> {
+    let id = meta.labels.as_ref()?.get(INSTANCE_LABEL)?.parse::<i64>().ok()?;
+    InstanceId::try_from(id).ok()
+}
+
+/// The instance an object name `inst-<id>` names.
+fn id_of_name(name: &str) -> Option<InstanceId> {
+    InstanceId::try_from(name.strip_prefix("inst-")?.parse::<i64>().ok()?).ok()
+}
+
+fn contains_all(
+    live: Option<&BTreeMap<String, String>>,
+    want: Option<&BTreeMap<String, String>>,
+) -> bool {
+    let live = live.cloned().unwrap_or_default();
+    want.into_iter().flatten().all(|(k, v)| live.get(k) == Some(v))
+}
+
+/// Requests and limits equal as quantities (the API server may write `1Gi` for `1024Mi`).
+fn same_resources(
+    live: Option<&ResourceRequirements>,
+    want: Option<&ResourceRequirements>,
+) -> bool {
+    let amounts = |map: Option<&BTreeMap<String, Quantity>>| -> BTreeMap<String, Option<f64>> {
+        map.into_iter().flatten().map(|(k, q)| (k.clone(), quantity(&q.0))).collect()
+    };
+    let (live, want) = (live.cloned().unwrap_or_default(), want.cloned().unwrap_or_default());
+    amounts(live.limits.as_ref()) == amounts(want.limits.as_ref())
+        && amounts(live.requests.as_ref()) == amounts(want.requests.as_ref())
+}
+
+/// A Kubernetes quantity (`500m`, `2`, `1Gi`, `1e3`) as a number.
+fn quantity(text: &str) -> Option<f64> {
+    let text = text.trim();
+    let suffixes: [(&str, f64); 13] = [
+        ("Ki", 1024.0),
+        ("Mi", 1024.0 * 1024.0),
+        ("Gi", 1024.0 * 1024.0 * 1024.0),
+        ("Ti", 1024.0 * 1024.0 * 1024.0 * 1024.0),
+        ("Pi", 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0),
+        ("Ei", 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0),
+        ("n", 1e-9),
+        ("u", 1e-6),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+    ];
+    for (suffix, factor) in suffixes {
+        if let Some(number) = text.strip_suffix(suffix) {
+            return number.parse::<f64>().ok().map(|n| n * factor);
+        }
+    }
+    text.parse::<f64>().ok()
 }
 
 fn object_name(id: InstanceId) -> String {
@@ -320,38 +707,72 @@ fn container_ports(pod: &Pod) -> Vec<Port> {
         .collect()
 }
 
-/// The phase of a Pod, with the reason when it cannot run.
+/// Container waiting reasons that are the normal course of starting.
+const STARTING_REASONS: &[&str] = &["ContainerCreating", "PodInitializing"];
+
+/// The phase of a Pod, with the reason when it cannot run or waits for long.
 fn phase(pod: &Pod) -> Phase {
-    let Some(status) = &pod.status else { return Phase::Pending };
-    let waiting = status
-        .container_statuses
+    let Some(status) = &pod.status else { return Phase::Pending(None) };
+    let containers = status.container_statuses.iter().flatten();
+    let waiting: Vec<_> =
+        containers.clone().filter_map(|c| c.state.as_ref()?.waiting.as_ref()).collect();
+    let said = |reason: Option<&String>, message: Option<&String>| match (reason, message) {
+        (Some(r), Some(m)) if !m.is_empty() => format!("{r}: {m}"),
+        (Some(r), _) => r.clone(),
+        (None, Some(m)) => m.clone(),
+        (None, None) => String::new(),
+    };
+    if let Some(w) =
+        waiting.iter().find(|w| w.reason.as_deref().is_some_and(|r| FAILING_REASONS.contains(&r)))
+    {
+        return Phase::Failed(said(w.reason.as_ref(), w.message.as_ref()));
+    }
+    let unscheduled = status
+        .conditions
         .iter()
         .flatten()
-        .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
-        .find(|w| w.reason.as_deref().is_some_and(|r| FAILING_REASONS.contains(&r)));
-    if let Some(w) = waiting {
-        let reason = w.reason.clone().unwrap_or_default();
-        return Phase::Failed(match &w.message {
-            Some(message) => format!("{reason}: {message}"),
-            None => reason,
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False");
+    if let Some(c) = unscheduled {
+        let text = said(c.reason.as_ref(), c.message.as_ref());
+        return if c.reason.as_deref() == Some("Unschedulable") {
+            Phase::Failed(text)
+        } else {
+            Phase::Pending(Some(format!("not scheduled: {text}")))
+        };
+    }
+    let exited = containers
+        .filter_map(|c| {
+            c.state
+                .as_ref()?
+                .terminated
+                .clone()
+                .or_else(|| c.last_state.as_ref()?.terminated.clone())
+        })
+        .next()
+        .map(|t| {
+            let reason = said(t.reason.as_ref(), t.message.as_ref());
+            let reason = if reason.is_empty() { "exited".to_owned() } else { reason };
+            format!("container {reason} (exit code {})", t.exit_code)
         });
-    }
-    let unschedulable = status.conditions.iter().flatten().find(|c| {
-        c.type_ == "PodScheduled"
-            && c.status == "False"
-            && c.reason.as_deref() == Some("Unschedulable")
-    });
-    if let Some(c) = unschedulable {
-        return Phase::Failed(format!("Unschedulable: {}", c.message.clone().unwrap_or_default()));
-    }
     match status.phase.as_deref() {
         Some("Running") => Phase::Running,
-        Some("Failed") => Phase::Failed(format!(
-            "pod failed: {}",
-            status.reason.clone().or_else(|| status.message.clone()).unwrap_or_default()
-        )),
-        Some("Succeeded") => Phase::Failed("the container exited".into()),
-        _ => Phase::Pending,
+        Some("Failed") => {
+            let pod_said = said(status.reason.as_ref(), status.message.as_ref());
+            Phase::Failed(match (pod_said.is_empty(), exited) {
+                (false, Some(exited)) => format!("pod failed: {pod_said}; {exited}"),
+                (false, None) => format!("pod failed: {pod_said}"),
+                (true, Some(exited)) => format!("pod failed: {exited}"),
+                (true, None) => "pod failed (the cluster gave no reason)".to_owned(),
+            })
+        }
+        Some("Succeeded") => Phase::Failed(exited.unwrap_or_else(|| "the container exited".into())),
+        _ => Phase::Pending(
+            waiting
+                .iter()
+                .find(|w| !w.reason.as_deref().is_some_and(|r| STARTING_REASONS.contains(&r)))
+                .map(|w| said(w.reason.as_ref(), w.message.as_ref()))
+                .filter(|s| !s.is_empty()),
+        ),
     }
 }
 
@@ -362,38 +783,56 @@ fn status_code(e: &kube::Error) -> Option<u16> {
     }
 }
 
-/// 4xx (but 408 and 429) are refusals; anything else may pass on a retry.
-fn cluster_error(e: kube::Error) -> ClusterError {
-    match status_code(&e) {
-        Some(code) if (400..500).contains(&code) && code != 408 && code != 429 => {
-            ClusterError::Refused(e.to_string())
-        }
-        _ => ClusterError::Unavailable(Box::new(e)),
+/// Whether an error says the cluster cannot serve us (no answer, 5xx, 429, 401, 403),
+/// as opposed to refusing one request.
+fn is_outage(e: &kube::Error) -> bool {
+    match status_code(e) {
+        Some(code) => code >= 500 || matches!(code, 401 | 403 | 429),
+        None => true,
     }
+}
+
+/// 4xx (but 408 and 429) are refusals; anything else may pass on a retry. A missing or
+/// terminating namespace is named as such.
+fn cluster_error(e: kube::Error) -> ClusterError {
+    if let kube::Error::Api(status) = &e {
+        let details = status.details.as_ref();
+        let namespace_gone = status.code == 404 && details.is_some_and(|d| d.kind == "namespaces");
+        let namespace_going = status.code == 403 && status.message.contains("is being terminated");
+        if namespace_gone || namespace_going {
+            return ClusterError::NamespaceMissing(status.message.clone());
+        }
+        let retry_after = details
+            .map(|d| d.retry_after_seconds)
+            .filter(|s| *s > 0)
+            .map(|s| Duration::from_secs(u64::from(s)));
+        let code = status.code;
+        if (400..500).contains(&code) && code != 408 && code != 429 {
+            return ClusterError::Refused(format!("{} ({code} {})", status.message, status.reason));
+        }
+        return ClusterError::Unavailable { source: Box::new(e), retry_after };
+    }
+    ClusterError::unavailable(e)
 }
 
 #[async_trait]
 impl Cluster for KubeCluster {
     async fn apply(&self, workload: &Workload) -> Result<(), ClusterError> {
         let name = object_name(workload.id);
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        self.pods
-            .patch(&name, &params, &Patch::Apply(&self.pod(workload)))
-            .await
-            .map_err(cluster_error)?;
+        self.apply_one(&self.pods, &name, &self.pod(workload)).await.map_err(cluster_error)?;
         let service = self.service(workload);
-        match self.services.patch(&name, &params, &Patch::Apply(&service)).await {
-            Ok(_) => Ok(()),
+        match self.apply_one(&self.services, &name, &service).await {
+            Ok(()) => Ok(()),
             // A Service's clusterIP is immutable: one that must become headless, or stop
             // being so, is replaced.
             Err(e) if status_code(&e) == Some(422) => {
                 tracing::info!(service = %name, error = %e, "replacing a Service that cannot be updated in place");
-                self.delete_service(&name).await?;
-                self.services
-                    .patch(&name, &params, &Patch::Apply(&service))
-                    .await
-                    .map(|_| ())
-                    .map_err(cluster_error)
+                match self.write(self.services.delete(&name, &DeleteParams::default())).await? {
+                    Ok(_) => {}
+                    Err(e) if status_code(&e) == Some(404) => {}
+                    Err(e) => return Err(cluster_error(e)),
+                }
+                self.apply_one(&self.services, &name, &service).await.map_err(cluster_error)
             }
             Err(e) => Err(cluster_error(e)),
         }
@@ -402,85 +841,236 @@ impl Cluster for KubeCluster {
     async fn remove(&self, id: InstanceId) -> Result<bool, ClusterError> {
         let name = object_name(id);
         self.delete_service(&name).await?;
-        let Some(pod) = self.pods.get_opt(&name).await.map_err(cluster_error)? else {
+        let Some(pod) = self.pod_cached(&name) else {
             return Ok(true);
         };
-        self.release(&pod).await?;
-        if pod.metadata.deletion_timestamp.is_none() {
-            match self.pods.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(e) if status_code(&e) == Some(404) => return Ok(true),
-                Err(e) => return Err(cluster_error(e)),
-            }
-        }
-        Ok(self.pods.get_opt(&name).await.map_err(cluster_error)?.is_none())
+        self.remove_pod(&pod).await?;
+        Ok(false)
     }
 
-    async fn observe(&self, id: InstanceId) -> Result<Option<Observed>, ClusterError> {
-        let name = object_name(id);
-        let Some(pod) = self.pods.get_opt(&name).await.map_err(cluster_error)? else {
-            return Ok(None);
-        };
-        let service_exists = self.services.get_opt(&name).await.map_err(cluster_error)?.is_some();
-        Ok(self.observed(&pod, service_exists))
+    fn observe(&self, id: InstanceId, want: Option<&Workload>) -> Option<Observed> {
+        let pod = self.pod_cached(&object_name(id))?;
+        let observed = self.observed(&pod, want)?;
+        // A Pod named for one instance but labelled for another is a stray.
+        (observed.id == id).then_some(observed)
     }
 
-    async fn list(&self) -> Result<Vec<Observed>, ClusterError> {
-        let params =
-            kube::api::ListParams::default().labels(&format!("{MANAGED_BY}={FIELD_MANAGER}"));
-        let pods = self.pods.list(&params).await.map_err(cluster_error)?;
-        let services: HashSet<String> = self
-            .services
-            .list(&params)
-            .await
-            .map_err(cluster_error)?
-            .items
-            .into_iter()
-            .filter_map(|s| s.metadata.name)
-            .collect();
-        Ok(pods
-            .items
+    fn has_service(&self, id: InstanceId) -> bool {
+        self.service_cached(&object_name(id)).is_some()
+    }
+
+    fn known(&self) -> Vec<InstanceId> {
+        let pods = self
+            .pod_cache
+            .state()
             .iter()
-            .filter_map(|p| {
-                let name = p.metadata.name.as_deref().unwrap_or_default();
-                self.observed(p, services.contains(name))
-            })
-            .collect())
+            .filter_map(|p| id_of_name(&p.name_any()))
+            .collect::<Vec<_>>();
+        let services = self
+            .service_cache
+            .state()
+            .iter()
+            .filter_map(|s| id_of_name(&s.name_any()))
+            .collect::<Vec<_>>();
+        let mut ids: Vec<InstanceId> =
+            pods.into_iter().chain(services).collect::<HashSet<_>>().into_iter().collect();
+        ids.sort_unstable();
+        ids
     }
 
-    async fn watch(
-        &self,
-        changed: mpsc::Sender<InstanceId>,
-        alive: mpsc::Sender<()>,
-    ) -> Result<(), ClusterError> {
-        let config = watcher::Config::default().labels(&format!("{MANAGED_BY}={FIELD_MANAGER}"));
-        let mut events = std::pin::pin!(watcher(self.pods.clone(), config));
-        let until = tokio::time::sleep(self.settings.watch_restart);
-        tokio::pin!(until);
-        loop {
-            let event = tokio::select! {
-                () = &mut until => return Ok(()),
-                event = events.next() => event,
-            };
-            let pod = match event {
-                None => return Ok(()),
-                Some(Err(e)) => return Err(ClusterError::Unavailable(Box::new(e))),
-                Some(Ok(watcher::Event::InitDone)) => {
-                    let _ = alive.send(()).await;
-                    continue;
-                }
-                Some(Ok(watcher::Event::Init)) => continue,
-                Some(Ok(
-                    watcher::Event::Apply(pod)
-                    | watcher::Event::Delete(pod)
-                    | watcher::Event::InitApply(pod),
-                )) => pod,
-            };
-            if let Some(observed) = self.observed(&pod, true)
-                && changed.send(observed.id).await.is_err()
-            {
-                return Ok(());
+    fn strays(&self) -> Vec<Stray> {
+        let ours = |meta: &ObjectMeta| {
+            meta.labels.as_ref().and_then(|l| l.get(MANAGED_BY)).is_some_and(|v| v == FIELD_MANAGER)
+        };
+        let stray = |kind: &'static str, meta: &ObjectMeta| {
+            let name = meta.name.clone().unwrap_or_default();
+            let named = id_of_name(&name);
+            let labelled = instance_of(meta);
+            (ours(meta)
+                && (named.is_none() || named != labelled)
+                && meta.deletion_timestamp.is_none())
+            .then_some(Stray { kind, name, instance: labelled.or(named) })
+        };
+        let pods = self.pod_cache.state();
+        let services = self.service_cache.state();
+        pods.iter()
+            .filter_map(|p| stray("Pod", &p.metadata))
+            .chain(services.iter().filter_map(|s| stray("Service", &s.metadata)))
+            .collect()
+    }
+
+    async fn remove_stray(&self, stray: &Stray) -> Result<(), ClusterError> {
+        if stray.kind == "Pod" {
+            let Some(pod) = self.pod_cached(&stray.name) else { return Ok(()) };
+            return self.remove_pod(&pod).await;
+        }
+        self.delete_service(&stray.name).await
+    }
+
+    async fn ensure_namespace(&self) -> Result<NamespaceState, ClusterError> {
+        let name = self.settings.namespace.clone();
+        let found = match self.call(self.namespaces.get_opt(&name)).await? {
+            // Not allowed to read namespaces (no ClusterRole): it answered, and the writes
+            // into the namespace tell whether it exists.
+            Err(e) if status_code(&e) == Some(403) && !self.settings.create_namespace => {
+                self.health.call_succeeded();
+                return Ok(NamespaceState::Exists);
+            }
+            found => found.map_err(cluster_error)?,
+        };
+        match found {
+            Some(ns) if ns.metadata.deletion_timestamp.is_some() => {
+                return Ok(NamespaceState::Terminating);
+            }
+            Some(_) => return Ok(NamespaceState::Exists),
+            None if !self.settings.create_namespace => return Ok(NamespaceState::Missing),
+            None => {}
+        }
+        let namespace = Namespace {
+            metadata: ObjectMeta { name: Some(name.clone()), ..ObjectMeta::default() },
+            ..Namespace::default()
+        };
+        match self.write(self.namespaces.create(&PostParams::default(), &namespace)).await? {
+            Ok(_) => {
+                tracing::info!(namespace = %name, "created the instances' namespace");
+                Ok(NamespaceState::Created)
+            }
+            Err(e) if status_code(&e) == Some(409) => Ok(NamespaceState::Terminating),
+            Err(e) => Err(cluster_error(e)),
+        }
+    }
+
+    async fn watch(&self, changed: mpsc::Sender<InstanceId>, shutdown: CancellationToken) {
+        let Some((pods, services)) =
+            self.writers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+        else {
+            tracing::error!("the cluster cache is already being kept");
+            return;
+        };
+        tokio::join!(
+            self.keep_cache("pods", self.pods.clone(), pods, changed.clone(), shutdown.clone()),
+            self.keep_cache("services", self.services.clone(), services, changed, shutdown),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": "inst-1"}, "status": status})).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_never_exceed_the_rate_in_any_window_even_after_a_stall() {
+        let limiter = Arc::new(RateLimiter::new(10));
+        let started = Instant::now();
+        let mut sent = Vec::new();
+        for round in 0..5 {
+            // Woken late (a busy runtime): 10 writers at once, each taking its turn.
+            let writers: Vec<_> = (0..10)
+                .map(|_| {
+                    let limiter = limiter.clone();
+                    tokio::spawn(async move {
+                        limiter.acquire().await;
+                        Instant::now()
+                    })
+                })
+                .collect();
+            for w in writers {
+                sent.push(w.await.unwrap());
+            }
+            if round == 2 {
+                tokio::time::advance(Duration::from_millis(1_700)).await;
             }
         }
+        sent.sort();
+        for (i, at) in sent.iter().enumerate() {
+            let within =
+                sent[i..].iter().take_while(|t| **t < *at + Duration::from_secs(1)).count();
+            assert!(within <= 10, "{within} writes within one second of {:?}", *at - started);
+        }
+        assert!(started.elapsed() >= Duration::from_secs(4), "50 writes at 10/s take 4 windows");
+    }
+
+    #[test]
+    fn quantities_compare_as_amounts() {
+        assert_eq!(quantity("1Gi"), quantity("1024Mi"));
+        assert_eq!(quantity("2"), quantity("2000m"));
+        assert_eq!(quantity("1k"), Some(1000.0));
+        assert_ne!(quantity("1G"), quantity("1Gi"));
+        assert_eq!(quantity("lots"), None);
+    }
+
+    #[test]
+    fn every_phase_that_is_not_running_says_why() {
+        let failed =
+            pod(json!({"phase": "Failed", "containerStatuses": [{"name": "main", "ready": false,
+            "restartCount": 0, "image": "x", "imageID": "",
+            "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}));
+        assert_eq!(
+            phase(&failed),
+            Phase::Failed("pod failed: container OOMKilled (exit code 137)".into())
+        );
+        let evicted =
+            pod(json!({"phase": "Failed", "reason": "Evicted", "message": "low on memory"}));
+        assert_eq!(phase(&evicted), Phase::Failed("pod failed: Evicted: low on memory".into()));
+        let silent = pod(json!({"phase": "Failed"}));
+        assert_eq!(phase(&silent), Phase::Failed("pod failed (the cluster gave no reason)".into()));
+        let gated = pod(
+            json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+            "reason": "SchedulingGated", "message": "waiting for a gate"}]}),
+        );
+        assert_eq!(
+            phase(&gated),
+            Phase::Pending(Some("not scheduled: SchedulingGated: waiting for a gate".into()))
+        );
+        let unschedulable = pod(
+            json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+            "reason": "Unschedulable", "message": "0/3 nodes are available"}]}),
+        );
+        assert_eq!(
+            phase(&unschedulable),
+            Phase::Failed("Unschedulable: 0/3 nodes are available".into())
+        );
+        let creating = pod(
+            json!({"phase": "Pending", "containerStatuses": [{"name": "main", "ready": false,
+            "restartCount": 0, "image": "x", "imageID": "", "state": {"waiting": {"reason": "ContainerCreating"}}}]}),
+        );
+        assert_eq!(phase(&creating), Phase::Pending(None), "the normal course is not news");
+    }
+
+    #[test]
+    fn a_missing_or_terminating_namespace_is_named() {
+        let status = |code: u16, message: &str, kind: &str| {
+            kube::Error::Api(Box::new(
+                serde_json::from_value(
+                    json!({"status": "Failure", "code": code, "message": message,
+                    "reason": "x", "details": {"name": "ns", "kind": kind}}),
+                )
+                .unwrap(),
+            ))
+        };
+        let gone = cluster_error(status(404, "namespaces \"ns\" not found", "namespaces"));
+        assert!(matches!(gone, ClusterError::NamespaceMissing(_)), "{gone:?}");
+        let going = cluster_error(status(
+            403,
+            "unable to create new content in namespace ns because it is being terminated",
+            "pods",
+        ));
+        assert!(matches!(going, ClusterError::NamespaceMissing(_)), "{going:?}");
+        let forbidden = cluster_error(status(403, "pods is forbidden", "pods"));
+        assert!(matches!(forbidden, ClusterError::Refused(_)), "{forbidden:?}");
+        let throttled = kube::Error::Api(Box::new(
+            serde_json::from_value(
+                json!({"status": "Failure", "code": 429, "message": "slow down",
+                "reason": "TooManyRequests", "details": {"retryAfterSeconds": 3}}),
+            )
+            .unwrap(),
+        ));
+        assert_eq!(cluster_error(throttled).retry_after(), Some(Duration::from_secs(3)));
     }
 }

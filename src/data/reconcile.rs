@@ -27,12 +27,12 @@ fn ids(rows: Vec<i64>) -> Vec<InstanceId> {
 
 #[async_trait]
 impl ReconcileRepo for PgReconcileRepo {
-    async fn unsettled(&self) -> Result<Vec<InstanceId>, RepoError> {
-        let rows: Vec<i64> = self
+    async fn unsettled(&self) -> Result<Vec<(InstanceId, i64)>, RepoError> {
+        let rows: Vec<(i64, i64)> = self
             .db
             .run("list unsettled instances", async |conn| {
-                sqlx::query_scalar(
-                    "SELECT instance_id FROM instances \
+                sqlx::query_as(
+                    "SELECT instance_id, version FROM instances \
                      WHERE status IN ('CREATING', 'STOPPING', 'DELETING')",
                 )
                 .fetch_all(conn)
@@ -40,7 +40,10 @@ impl ReconcileRepo for PgReconcileRepo {
                 .map_err(map_sqlx)
             })
             .await?;
-        Ok(ids(rows))
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, version)| Some((InstanceId::try_from(id).ok()?, version)))
+            .collect())
     }
 
     async fn live(&self) -> Result<Vec<InstanceId>, RepoError> {

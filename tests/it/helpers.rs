@@ -235,7 +235,14 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
         http,
         grpc,
         pool,
-        client: reqwest::Client::new(),
+        // Idle pooled connections are dropped before the service closes them (after
+        // `header_read_timeout`, 10 s), as a well-behaved client does: otherwise a request
+        // sent just as the server closes fails with IncompleteMessage.
+        client: reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("an HTTP client"),
         logs,
         mq,
         env,

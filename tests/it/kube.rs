@@ -14,10 +14,10 @@ use crate::{
     proxy::Proxy,
 };
 
-const NS: &str = "instances";
+pub(crate) const NS: &str = "instances";
 
-struct Cluster {
-    fake: FakeKube,
+pub(crate) struct Cluster {
+    pub(crate) fake: FakeKube,
     _dir: tempfile::TempDir,
 }
 
@@ -27,7 +27,7 @@ async fn app_with_cluster(opts: Options) -> (TestApp, Cluster) {
 }
 
 /// The service against `fake`, reached through `proxy` when given.
-async fn app_on(
+pub(crate) async fn app_on(
     fake: FakeKube,
     proxy: Option<&Proxy>,
     extra_env: &[(&str, &str)],
@@ -52,7 +52,12 @@ async fn app_on(
     (app, Cluster { fake, _dir: dir })
 }
 
-async fn call(app: &TestApp, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+pub(crate) async fn call(
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
     let mut req = app.client.request(method, format!("{}{path}", app.http));
     if let Some(body) = body {
         req = req.json(&body);
@@ -64,7 +69,13 @@ async fn call(app: &TestApp, method: reqwest::Method, path: &str, body: Option<V
     body
 }
 
-async fn create(app: &TestApp, name: &str, gpu: i32, image: &str, config: Value) -> String {
+pub(crate) async fn create(
+    app: &TestApp,
+    name: &str,
+    gpu: i32,
+    image: &str,
+    config: Value,
+) -> String {
     let body = json!({"name": name, "user_id": "u1",
                       "spec": {"cpu": 2, "memory": 1024, "gpu": gpu, "image": image, "config_json": config}});
     let created = call(app, reqwest::Method::POST, "/v1/resources", Some(body)).await;
@@ -73,7 +84,12 @@ async fn create(app: &TestApp, name: &str, gpu: i32, image: &str, config: Value)
 }
 
 /// Polls the instance until `done` holds (10 s at most).
-async fn wait_for(app: &TestApp, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_for(
+    app: &TestApp,
+    id: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let (_, instance) = app.get_json(&format!("/v1/resources/{id}")).await;
@@ -85,15 +101,15 @@ async fn wait_for(app: &TestApp, id: &str, what: &str, done: impl Fn(&Value) -> 
     }
 }
 
-async fn wait_status(app: &TestApp, id: &str, status: &str) -> Value {
+pub(crate) async fn wait_status(app: &TestApp, id: &str, status: &str) -> Value {
     wait_for(app, id, status, |i| i["status"] == status).await
 }
 
-fn pod(cluster: &Cluster, id: &str) -> Option<Value> {
+pub(crate) fn pod(cluster: &Cluster, id: &str) -> Option<Value> {
     cluster.fake.get(Kind::Pod, NS, &format!("inst-{id}"))
 }
 
-async fn wait_pod_gone(cluster: &Cluster, id: &str) {
+pub(crate) async fn wait_pod_gone(cluster: &Cluster, id: &str) {
     for _ in 0..200 {
         if pod(cluster, id).is_none() {
             return;

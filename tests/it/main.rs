@@ -2,6 +2,7 @@
 
 mod auth;
 mod clients;
+mod cluster;
 mod config;
 mod grpc;
 mod helpers;

@@ -57,6 +57,12 @@ pub enum Observation {
     /// The workload went away without being asked to (deleted out of band); it is
     /// recreated.
     Lost(String),
+    /// The workload is not there yet, for this reason (kept in `status_reason` while the
+    /// instance waits for the cluster).
+    Waiting(String),
+    /// What runs differed from what was applied and is being put right (audited as
+    /// `K8S_SYNC`; the instance does not change).
+    Corrected(String),
 }
 
 impl Command {
@@ -83,6 +89,7 @@ impl Command {
             Command::ChangeSpec { .. } => Action::ChangeSpec,
             Command::Sync { .. } => Action::K8sSync,
             Command::Refused { action, .. } => *action,
+            Command::Observe { observation: Observation::Corrected(_), .. } => Action::K8sSync,
             Command::Observe { .. } => Action::StatusChange,
         }
     }
@@ -463,9 +470,20 @@ impl Planner<'_> {
         let Some(current) = self.state.get(&id).cloned() else {
             return Outcome::Unknown(id);
         };
+        if let Observation::Corrected(note) = observation {
+            let json = Some(snapshot_json(&current));
+            self.audit(envelope, id.get(), AuditOutcome::Ok, note.clone(), json.clone(), json);
+            return Outcome::Ignored { instance: Some(current), note: note.clone() };
+        }
         let now = self.ctx.now;
         let mut next = current.clone();
         let moved = match (observation, current.status) {
+            (Observation::Waiting(reason), S::Creating | S::Stopping | S::Deleting)
+                if *reason != current.status_reason =>
+            {
+                next.status_reason.clone_from(reason);
+                Ok(())
+            }
             (Observation::Running(endpoint), S::Creating) => {
                 next.endpoint = endpoint.clone();
                 next.transition(S::Running, "")
