@@ -210,12 +210,24 @@ pub async fn declare_topology(
         "x-dead-letter-routing-key".into(),
         AMQPValue::LongString(conf.queue.as_str().into()),
     );
-    bounded(
-        "declare the retry queue",
+    let retry_as_configured = declare_or_keep(
+        conn,
+        &mut channel,
         t,
-        channel.queue_declare(conf.retry_queue.as_str().into(), queue, retry_args),
+        &conf.retry_queue,
+        retry_args,
+        "declare the retry queue",
     )
     .await?;
+    if !retry_as_configured {
+        tracing::warn!(
+            queue = %conf.retry_queue,
+            retry_delay = ?conf.retry_delay,
+            "the retry queue exists with other arguments (another retry_delay): retries keep \
+             the delay it was declared with; delete the queue when it is empty and the service \
+             declares it anew"
+        );
+    }
     // Nobody may read the status queue: it keeps the newest events, for a while.
     let mut status_args = FieldTable::default();
     status_args.insert(

@@ -76,6 +76,8 @@ pub struct Connections {
     /// …and closed when a ping is not answered within this.
     #[serde(deserialize_with = "de_duration")]
     pub keepalive_timeout: Duration,
+    /// HTTP/2: most streams (requests) open at once on one connection.
+    pub max_streams: u32,
 }
 
 impl Default for Connections {
@@ -86,6 +88,7 @@ impl Default for Connections {
             header_read_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            max_streams: 200,
         }
     }
 }
@@ -624,8 +627,18 @@ impl Bootstrap {
         if db.query_timeout < Duration::from_millis(100) {
             return Err("data.database.query_timeout: must be at least 100ms".into());
         }
+        // PostgreSQL's statement_timeout (this) and idle_in_transaction_session_timeout
+        // (twice this) are 32-bit milliseconds.
+        if db.query_timeout.as_millis() > u128::from(i32::MAX.unsigned_abs() / 2) {
+            return Err("data.database.query_timeout: out of range (at most 298h)".into());
+        }
+        // Pruning computes now - dedup_window as a timestamp.
+        if self.data.rabbitmq.dedup_window > Duration::from_secs(100 * 365 * 24 * 3600) {
+            return Err("data.rabbitmq.dedup_window: out of range (at most 100 years)".into());
+        }
         let c = &self.server.connections;
         if c.max == 0
+            || c.max_streams == 0
             || [
                 c.first_byte_timeout,
                 c.header_read_timeout,
@@ -636,7 +649,9 @@ impl Bootstrap {
             .any(Duration::is_zero)
             || self.server.http.body_timeout.is_zero()
         {
-            return Err("server.connections (max and every timeout) and server.http.body_timeout must be greater than zero".into());
+            return Err("server.connections (max, max_streams and every timeout) and \
+                 server.http.body_timeout must be greater than zero"
+                .into());
         }
         if self.server.http.timeout.is_zero() {
             return Err("server.http.timeout: must be greater than zero".into());

@@ -155,7 +155,10 @@ impl RateLimiter {
                 }
                 if sent.len() < self.qps && now >= *next {
                     sent.push_back(now);
-                    *next = now + self.spacing;
+                    // From the slot, not from now: a late wake-up (timer granularity, a
+                    // busy runtime) is made up, by at most a few writes.
+                    *next = (*next + self.spacing)
+                        .max(now.checked_sub(self.spacing * 4).unwrap_or(now));
                     return;
                 }
                 let window_free = if sent.len() < self.qps { now } else { sent[0] + RATE_WINDOW };

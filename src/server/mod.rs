@@ -113,6 +113,7 @@ impl Servers {
             .max_connection_age(self.conf.grpc.max_connection_age)
             .http2_keepalive_interval(Some(limits.keepalive_interval))
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            .max_concurrent_streams(Some(limits.max_streams))
             .layer(metrics::GrpcMetricsLayer)
             .layer(edge::GrpcRefusalsLayer { max_message_bytes: self.conf.grpc.max_message_bytes })
             .layer(edge::SanitizeRequestIdLayer)
@@ -201,7 +202,8 @@ async fn serve_http(
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(limits.keepalive_interval)
-        .keep_alive_timeout(limits.keepalive_timeout);
+        .keep_alive_timeout(limits.keepalive_timeout)
+        .max_concurrent_streams(limits.max_streams);
     // Each connection holds a receiver; all are gone when every connection has closed.
     let (open_tx, open_rx) = tokio::sync::watch::channel(());
     loop {

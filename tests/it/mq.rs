@@ -457,6 +457,34 @@ async fn an_event_queue_declared_without_single_active_consumer_is_kept_with_a_w
 }
 
 #[tokio::test]
+async fn a_retry_queue_declared_with_another_delay_is_kept_with_a_warning() {
+    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+    let mut app = spawn_app().await;
+    assert!(app.terminate().await.success());
+    // The retry queue as a deployment with another `retry_delay` declared it.
+    let broker = Broker::connect().await;
+    let retry = app.mq.retry_queue.as_str();
+    broker.channel.queue_delete(retry.into(), QueueDeleteOptions::default()).await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(123_456));
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(app.mq.queue.as_str().into()),
+    );
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    broker.channel.queue_declare(retry.into(), durable, args).await.unwrap();
+
+    // Before, the service never became ready: PRECONDITION_FAILED on every connect.
+    app.restart().await;
+
+    let warned = app.logs.lock().unwrap().iter().any(|l| l.contains("retry queue exists"));
+    assert!(warned, "the operator is told the delay is not the configured one");
+    broker.publish_with_id(&app, &created(8601), "c-8601").await;
+    wait_status(&app, 8601, "RUNNING").await;
+}
+
+#[tokio::test]
 async fn ten_kinds_of_bad_input_are_dead_lettered_with_their_reason() {
     let app = spawn_app().await;
     let broker = Broker::connect().await;

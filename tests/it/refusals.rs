@@ -188,6 +188,24 @@ async fn a_duration_out_of_range_exits_64_and_an_unknown_key_is_named() {
     assert!(stderr.contains("out of range") && stderr.contains("timeout"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 
+    // Values every duration parser accepts, but PostgreSQL or a timestamp cannot hold.
+    for (key, value) in [
+        ("RESOURCE_DATA__RABBITMQ__DEDUP_WINDOW", "99999999999h"),
+        ("RESOURCE_DATA__DATABASE__QUERY_TIMEOUT", "99999999h"),
+    ] {
+        let out = tokio::process::Command::new(BIN)
+            .arg("-conf")
+            .arg(repo_path("configs"))
+            .arg("migrate")
+            .env(key, value)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{key}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("out of range") && !stderr.contains("panicked"), "{stderr}");
+    }
+
     // A misspelt section is named at start-up (here the migrate command, which needs no
     // broker: it fails on the database, after the warning).
     let out = tokio::process::Command::new(BIN)
