@@ -299,7 +299,7 @@ pub struct Kubernetes {
     #[serde(deserialize_with = "de_duration")]
     pub lease_ttl: Duration,
     /// The API server ends each watch after this long and it is resumed where it
-    /// stopped (a watch that hangs silently is replaced).
+    /// stopped; a watch that sends nothing for 5 s longer is hung, and is replaced.
     #[serde(deserialize_with = "de_duration")]
     pub watch_restart: Duration,
     /// Create the namespace when it is missing (at start-up, and again if it is deleted).
@@ -338,7 +338,7 @@ impl Default for Kubernetes {
             poll_interval: Duration::from_millis(500),
             resync_interval: Duration::from_secs(60),
             lease_ttl: Duration::from_secs(30),
-            watch_restart: Duration::from_secs(300),
+            watch_restart: Duration::from_secs(15),
             create_namespace: true,
             call_timeout: Duration::from_secs(10),
             backoff_max: Duration::from_secs(30),

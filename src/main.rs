@@ -439,13 +439,17 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     }
 }
 
+/// How long past a watch's server-side end the client waits for bytes before it calls
+/// the watch hung.
+const WATCH_READ_MARGIN: Duration = Duration::from_secs(5);
+
 /// The reconciler over the cluster `conf` names (the namespace is created if missing).
 async fn reconciler(
     conf: &conf::Kubernetes,
     instances: Arc<InstanceUsecase>,
     db: Db,
 ) -> Result<Arc<Reconciler>, resource::biz::BoxError> {
-    let client = kube::client(&conf.kubeconfig).await?;
+    let client = kube::client(&conf.kubeconfig, conf.watch_restart + WATCH_READ_MARGIN).await?;
     let gpu_node_selectors = conf
         .gpu_node_selectors
         .iter()
@@ -463,7 +467,8 @@ async fn reconciler(
         watch_timeout: conf.watch_restart,
         backoff_max: conf.backoff_max,
     };
-    let health = Arc::new(ClusterHealth::new(&kube::WATCHED));
+    let health =
+        Arc::new(ClusterHealth::new(&kube::WATCHED, conf.watch_restart + 2 * WATCH_READ_MARGIN));
     let cluster = KubeCluster::new(client, settings, health.clone());
     cluster.connect().await?;
     let reconcile = ReconcileConf {

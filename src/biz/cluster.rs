@@ -339,6 +339,12 @@ pub trait Cluster: Send + Sync {
     /// `ClusterError` when the API server fails or refuses.
     async fn remove(&self, id: InstanceId) -> Result<bool, ClusterError>;
 
+    /// Removes the instance's Pod only (its Service stays), to have it created anew.
+    ///
+    /// # Errors
+    /// `ClusterError` when the API server fails or refuses.
+    async fn replace_pod(&self, id: InstanceId) -> Result<(), ClusterError>;
+
     /// The workload of one instance, if its Pod exists, compared with `want` (from the
     /// cache).
     fn observe(&self, id: InstanceId, want: Option<&Workload>) -> Option<Observed>;
@@ -385,9 +391,16 @@ struct HealthState {
     /// When recent watch failures happened, and the last one.
     watch_failures: Vec<Instant>,
     last_watch_error: String,
-    /// Cluster calls failed in a row, and the last failure.
-    failing_calls: u32,
+    /// Cluster reads and writes failed in a row, when a write last failed, and the last
+    /// failure: a cluster that answers reads but refuses every write is not usable.
+    failing_reads: u32,
+    failing_writes: u32,
+    last_write_failure: Option<Instant>,
     last_call_error: String,
+    /// How long without a failure, after repeated ones the last of which was a hang, the
+    /// watches need to count as healthy again (a hang shows only once per cycle).
+    settle: std::time::Duration,
+    last_failure_hung: bool,
     /// Why the namespace cannot be used, if it cannot.
     namespace: Option<String>,
 }
@@ -397,18 +410,25 @@ struct HealthState {
 const WATCH_FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 /// ... how many ...
 const WATCH_FAILURES: usize = 3;
-/// ... until a watch has stayed up this long.
+/// ... until a watch has stayed up this long (at least; see [`ClusterHealth::new`]).
 const WATCH_STABLE: std::time::Duration = std::time::Duration::from_secs(5);
+/// A streak of failed writes counts this long after the last one (nothing may need
+/// writing for a while).
+const WRITE_FAILURES_KEPT: std::time::Duration = std::time::Duration::from_secs(60);
 /// A watch that stayed up this long before failing starts a fresh count.
 const WATCH_LASTED: std::time::Duration = std::time::Duration::from_secs(30);
 /// Calls failed in a row that make the cluster count as failing.
 const CALL_FAILURES: u32 = 3;
 
 impl ClusterHealth {
-    /// Health of watches of `kinds`, none established yet.
-    pub fn new(kinds: &[&'static str]) -> Self {
+    /// Health of watches of `kinds`, none established yet. After repeated failures the
+    /// watches count as healthy again once none has failed for 5 s, or for `settle` when
+    /// the last one hung (longer than one watch cycle: a watch that hangs is only noticed
+    /// when its cycle ends).
+    pub fn new(kinds: &[&'static str], settle: std::time::Duration) -> Self {
         let watches = kinds.iter().map(|k| (*k, None)).collect();
-        Self { state: Mutex::new(HealthState { watches, ..HealthState::default() }) }
+        let settle = settle.max(WATCH_STABLE);
+        Self { state: Mutex::new(HealthState { watches, settle, ..HealthState::default() }) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
@@ -429,9 +449,11 @@ impl ClusterHealth {
         self.lock().listed
     }
 
-    /// The watch of `kind` failed; it is re-established.
-    pub fn watch_failed(&self, kind: &'static str, error: &str) {
+    /// The watch of `kind` failed (`hung`: it did not answer in time); it is
+    /// re-established.
+    pub fn watch_failed(&self, kind: &'static str, hung: bool, error: &str) {
         let mut state = self.lock();
+        state.last_failure_hung = hung;
         let now = Instant::now();
         if let Some(Some(up)) = state.watches.insert(kind, None)
             && now.duration_since(up) >= WATCH_LASTED
@@ -443,15 +465,25 @@ impl ClusterHealth {
         state.last_watch_error = format!("{kind} watch: {error}");
     }
 
-    /// A cluster call answered.
-    pub fn call_succeeded(&self) {
-        self.lock().failing_calls = 0;
+    /// A cluster call answered (`write`: it was a write).
+    pub fn call_succeeded(&self, write: bool) {
+        let mut state = self.lock();
+        if write {
+            state.failing_writes = 0;
+        } else {
+            state.failing_reads = 0;
+        }
     }
 
     /// A cluster call failed (not answered, 5xx, 429, 401 or 403).
-    pub fn call_failed(&self, error: &str) {
+    pub fn call_failed(&self, write: bool, error: &str) {
         let mut state = self.lock();
-        state.failing_calls = state.failing_calls.saturating_add(1);
+        if write {
+            state.failing_writes = state.failing_writes.saturating_add(1);
+            state.last_write_failure = Some(Instant::now());
+        } else {
+            state.failing_reads = state.failing_reads.saturating_add(1);
+        }
         state.last_call_error = error.to_owned();
     }
 
@@ -480,8 +512,9 @@ impl ClusterHealth {
             .iter()
             .filter(|at| now.duration_since(**at) < WATCH_FAILURE_WINDOW)
             .count();
-        let youngest = state.watches.values().flatten().max().copied();
-        let settled = youngest.is_some_and(|at| now.duration_since(at) >= WATCH_STABLE);
+        let last_failure = state.watch_failures.iter().max().copied();
+        let settle = if state.last_failure_hung { state.settle } else { WATCH_STABLE };
+        let settled = last_failure.is_none_or(|at| now.duration_since(at) >= settle);
         if recent >= WATCH_FAILURES && !settled {
             return Some(format!(
                 "the cluster watch failed {recent} times in {} s (last: {})",
@@ -489,10 +522,19 @@ impl ClusterHealth {
                 state.last_watch_error
             ));
         }
-        if state.failing_calls >= CALL_FAILURES {
+        let writes_failing = state.failing_writes >= CALL_FAILURES
+            && state
+                .last_write_failure
+                .is_some_and(|at| now.duration_since(at) < WRITE_FAILURES_KEPT);
+        if state.failing_reads >= CALL_FAILURES || writes_failing {
+            let (n, what) = if writes_failing {
+                (state.failing_writes, "writes")
+            } else {
+                (state.failing_reads, "calls")
+            };
             return Some(format!(
-                "{} cluster calls failed in a row (last: {})",
-                state.failing_calls, state.last_call_error
+                "{n} cluster {what} failed in a row (last: {})",
+                state.last_call_error
             ));
         }
         None
@@ -523,7 +565,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn readiness_follows_the_watches_and_the_calls() {
-        let health = ClusterHealth::new(&["pods", "services"]);
+        let health = ClusterHealth::new(&["pods", "services"], Duration::ZERO);
         assert!(health.problem().unwrap().contains("not established"), "not listed yet");
         health.watch_established("pods");
         assert!(!health.listed() && health.problem().is_some(), "every kind must list");
@@ -533,7 +575,7 @@ mod tests {
 
         // One 410 Gone now and then is the normal course: ready once listed again.
         tokio::time::advance(Duration::from_secs(40)).await;
-        health.watch_failed("pods", "410 Gone");
+        health.watch_failed("pods", false, "410 Gone");
         assert!(health.problem().is_some(), "down while it lists again");
         health.watch_established("pods");
         assert_eq!(health.problem(), None);
@@ -541,7 +583,7 @@ mod tests {
         // A loop of 410s: every watch fails right after its list.
         for _ in 0..3 {
             tokio::time::advance(Duration::from_secs(1)).await;
-            health.watch_failed("pods", "410 Gone");
+            health.watch_failed("pods", false, "410 Gone");
             health.watch_established("pods");
         }
         assert!(health.problem().unwrap().contains("times in 60 s"), "{:?}", health.problem());
@@ -550,10 +592,20 @@ mod tests {
         assert_eq!(health.problem(), None);
 
         for _ in 0..CALL_FAILURES {
-            health.call_failed("403 Forbidden");
+            health.call_failed(false, "403 Forbidden");
         }
         assert!(health.problem().unwrap().contains("403 Forbidden"));
-        health.call_succeeded();
+        health.call_succeeded(false);
+        assert_eq!(health.problem(), None);
+
+        // Reads answer, every write is refused: not usable, whatever the reads say.
+        for _ in 0..CALL_FAILURES {
+            health.call_failed(true, "403 Forbidden");
+            health.call_succeeded(false);
+        }
+        assert!(health.problem().unwrap().contains("writes failed"), "{:?}", health.problem());
+        // Nothing wrote for a minute: the streak is forgotten.
+        tokio::time::advance(WRITE_FAILURES_KEPT).await;
         assert_eq!(health.problem(), None);
 
         health.namespace(Some("the namespace is gone".into()));

@@ -43,10 +43,17 @@ impl HealthUsecase {
     /// Runs all probes concurrently; ready when every one is ok.
     pub async fn check(&self) -> Vec<ProbeStatus> {
         let checks = self.probes.iter().map(|probe| async move {
-            let ok = matches!(tokio::time::timeout(self.timeout, probe.check()).await, Ok(Ok(())));
-            if !ok {
-                tracing::warn!(probe = probe.name(), "readiness probe failed");
-            }
+            let ok = match tokio::time::timeout(self.timeout, probe.check()).await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    tracing::warn!(probe = probe.name(), error = %e, "readiness probe failed");
+                    false
+                }
+                Err(_) => {
+                    tracing::warn!(probe = probe.name(), "readiness probe did not answer in time");
+                    false
+                }
+            };
             ProbeStatus { name: probe.name(), ok }
         });
         futures::future::join_all(checks).await

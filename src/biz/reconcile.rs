@@ -192,9 +192,13 @@ pub fn decide(
             (_, false) if o.foreign_finalizers.is_empty() => Step::Wait(Some(REMOVING_RECHECK)),
             (_, false) => waiting(format!("waiting for the old workload to go{}", held_by(o))),
         },
-        // Our own update of the spec: the Pod is replaced.
+        // Our own update of the spec: the Pod is replaced. (A hash edited by hand, over a
+        // Pod that runs as asked, is drift of the annotations, restored below.)
         Some(o)
-            if wants_workload && !o.spec_hash.is_empty() && o.spec_hash != d.workload.spec_hash =>
+            if wants_workload
+                && !o.spec_hash.is_empty()
+                && o.spec_hash != d.workload.spec_hash
+                && o.drift.iter().any(|d| matches!(d, Drift::Image { .. } | Drift::Pod(_))) =>
         {
             Step::Remove
         }
@@ -255,7 +259,10 @@ enum Next {
 /// How a push ranks an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Push {
-    /// A user action or watch news: ahead of everything else, now.
+    /// A user action (the instance changed, or a sync was asked for): ahead of
+    /// everything else, now, even if it is backing off.
+    Action,
+    /// Watch news: ahead of periodic work, now, unless it is backing off.
     Urgent,
     /// A periodic look: now, behind urgent work.
     Normal,
@@ -308,20 +315,22 @@ impl QueueState {
 
     fn push(&mut self, id: InstanceId, push: Push, now: Instant) {
         if let Some(pending) = self.busy.get_mut(&id) {
-            if push != Push::IfAbsent && *pending != Some(Push::Urgent) {
+            if push != Push::IfAbsent && !matches!(*pending, Some(Push::Urgent | Push::Action)) {
                 *pending = Some(push);
             }
             return;
         }
         let backing_off = self.failures.contains_key(&id);
         let entry = match (self.entries.get(&id).copied(), push) {
-            (None, push) => Entry { at: now, urgent: push == Push::Urgent },
+            (None, push) => Entry { at: now, urgent: matches!(push, Push::Urgent | Push::Action) },
             (Some(_), Push::IfAbsent) => return,
-            // A failing instance waits for its turn, whatever is reported meanwhile.
-            (Some(e), _) if backing_off => e,
-            (Some(e), push) => {
-                Entry { at: e.at.min(now), urgent: e.urgent || push == Push::Urgent }
-            }
+            // A failing instance waits for its turn, whatever the watch reports meanwhile;
+            // a user action does not wait.
+            (Some(e), push) if backing_off && push != Push::Action => e,
+            (Some(e), push) => Entry {
+                at: e.at.min(now),
+                urgent: e.urgent || matches!(push, Push::Urgent | Push::Action),
+            },
         };
         self.set(id, entry);
     }
@@ -369,7 +378,7 @@ impl QueueState {
         };
         self.failures.remove(&id);
         if let Some(push) = pending {
-            entry = Entry { at: now, urgent: push == Push::Urgent };
+            entry = Entry { at: now, urgent: matches!(push, Push::Urgent | Push::Action) };
         }
         self.set(id, entry);
     }
@@ -559,8 +568,9 @@ impl Reconciler {
         e: Failure,
     ) -> Next {
         metrics::counter!("resource_reconcile_errors_total").increment(1);
+        // The server's hint, up to our own cap: a Retry-After of an hour must not park it.
         let retry_after = match &e {
-            Failure::Cluster(c) => c.retry_after(),
+            Failure::Cluster(c) => c.retry_after().map(|r| r.min(self.conf.backoff_max)),
             Failure::Store(_) => None,
         };
         let delay = self.backoff.delay(attempt).max(retry_after.unwrap_or_default());
@@ -599,7 +609,7 @@ impl Reconciler {
                 let push = if queue.seen.get(&id) == Some(&version) {
                     Push::IfAbsent
                 } else {
-                    Push::Urgent
+                    Push::Action
                 };
                 queue.push(id, push, now);
             }
@@ -614,7 +624,7 @@ impl Reconciler {
         *audit_mark = Some(newest);
         for request in requests {
             match request {
-                Some(id) => self.queue.push(id, Push::Urgent),
+                Some(id) => self.queue.push(id, Push::Action),
                 None => self.resync().await?,
             }
         }
@@ -769,14 +779,17 @@ impl Reconciler {
                     drift = %what.join("; "),
                     "the workload was changed behind our back; {how}"
                 );
-                self.report(id, Observation::Corrected(format!("{}; {how}", what.join("; "))))
-                    .await?;
-                if replace {
-                    self.remove(id, None).await
+                // Audited once it is done: a correction that fails is retried, not re-audited.
+                let next = if replace {
+                    self.cluster.replace_pod(id).await?;
+                    Next::After(REMOVING_RECHECK)
                 } else {
                     self.cluster.apply(&workload).await?;
-                    Ok(Next::After(APPLIED_RECHECK))
-                }
+                    Next::After(APPLIED_RECHECK)
+                };
+                self.report(id, Observation::Corrected(format!("{}; {how}", what.join("; "))))
+                    .await?;
+                Ok(next)
             }
             Step::Remove => self.remove(id, status).await,
             Step::RemoveOrphan => {
@@ -874,7 +887,12 @@ mod tests {
         let gone_by_hand = Observed { terminating: true, ..running.clone() };
         let ours_going = Observed { terminating: true, protected: false, ..running.clone() };
         let held = Observed { foreign_finalizers: vec!["x.io/hold".into()], ..ours_going.clone() };
-        let outdated = observed("old", Phase::Running);
+        let outdated = Observed {
+            drift: vec![Drift::Image { live: "nginx:old".into() }],
+            ..observed("old", Phase::Running)
+        };
+        let rehashed =
+            Observed { drift: vec![Drift::Metadata], ..observed("edited", Phase::Running) };
         let pending = observed("a", Phase::Pending(None));
         let gated = observed("a", Phase::Pending(Some("not scheduled: SchedulingGated".into())));
         let failing = observed("a", Phase::Failed("ErrImagePull".into()));
@@ -893,6 +911,12 @@ mod tests {
                 Step::Report(Observation::Running(running.endpoint.clone())),
             ),
             (at(S::Creating), Some(&outdated), false, Step::Remove),
+            (
+                at(S::Running),
+                Some(&rehashed),
+                false,
+                Step::Restore(vec![Drift::Metadata], Box::new(w.clone())),
+            ),
             (at(S::Creating), Some(&pending), false, Step::Wait(Some(PENDING_RECHECK))),
             (
                 at(S::Creating),
@@ -1024,6 +1048,11 @@ mod tests {
         let later = now + Duration::from_secs(8);
         let Take::Ready(retried, 1) = q.take(later) else { panic!("attempt count kept") };
         assert_eq!(retried, failing);
+        q.done(retried, None, Next::Failed(Some(Duration::from_secs(7))), &backoff, later);
+        // A user action (a stop, a delete) does not wait for the backoff.
+        q.push(retried, Push::Action, later);
+        let Take::Ready(acted, 2) = q.take(later) else { panic!("the user action waited") };
+        assert_eq!(acted, retried);
     }
 
     #[test]

@@ -111,7 +111,10 @@ pub struct KubeCluster {
 ///
 /// # Errors
 /// The kubeconfig cannot be read or names no usable cluster.
-pub async fn client(kubeconfig: &str) -> Result<Client, BoxError> {
+///
+/// Every response must keep coming within `read_timeout` (a watch that hangs is then
+/// noticed; set it above the watches' server-side timeout, which ends quiet ones).
+pub async fn client(kubeconfig: &str, read_timeout: Duration) -> Result<Client, BoxError> {
     let mut config = if kubeconfig.is_empty() {
         kube::Config::incluster()?
     } else {
@@ -119,6 +122,8 @@ pub async fn client(kubeconfig: &str) -> Result<Client, BoxError> {
         kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default()).await?
     };
     config.default_retry = false;
+    config.read_timeout = Some(read_timeout);
+    config.reset_reader_on_write = true;
     Ok(Client::try_from(config)?)
 }
 
@@ -133,7 +138,7 @@ struct RateLimiter {
 }
 
 /// The window, with slack for the time between sending and the server's clock.
-const RATE_WINDOW: Duration = Duration::from_millis(1_050);
+const RATE_WINDOW: Duration = Duration::from_millis(1_080);
 
 impl RateLimiter {
     fn new(qps: u32) -> Self {
@@ -156,9 +161,9 @@ impl RateLimiter {
                 if sent.len() < self.qps && now >= *next {
                     sent.push_back(now);
                     // From the slot, not from now: a late wake-up (timer granularity, a
-                    // busy runtime) is made up, by at most a few writes.
-                    *next = (*next + self.spacing)
-                        .max(now.checked_sub(self.spacing * 4).unwrap_or(now));
+                    // busy runtime) shorter than the spacing is made up, without bursts.
+                    *next =
+                        (*next + self.spacing).max(now.checked_sub(self.spacing).unwrap_or(now));
                     return;
                 }
                 let window_free = if sent.len() < self.qps { now } else { sent[0] + RATE_WINDOW };
@@ -195,7 +200,7 @@ impl KubeCluster {
         // A Pod list needs only the namespaced Role (and answers for a missing namespace).
         let one = kube::api::ListParams::default().limit(1);
         let name = &self.settings.namespace;
-        self.call(self.pods.list(&one)).await?.map_err(|e| -> BoxError {
+        self.call(false, self.pods.list(&one)).await?.map_err(|e| -> BoxError {
             format!("cannot list the Pods of namespace {name:?}: {e}").into()
         })?;
         Ok(())
@@ -205,13 +210,14 @@ impl KubeCluster {
     /// answered. The outer error is the timeout.
     async fn call<T>(
         &self,
+        write: bool,
         call: impl Future<Output = Result<T, kube::Error>>,
     ) -> Result<Result<T, kube::Error>, ClusterError> {
         match tokio::time::timeout(self.settings.call_timeout, call).await {
             Ok(result) => {
                 match &result {
-                    Err(e) if is_outage(e) => self.health.call_failed(&e.to_string()),
-                    _ => self.health.call_succeeded(),
+                    Err(e) if is_outage(e) => self.health.call_failed(write, &said(e)),
+                    _ => self.health.call_succeeded(write),
                 }
                 Ok(result)
             }
@@ -220,7 +226,7 @@ impl KubeCluster {
                     "the API server did not answer within {} ms",
                     self.settings.call_timeout.as_millis()
                 );
-                self.health.call_failed(&message);
+                self.health.call_failed(write, &message);
                 Err(ClusterError::unavailable(message))
             }
         }
@@ -233,7 +239,7 @@ impl KubeCluster {
     ) -> Result<Result<T, kube::Error>, ClusterError> {
         self.limiter.acquire().await;
         metrics::counter!("resource_kube_writes_total").increment(1);
-        self.call(call).await
+        self.call(true, call).await
     }
 
     fn pod_cached(&self, name: &str) -> Option<Arc<Pod>> {
@@ -351,8 +357,9 @@ impl KubeCluster {
     /// What `pod` says about its instance, compared with `want`.
     fn observed(&self, pod: &Pod, want: Option<&Workload>) -> Option<Observed> {
         let meta = &pod.metadata;
-        let id = instance_of(meta)?;
         let name = meta.name.clone().unwrap_or_default();
+        // The name says whose it is; a label changed by hand is drift, not another owner.
+        let id = owner_of(meta)?;
         let ports = container_ports(pod);
         let endpoint = Endpoint {
             pod_name: name.clone(),
@@ -566,12 +573,12 @@ impl KubeCluster {
                     watcher::Event::InitApply(object) => {
                         let (name, version) = (object.name_any(), object.resource_version());
                         if before.remove(&name) != version {
-                            relisted.extend(instance_of(object.meta()));
+                            relisted.extend(owner_of(object.meta()));
                         }
                     }
                     watcher::Event::InitDone => {}
                     watcher::Event::Apply(object) | watcher::Event::Delete(object) => {
-                        news = instance_of(object.meta());
+                        news = owner_of(object.meta());
                     }
                 }
                 writer.apply_watcher_event(&event);
@@ -595,7 +602,7 @@ impl KubeCluster {
             match failure {
                 Some(e) => {
                     tracing::warn!(kind, error = %e, "cluster watch failed; listing again");
-                    self.health.watch_failed(kind, &e.to_string());
+                    self.health.watch_failed(kind, timed_out(&e), &e.to_string());
                     // A watch that ran a while starts its backoff afresh.
                     let lasted = listed_at.is_some_and(|at| at.elapsed() > Duration::from_secs(30));
                     attempt = if lasted { 1 } else { attempt + 1 };
@@ -615,6 +622,11 @@ impl KubeCluster {
 fn instance_of(meta: &ObjectMeta) -> Option<InstanceId> {
     let id = meta.labels.as_ref()?.get(INSTANCE_LABEL)?.parse::<i64>().ok()?;
     InstanceId::try_from(id).ok()
+}
+
+/// The instance an object belongs to: the one its name says, else its label's.
+fn owner_of(meta: &ObjectMeta) -> Option<InstanceId> {
+    meta.name.as_deref().and_then(id_of_name).or_else(|| instance_of(meta))
 }
 
 /// The instance an object name `inst-<id>` names.
@@ -779,6 +791,31 @@ fn phase(pod: &Pod) -> Phase {
     }
 }
 
+/// Whether an error, or one it was caused by, is a timeout (a call that hung).
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+            || c.to_string().contains("timed out")
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// An error as a user reads it: the server's message and code, not a debug dump.
+fn said(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => {
+            format!("{} ({} {})", status.message, status.code, status.reason)
+        }
+        other => other.to_string(),
+    }
+}
+
 fn status_code(e: &kube::Error) -> Option<u16> {
     match e {
         kube::Error::Api(status) => Some(status.code),
@@ -813,9 +850,10 @@ fn cluster_error(e: kube::Error) -> ClusterError {
         if (400..500).contains(&code) && code != 408 && code != 429 {
             return ClusterError::Refused(format!("{} ({code} {})", status.message, status.reason));
         }
-        return ClusterError::Unavailable { source: Box::new(e), retry_after };
+        let source = format!("{} ({code} {})", status.message, status.reason);
+        return ClusterError::Unavailable { source: source.into(), retry_after };
     }
-    ClusterError::unavailable(e)
+    ClusterError::unavailable(said(&e))
 }
 
 #[async_trait]
@@ -851,11 +889,16 @@ impl Cluster for KubeCluster {
         Ok(false)
     }
 
+    async fn replace_pod(&self, id: InstanceId) -> Result<(), ClusterError> {
+        match self.pod_cached(&object_name(id)) {
+            Some(pod) => self.remove_pod(&pod).await,
+            None => Ok(()),
+        }
+    }
+
     fn observe(&self, id: InstanceId, want: Option<&Workload>) -> Option<Observed> {
         let pod = self.pod_cached(&object_name(id))?;
-        let observed = self.observed(&pod, want)?;
-        // A Pod named for one instance but labelled for another is a stray.
-        (observed.id == id).then_some(observed)
+        self.observed(&pod, want)
     }
 
     fn has_service(&self, id: InstanceId) -> bool {
@@ -885,15 +928,14 @@ impl Cluster for KubeCluster {
         let ours = |meta: &ObjectMeta| {
             meta.labels.as_ref().and_then(|l| l.get(MANAGED_BY)).is_some_and(|v| v == FIELD_MANAGER)
         };
-        let stray = |kind: &'static str, meta: &ObjectMeta| {
-            let name = meta.name.clone().unwrap_or_default();
-            let named = id_of_name(&name);
-            let labelled = instance_of(meta);
-            (ours(meta)
-                && (named.is_none() || named != labelled)
-                && meta.deletion_timestamp.is_none())
-            .then_some(Stray { kind, name, instance: labelled.or(named) })
-        };
+        let stray =
+            |kind: &'static str, meta: &ObjectMeta| {
+                let name = meta.name.clone().unwrap_or_default();
+                // Objects named `inst-<id>` belong to that instance whatever their labels say.
+                let not_an_instances = id_of_name(&name).is_none();
+                (ours(meta) && not_an_instances && meta.deletion_timestamp.is_none())
+                    .then_some(Stray { kind, name, instance: instance_of(meta) })
+            };
         let pods = self.pod_cache.state();
         let services = self.service_cache.state();
         pods.iter()
@@ -912,11 +954,11 @@ impl Cluster for KubeCluster {
 
     async fn ensure_namespace(&self) -> Result<NamespaceState, ClusterError> {
         let name = self.settings.namespace.clone();
-        let found = match self.call(self.namespaces.get_opt(&name)).await? {
+        let found = match self.call(false, self.namespaces.get_opt(&name)).await? {
             // Not allowed to read namespaces (no ClusterRole): it answered, and the writes
             // into the namespace tell whether it exists.
             Err(e) if status_code(&e) == Some(403) && !self.settings.create_namespace => {
-                self.health.call_succeeded();
+                self.health.call_succeeded(false);
                 return Ok(NamespaceState::Exists);
             }
             found => found.map_err(cluster_error)?,

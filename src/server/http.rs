@@ -95,7 +95,7 @@ pub fn router(state: AppState, conf: &conf::HttpServer) -> Router {
                             tracing::info_span!(
                                 "http",
                                 method = %req.method(),
-                                path = %req.uri().path(),
+                                path = %clipped(req.uri().path()),
                                 request_id = %request_id,
                             )
                         })
@@ -590,8 +590,24 @@ async fn not_found(req: Request) -> HttpError {
     HttpError(ApiError::new(
         ErrorKind::NotFound,
         "NOT_FOUND",
-        format!("no route for {} {}", req.method(), req.uri().path()),
+        format!("no route for {} {}", req.method(), clipped(req.uri().path())),
     ))
+}
+
+/// Longest part of a request path echoed in an error or a log line.
+const PATH_SHOWN: usize = 256;
+
+/// A request path as shown to clients and logs: at most `PATH_SHOWN` bytes, marked when
+/// cut (a client may send 60 KB of path).
+fn clipped(path: &str) -> std::borrow::Cow<'_, str> {
+    if path.len() <= PATH_SHOWN {
+        return path.into();
+    }
+    let mut end = PATH_SHOWN;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &path[..end], path.len()).into()
 }
 
 async fn method_not_allowed(req: Request) -> HttpError {

@@ -138,6 +138,10 @@ async fn a_pod_answered_503_with_retry_after_backs_off_alone_and_says_why() {
     })
     .await;
     assert!(waiting["status_reason"].as_str().unwrap().contains("503"), "{waiting}");
+    assert!(
+        !waiting["status_reason"].as_str().unwrap().contains("Status {"),
+        "no debug dump: {waiting}"
+    );
     let logs = app.logs.lock().unwrap().join("\n");
     assert!(logs.contains("backing off"), "the backoff is logged");
 
@@ -168,8 +172,16 @@ async fn after_an_outage_everything_converges_within_twice_the_backoff_cap() {
     }
     let took = healed.elapsed();
     assert!(took <= cap * 2, "recovery took {took:?}, more than twice the cap {cap:?}");
-    eventually(Duration::from_secs(10), "readiness never recovered", async || ready(&app).await)
-        .await;
+    let recovered = Instant::now();
+    let ok = tokio::time::timeout(Duration::from_secs(30), async {
+        while !ready(&app).await {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let body = app.get("/readyz").await.text().await.unwrap();
+    let logs: Vec<String> = app.logs.lock().unwrap().iter().rev().take(30).cloned().collect();
+    assert!(ok.is_ok(), "readiness never recovered: {body} {:?} {logs:#?}", recovered.elapsed());
 }
 
 // === Readiness tells the truth ===
@@ -430,13 +442,26 @@ async fn a_forbidden_write_shows_in_the_reason_and_passes_once_allowed() {
     })
     .await;
     assert_eq!(waiting["status"], "CREATING");
+    // Reads still answer, but a cluster that refuses every write is not usable.
+    eventually(Duration::from_secs(10), "ready while every write is refused", async || {
+        !ready(&app).await
+    })
+    .await;
+    for _ in 0..20 {
+        assert!(!ready(&app).await, "readiness flapped back while writes are refused");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     cluster.fake.remove_fault(denied);
     wait_for(&app, &id, "RUNNING after the permission came", |i| i["status"] == "RUNNING").await;
+    eventually(Duration::from_secs(10), "not ready after writes pass", async || ready(&app).await)
+        .await;
 }
 
 // === Work proportional to change ===
 
-#[tokio::test]
+// Several threads: the fake records when its handler runs, and on one thread it would
+// be held up by the test's own polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_rest_no_request_is_made_per_instance_and_writes_keep_to_api_qps() {
     let qps = 20;
     let (app, cluster) = start(&[
@@ -473,4 +498,110 @@ async fn at_rest_no_request_is_made_per_instance_and_writes_keep_to_api_qps() {
     let per_instance: Vec<_> =
         rest.iter().filter(|r| !r.name.is_empty() && r.kind != Some(Kind::Namespace)).collect();
     assert!(per_instance.is_empty(), "at rest: {per_instance:?}");
+}
+
+#[tokio::test]
+async fn a_watch_that_hangs_is_noticed_and_replaced() {
+    let (app, cluster) = start(&[("RESOURCE_DATA__KUBERNETES__WATCH_RESTART", "2s")]).await;
+    let a = create(&app, "before", 0, "nginx:1.25", json!({})).await;
+    wait_status(&app, &a, "RUNNING").await;
+    // Every new watch request hangs; the open ones are cut.
+    let hang = cluster.fake.inject(Fault::hang().verb(Verb::Watch));
+    cluster.fake.end_watches();
+    eventually(Duration::from_secs(15), "ready with every watch hung", async || !ready(&app).await)
+        .await;
+    // Lists still answer: what changes is seen at each relist, late but not never.
+    let b = create(&app, "during", 0, "nginx:1.25", json!({})).await;
+    wait_for(&app, &b, "RUNNING while watches hang", |i| i["status"] == "RUNNING").await;
+    cluster.fake.remove_fault(hang);
+    eventually(Duration::from_secs(30), "not ready again", async || ready(&app).await).await;
+}
+
+#[tokio::test]
+async fn an_instance_label_or_spec_hash_edited_by_hand_is_restored_in_place() {
+    let (app, cluster) = start(&[]).await;
+    let id = create(&app, "inplace", 0, "nginx:1.25", json!({})).await;
+    wait_status(&app, &id, "RUNNING").await;
+    let name = format!("inst-{id}");
+    let uid = pod(&cluster, &id).unwrap()["metadata"]["uid"].clone();
+
+    let unlabel = json!({"metadata": {"labels": {"resource.io/instance-id": null}}});
+    cluster.fake.patch_out_of_band(Kind::Pod, NS, &name, unlabel).unwrap();
+    eventually(Duration::from_secs(10), "the instance label was not restored", async || {
+        pod(&cluster, &id).unwrap()["metadata"]["labels"]["resource.io/instance-id"] == *id
+    })
+    .await;
+    let rehash = json!({"metadata": {"annotations": {"resource.io/spec-hash": "deadbeef"}}});
+    cluster.fake.patch_out_of_band(Kind::Pod, NS, &name, rehash).unwrap();
+    eventually(Duration::from_secs(10), "the spec hash was not restored", async || {
+        pod(&cluster, &id).unwrap()["metadata"]["annotations"]["resource.io/spec-hash"]
+            != "deadbeef"
+    })
+    .await;
+
+    assert_eq!(pod(&cluster, &id).unwrap()["metadata"]["uid"], uid, "never replaced");
+    let audited = async || {
+        let trail = reconciler_trail(&app, &id).await;
+        trail.iter().filter(|e| e["action"] == "K8S_SYNC").count()
+    };
+    eventually(Duration::from_secs(5), "each edit is audited", async || audited().await >= 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(audited().await, 2, "each edit audited once");
+    let trail = reconciler_trail(&app, &id).await;
+    let why = trail.iter().filter(|e| e["action"] == "K8S_SYNC").map(|e| e["reason"].to_string());
+    assert!(
+        why.clone().all(|r| r.contains("labels or annotations")),
+        "{:?}",
+        why.collect::<Vec<_>>()
+    );
+    let (_, now) = app.get_json(&format!("/v1/resources/{id}")).await;
+    assert_eq!(now["status"], "RUNNING", "no downtime: {now}");
+}
+
+#[tokio::test]
+async fn a_correction_that_fails_is_retried_but_audited_once_and_keeps_the_service() {
+    let (app, cluster) = start(&[("RESOURCE_DATA__KUBERNETES__BACKOFF_MAX", "1s")]).await;
+    let id = create(&app, "retried", 0, "nginx:1.25", json!({"ports": [{"port": 80}]})).await;
+    wait_status(&app, &id, "RUNNING").await;
+    let name = format!("inst-{id}");
+    let failing = cluster
+        .fake
+        .inject(Fault::status(500, "InternalError").verb(Verb::Patch).kind(Kind::Pod).name(&name));
+    let live = pod(&cluster, &id).unwrap();
+    let patch = json!({"spec": {"containers": [{"name": "main", "image": "evil:latest",
+        "resources": live["spec"]["containers"][0]["resources"],
+        "ports": live["spec"]["containers"][0]["ports"]}]}});
+    cluster.fake.patch_out_of_band(Kind::Pod, NS, &name, patch).unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(pod_requests(&cluster, Verb::Patch, &name) >= 2, "the correction is retried");
+    assert!(cluster.fake.get(Kind::Service, NS, &name).is_some(), "the Service is kept");
+    cluster.fake.remove_fault(failing);
+
+    wait_correction(&app, &id, "image was changed").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rows =
+        reconciler_trail(&app, &id).await.into_iter().filter(|e| e["action"] == "K8S_SYNC").count();
+    assert_eq!(rows, 1, "audited once, when done");
+}
+
+#[tokio::test]
+async fn a_huge_retry_after_does_not_hold_a_users_delete() {
+    let (app, cluster) = start(&[("RESOURCE_DATA__KUBERNETES__BACKOFF_MAX", "2s")]).await;
+    cluster.fake.inject(
+        Fault::status(429, "TooManyRequests")
+            .retry_after(300)
+            .verb(Verb::Patch)
+            .kind(Kind::Pod)
+            .times(1),
+    );
+    let id = create(&app, "throttled", 0, "nginx:1.25", json!({})).await;
+    let name = format!("inst-{id}");
+    eventually(Duration::from_secs(5), "the throttled write was never sent", async || {
+        pod_requests(&cluster, Verb::Patch, &name) >= 1
+    })
+    .await;
+    // Retry-After 300 s is capped by backoff_max: the create goes on.
+    wait_for(&app, &id, "RUNNING within the cap", |i| i["status"] == "RUNNING").await;
+    call(&app, reqwest::Method::DELETE, &format!("/v1/resources/{id}"), None).await;
+    wait_status(&app, &id, "DELETED").await;
 }

@@ -255,6 +255,15 @@ async fn unknown_routes_methods_and_oversized_bodies_get_the_error_body() {
     assert_eq!(ma.json::<Value>().await.unwrap()["reason"], "METHOD_NOT_ALLOWED");
     assert_eq!(big.status(), 413);
     assert_eq!(big.json::<Value>().await.unwrap()["reason"], "PAYLOAD_TOO_LARGE");
+
+    // A 60 KB path is not echoed back, nor logged, whole.
+    let long = format!("/{}", "p".repeat(60_000));
+    let (code, body) = app.get_json(&long).await;
+    assert_eq!(code, 404);
+    let message = body["message"].as_str().unwrap();
+    assert!(message.len() < 400 && message.contains("60001 bytes"), "{message}");
+    let logged = app.logs.lock().unwrap().iter().map(String::len).max().unwrap_or(0);
+    assert!(logged < 4_096, "a log line of {logged} bytes");
 }
 
 #[tokio::test]
