@@ -256,12 +256,14 @@ async fn unknown_routes_methods_and_oversized_bodies_get_the_error_body() {
     assert_eq!(big.status(), 413);
     assert_eq!(big.json::<Value>().await.unwrap()["reason"], "PAYLOAD_TOO_LARGE");
 
-    // A 60 KB path is not echoed back, nor logged, whole.
-    let long = format!("/{}", "p".repeat(60_000));
-    let (code, body) = app.get_json(&long).await;
-    assert_eq!(code, 404);
+    // A 20 KB path is not echoed back, nor logged, whole. (A fresh connection: the one
+    // above may be closed after the 413 without the client knowing yet.)
+    let long = format!("{}/{}", app.http, "p".repeat(20_000));
+    let response = reqwest::Client::new().get(long).send().await.expect("GET a long path");
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
     let message = body["message"].as_str().unwrap();
-    assert!(message.len() < 400 && message.contains("60001 bytes"), "{message}");
+    assert!(message.len() < 400 && message.contains("20001 bytes"), "{message}");
     let logged = app.logs.lock().unwrap().iter().map(String::len).max().unwrap_or(0);
     assert!(logged < 4_096, "a log line of {logged} bytes");
 }
