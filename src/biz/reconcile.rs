@@ -304,13 +304,22 @@ enum Take {
 }
 
 impl QueueState {
+    /// The ordered set an entry of this rank lives in.
+    fn rank(&mut self, urgent: bool) -> &mut BTreeSet<(Instant, InstanceId)> {
+        if urgent { &mut self.urgent } else { &mut self.normal }
+    }
+
     fn set(&mut self, id: InstanceId, entry: Entry) {
-        if let Some(old) = self.entries.insert(id, entry) {
-            let set = if old.urgent { &mut self.urgent } else { &mut self.normal };
-            set.remove(&(old.at, id));
+        self.unset(id);
+        self.entries.insert(id, entry);
+        self.rank(entry.urgent).insert((entry.at, id));
+    }
+
+    /// Takes `id` out of the queue (not out of `busy`, `failures` or `seen`).
+    fn unset(&mut self, id: InstanceId) {
+        if let Some(old) = self.entries.remove(&id) {
+            self.rank(old.urgent).remove(&(old.at, id));
         }
-        let set = if entry.urgent { &mut self.urgent } else { &mut self.normal };
-        set.insert((entry.at, id));
     }
 
     fn push(&mut self, id: InstanceId, push: Push, now: Instant) {
@@ -343,10 +352,7 @@ impl QueueState {
             (u, n) => return Take::Idle(u.map(|u| u.0).into_iter().chain(n.map(|n| n.0)).min()),
         };
         let id = pick.expect("a due instance");
-        if let Some(entry) = self.entries.remove(&id) {
-            let set = if entry.urgent { &mut self.urgent } else { &mut self.normal };
-            set.remove(&(entry.at, id));
-        }
+        self.unset(id);
         self.busy.insert(id, None);
         Take::Ready(id, self.failures.get(&id).copied().unwrap_or(0))
     }
@@ -384,10 +390,7 @@ impl QueueState {
     }
 
     fn forget(&mut self, id: InstanceId) {
-        if let Some(entry) = self.entries.remove(&id) {
-            let set = if entry.urgent { &mut self.urgent } else { &mut self.normal };
-            set.remove(&(entry.at, id));
-        }
+        self.unset(id);
         self.failures.remove(&id);
         self.seen.remove(&id);
     }

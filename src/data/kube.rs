@@ -848,10 +848,9 @@ fn cluster_error(e: kube::Error) -> ClusterError {
             .map(|s| Duration::from_secs(u64::from(s)));
         let code = status.code;
         if (400..500).contains(&code) && code != 408 && code != 429 {
-            return ClusterError::Refused(format!("{} ({code} {})", status.message, status.reason));
+            return ClusterError::Refused(said(&e));
         }
-        let source = format!("{} ({code} {})", status.message, status.reason);
-        return ClusterError::Unavailable { source: source.into(), retry_after };
+        return ClusterError::Unavailable { source: said(&e).into(), retry_after };
     }
     ClusterError::unavailable(said(&e))
 }
