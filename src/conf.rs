@@ -2,7 +2,8 @@
 //! `load(dir)`, which merges every `*.yaml` in a directory, applies `RESOURCE_…__…`
 //! environment overrides and validates the result.
 //!
-//! Depends on nothing else in the crate; each constructor receives only its sub-tree.
+//! Depends on nothing else in the crate but the `biz` settings some sections convert
+//! into; each constructor receives only its sub-tree.
 
 use std::collections::BTreeMap;
 use std::{
@@ -866,6 +867,31 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
         rest = &rest[unit_len..];
     }
     Duration::try_from_secs_f64(total).map_err(|_| format!("duration {raw:?} is out of range"))
+}
+
+impl From<&Limits> for crate::biz::Limits {
+    fn from(conf: &Limits) -> Self {
+        Self {
+            max_cpu: conf.max_cpu,
+            max_memory_mb: conf.max_memory_mb,
+            max_name_len: conf.max_name_length,
+            max_config_depth: conf.max_config_depth,
+            max_config_bytes: conf.max_config_bytes,
+        }
+    }
+}
+
+impl From<&Kubernetes> for crate::biz::reconcile::ReconcileConf {
+    fn from(conf: &Kubernetes) -> Self {
+        Self {
+            concurrency: conf.concurrency,
+            poll_interval: conf.poll_interval,
+            resync_interval: conf.resync_interval,
+            lease_ttl: conf.lease_ttl,
+            backoff_max: conf.backoff_max,
+            namespace_check: conf.namespace_check,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,9 +6,12 @@
 
 pub mod amqp;
 pub mod biz;
+pub mod cli;
 pub mod conf;
 pub mod data;
 pub mod pb;
 pub mod publish;
 pub mod server;
 pub mod service;
+pub mod shutdown;
+pub mod telemetry;

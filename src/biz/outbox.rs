@@ -4,7 +4,6 @@
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 
 use super::{Backoff, RepoError, StatusChange};
 
@@ -32,12 +31,6 @@ pub trait OutboxRepo: Send + Sync {
     /// # Errors
     /// `RepoError::Unavailable` when the store does not answer.
     async fn remove(&self, ids: &[i64]) -> Result<(), RepoError>;
-
-    /// Forgets processed event keys older than `before` (de-duplication window).
-    ///
-    /// # Errors
-    /// `RepoError::Unavailable` when the store does not answer.
-    async fn prune_processed_events(&self, before: DateTime<Utc>) -> Result<u64, RepoError>;
 }
 
 /// Where status changes go.

@@ -1,10 +1,11 @@
 //! `InstanceRepo` on PostgreSQL: `instances` joined with `instance_specs`.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{Connection, PgConnection, Postgres, QueryBuilder, types::Json};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Db, map_sqlx};
@@ -34,6 +35,34 @@ impl PgInstanceRepo {
     /// A repository over `db`.
     pub fn new(db: Db) -> Self {
         Self { db }
+    }
+
+    /// Forgets processed event keys older than the de-duplication `window`, hourly,
+    /// until `shutdown`.
+    pub async fn prune_processed_events(self, window: Duration, shutdown: CancellationToken) {
+        let mut every = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let before = Utc::now() - chrono::Duration::from_std(window).unwrap_or_default();
+            let pruned = self
+                .db
+                .run("prune processed keys", async |conn| {
+                    sqlx::query("DELETE FROM processed_events WHERE processed_at < $1")
+                        .bind(before)
+                        .execute(conn)
+                        .await
+                        .map_err(map_sqlx)
+                })
+                .await;
+            match pruned.map(|done| done.rows_affected()) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(pruned = n, "forgot old processed event keys"),
+                Err(e) => tracing::warn!(error = %e, "pruning processed event keys failed"),
+            }
+        }
     }
 }
 

@@ -43,13 +43,16 @@ use serde::de::DeserializeOwned;
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::biz::{
-    Backoff, BoxError,
-    cluster::{
-        Cluster, ClusterError, ClusterHealth, Drift, NamespaceState, Observed, Phase, Stray,
-        Workload,
+use crate::{
+    biz::{
+        Backoff, BoxError,
+        cluster::{
+            Cluster, ClusterError, ClusterHealth, Drift, NamespaceState, Observed, Phase, Stray,
+            Workload,
+        },
+        instance::{Endpoint, GpuType, InstanceId, Port},
     },
-    instance::{Endpoint, GpuType, InstanceId, Port},
+    conf,
 };
 
 const FIELD_MANAGER: &str = "resource";
@@ -90,8 +93,34 @@ pub struct KubeSettings {
     pub backoff_max: Duration,
 }
 
+impl From<&conf::Kubernetes> for KubeSettings {
+    fn from(conf: &conf::Kubernetes) -> Self {
+        // Keys that name no GPU type were refused when the configuration was loaded.
+        let gpu_node_selectors = conf
+            .gpu_node_selectors
+            .iter()
+            .filter_map(|(code, selector)| {
+                Some((GpuType::from_code(code.parse().ok()?)?, selector.clone()))
+            })
+            .collect();
+        Self {
+            namespace: conf.namespace.clone(),
+            create_namespace: conf.create_namespace,
+            gpu_node_selectors,
+            api_qps: conf.api_qps,
+            call_timeout: conf.call_timeout,
+            watch_timeout: conf.watch_restart,
+            backoff_max: conf.backoff_max,
+        }
+    }
+}
+
 /// Kinds the cache watches, as readiness names them.
 pub const WATCHED: [&str; 2] = ["pods", "services"];
+
+/// How long past a watch's server-side end the client waits for bytes before it calls
+/// the watch hung.
+const WATCH_READ_MARGIN: Duration = Duration::from_secs(5);
 
 /// The cluster, through the API server.
 pub struct KubeCluster {
@@ -190,6 +219,20 @@ impl KubeCluster {
             settings,
             health,
         }
+    }
+
+    /// The cluster `conf` names, with the health its calls and watches report to, once
+    /// its API server has answered.
+    ///
+    /// # Errors
+    /// The kubeconfig is unusable, or the API server does not answer or refuses.
+    pub async fn start(conf: &conf::Kubernetes) -> Result<(Self, Arc<ClusterHealth>), BoxError> {
+        let client = client(&conf.kubeconfig, conf.watch_restart + WATCH_READ_MARGIN).await?;
+        let health =
+            Arc::new(ClusterHealth::new(&WATCHED, conf.watch_restart + 2 * WATCH_READ_MARGIN));
+        let cluster = Self::new(client, conf.into(), health.clone());
+        cluster.connect().await?;
+        Ok((cluster, health))
     }
 
     /// Checks that the API server answers (start-up: a wrong kubeconfig fails fast).

@@ -21,6 +21,8 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPool, PgPoolOptions},
 };
 
+use tokio_util::sync::CancellationToken;
+
 use crate::{
     biz::{Backoff, Probe, RepoError},
     conf,
@@ -120,15 +122,26 @@ impl Data {
 
     /// A pool of one connection of its own, for the snowflake node lease: neither
     /// requests nor background work can take it, so renewals always get through.
-    pub fn lease_pool(&self) -> PgPool {
+    fn lease_pool(&self) -> PgPool {
         PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(self.requests.pool().connect_options().as_ref().clone())
     }
 
-    /// Samples both pools and the outbox backlog into gauges.
-    pub async fn sample_gauges(&self) {
+    /// Samples both pools and the outbox backlog into gauges every 5 s, until `shutdown`.
+    pub async fn keep_gauges(self, shutdown: CancellationToken) {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            self.sample_gauges().await;
+        }
+    }
+
+    async fn sample_gauges(&self) {
         for (name, db) in [("requests", &self.requests), ("background", &self.background)] {
             let pool = db.pool();
             let (size, idle) = (pool.size(), u32::try_from(pool.num_idle()).unwrap_or(u32::MAX));
@@ -139,16 +152,7 @@ impl Data {
             metrics::gauge!("resource_db_pool_max_connections", "pool" => name)
                 .set(f64::from(pool.options().get_max_connections()));
         }
-        let backlog = self
-            .background
-            .run("count the outbox", async |conn| {
-                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM status_outbox")
-                    .fetch_one(conn)
-                    .await
-                    .map_err(map_sqlx)
-            })
-            .await;
-        match backlog {
+        match outbox::backlog(&self.background).await {
             #[allow(clippy::cast_precision_loss)] // a count far below 2^52
             Ok(backlog) => metrics::gauge!("resource_outbox_backlog").set(backlog as f64),
             Err(e) => tracing::debug!(error = %e, "could not sample the outbox backlog"),

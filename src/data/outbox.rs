@@ -24,6 +24,17 @@ impl PgOutboxRepo {
     }
 }
 
+/// How many status changes wait to be published.
+pub(super) async fn backlog(db: &Db) -> Result<i64, RepoError> {
+    db.run("count the outbox", async |conn| {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM status_outbox")
+            .fetch_one(conn)
+            .await
+            .map_err(map_sqlx)
+    })
+    .await
+}
+
 #[derive(sqlx::FromRow)]
 struct OutboxRow {
     id: i64,
@@ -110,19 +121,5 @@ impl OutboxRepo for PgOutboxRepo {
             })
             .await?;
         Ok(())
-    }
-
-    async fn prune_processed_events(&self, before: DateTime<Utc>) -> Result<u64, RepoError> {
-        let done = self
-            .db
-            .run("prune processed keys", async |conn| {
-                sqlx::query("DELETE FROM processed_events WHERE processed_at < $1")
-                    .bind(before)
-                    .execute(conn)
-                    .await
-                    .map_err(map_sqlx)
-            })
-            .await?;
-        Ok(done.rows_affected())
     }
 }

@@ -7,8 +7,67 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::map_sqlx;
-use crate::biz::{RepoError, snowflake::MAX_NODE};
+use super::{Data, map_sqlx};
+use crate::{
+    biz::{RepoError, snowflake::MAX_NODE},
+    conf::{self, NodeId},
+};
+
+/// This replica's node id: fixed by configuration, or leased (`snowflake.node_id: auto`).
+pub enum NodeIds {
+    /// `snowflake.node_id` names it.
+    Fixed(u16),
+    /// Leased from `snowflake_nodes` over a connection of its own.
+    Leased(NodeLease),
+}
+
+impl NodeIds {
+    /// The node id `conf` names, or one leased for this replica.
+    ///
+    /// # Errors
+    /// As [`NodeLease::acquire`].
+    pub async fn take(conf: &conf::Snowflake, data: &Data) -> Result<Self, RepoError> {
+        match conf.node_id {
+            NodeId::Fixed(node) => Ok(Self::Fixed(node)),
+            NodeId::Auto => {
+                let owner = uuid::Uuid::new_v4().to_string();
+                let lease = NodeLease::acquire(data.lease_pool(), owner, conf.lease_ttl).await?;
+                tracing::info!(node = lease.node(), "snowflake node id leased");
+                Ok(Self::Leased(lease))
+            }
+        }
+    }
+
+    /// The node id.
+    pub fn node(&self) -> u16 {
+        match self {
+            Self::Fixed(node) => *node,
+            Self::Leased(lease) => lease.node(),
+        }
+    }
+
+    /// Keeps a leased id until `shutdown` (see [`NodeLease::keep`]); a fixed one needs no
+    /// keeping.
+    pub async fn keep(&self, shutdown: &CancellationToken) -> LeaseEnd {
+        match self {
+            Self::Fixed(_) => {
+                shutdown.cancelled().await;
+                LeaseEnd::Shutdown
+            }
+            Self::Leased(lease) => lease.keep(shutdown).await,
+        }
+    }
+
+    /// Gives a leased id back after keeping it ended with `end`; a lost lease is not ours
+    /// to release.
+    pub async fn release(&self, end: LeaseEnd) {
+        if let (Self::Leased(lease), LeaseEnd::Shutdown) = (self, end)
+            && let Err(e) = lease.release().await
+        {
+            tracing::warn!(error = %e, "could not release the snowflake node id; it expires");
+        }
+    }
+}
 
 /// A node id held by this replica.
 pub struct NodeLease {

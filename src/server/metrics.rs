@@ -58,15 +58,27 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
-/// Drains histogram buffers now and then, so rendering stays cheap.
+/// Every 5 s until `shutdown`: drains histogram buffers, so rendering stays cheap, and
+/// samples the process's resident memory.
 pub async fn upkeep(handle: PrometheusHandle, shutdown: tokio_util::sync::CancellationToken) {
     let mut every = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = every.tick() => handle.run_upkeep(),
+            _ = every.tick() => {}
+        }
+        handle.run_upkeep();
+        if let Some(rss) = resident_memory_bytes() {
+            metrics::gauge!("process_resident_memory_bytes").set(rss);
         }
     }
+}
+
+/// Resident memory of this process (Linux `/proc/self/statm`, 4 KiB pages).
+fn resident_memory_bytes() -> Option<f64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096.0)
 }
 
 /// `GET /metrics`.
