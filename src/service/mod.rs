@@ -1,5 +1,5 @@
 //! Service layer: implements the API messages of `pb` over the `biz` use cases, for every
-//! transport alike. It maps messages and nothing else.
+//! transport alike: it maps messages, and settles each event delivery by one policy.
 //!
 //! Depends on `biz` and `pb`; never on sqlx, tonic status types or axum.
 
@@ -9,7 +9,9 @@ pub mod health;
 pub mod page_token;
 pub mod resource;
 
-pub use event::{Disposition, EventService, Inbound};
+pub use event::{BrokerProbe, DeadLetterReason, Disposition, EventService, Inbound, Retries};
 pub use greeter::GreeterService;
 pub use health::{HealthService, Readiness};
-pub use resource::{Caller, ResourceAction, ResourceService};
+pub use resource::{
+    Caller, ResourceAction, ResourceService, Source, integral_numbers, is_user_id, status_named,
+};

@@ -1,67 +1,15 @@
-//! Lifecycle events (`mq.v1.Event`) mapped onto the same use cases as the API, and each
-//! outcome mapped onto what the consumer does with the delivery.
-
-use std::sync::Arc;
+//! Lifecycle events (`mq.v1.Event`) mapped onto the same commands as the API.
 
 use sha2::{Digest, Sha256};
 
+use super::Inbound;
 use crate::{
     biz::{
         Action, Actor, Command, Envelope, Error, EventKey, GpuType, InstanceId, InstanceSpec,
-        InstanceUsecase, Outcome, SpecPatch,
+        SpecPatch,
     },
     pb::mq::v1 as pb,
 };
-
-/// One delivery, decoded (or not) by the transport.
-#[derive(Debug)]
-pub struct Inbound {
-    /// The event, or why the body could not be decoded.
-    pub event: Result<pb::Event, String>,
-    /// The producer's AMQP `message_id`, when it set one: the event's identity.
-    pub message_id: Option<String>,
-    /// What the audit trail and the logs call this delivery: the message id, or one the
-    /// transport made up when there is none.
-    pub audit_id: String,
-}
-
-/// What the consumer does with a delivery.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Disposition {
-    /// Applied, ignored as a no-op, or a duplicate: acknowledge.
-    Ack,
-    /// Bad input: dead-letter with this reason and acknowledge.
-    DeadLetter {
-        /// `ErrorReason` value name.
-        reason: &'static str,
-        /// Human-readable cause.
-        message: String,
-    },
-    /// The instance does not exist yet: try again later (a bounded number of times).
-    RetryLater,
-}
-
-/// Applies events, for the RabbitMQ consumer.
-pub struct EventService {
-    instances: Arc<InstanceUsecase>,
-}
-
-impl EventService {
-    /// Events over `instances`.
-    pub fn new(instances: Arc<InstanceUsecase>) -> Self {
-        Self { instances }
-    }
-
-    /// Applies a batch in order, in one transaction.
-    ///
-    /// # Errors
-    /// The whole batch failed and nothing was applied (`Unavailable`: retry later).
-    pub async fn handle(&self, batch: &[Inbound]) -> Result<Vec<Disposition>, Error> {
-        let envelopes: Vec<Envelope> = batch.iter().map(envelope).collect();
-        let outcomes = self.instances.execute(&envelopes).await?;
-        Ok(outcomes.into_iter().map(disposition).collect())
-    }
-}
 
 /// The de-duplication key of an event: its producer's message id. Two messages with
 /// different ids are two commands, even with equal bodies; a message id seen again (a
@@ -74,7 +22,8 @@ pub fn message_key(message_id: &str) -> EventKey {
     EventKey(key)
 }
 
-fn envelope(inbound: &Inbound) -> Envelope {
+/// The command a delivery asks for, with its identity and its audit actor.
+pub(super) fn envelope(inbound: &Inbound) -> Envelope {
     let command = match &inbound.event {
         Ok(event) => command(event),
         Err(why) => Command::Refused {
@@ -171,16 +120,6 @@ fn spec(e: &pb::Event) -> Result<InstanceSpec, Error> {
     })
 }
 
-fn disposition(outcome: Outcome) -> Disposition {
-    match outcome {
-        Outcome::Applied(_) | Outcome::Ignored { .. } | Outcome::Duplicate => Disposition::Ack,
-        Outcome::Rejected(error) => {
-            Disposition::DeadLetter { reason: error.reason(), message: error.to_string() }
-        }
-        Outcome::Unknown(_) => Disposition::RetryLater,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +148,7 @@ mod tests {
             event: Ok(event.clone()),
             message_id: message_id.map(str::to_owned),
             audit_id: message_id.unwrap_or("instance.created#1").to_owned(),
+            retries: 0,
         };
 
         let first = envelope(&inbound(Some("m-1")));
