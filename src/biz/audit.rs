@@ -5,7 +5,7 @@ use std::fmt;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{InstanceId, RepoError};
+use super::{RepoError, id::InstanceId};
 
 /// Where a request came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -200,9 +200,9 @@ impl AuditUsecase {
         page_size: i64,
         before: Option<i64>,
     ) -> Result<(Vec<AuditRecord>, Option<i64>), super::Error> {
-        let size = super::instance::page_limit(page_size)?;
+        let size = super::page::page_limit(page_size)?;
         let rows = self.repo.list(instance_id, before, size + 1).await?;
-        let (rows, next) = super::instance::split_page(rows, size, |r| r.id);
+        let (rows, next) = super::page::split_page(rows, size, |r| r.id);
         Ok((rows, next))
     }
 }

@@ -211,6 +211,11 @@ impl Error {
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         Error::InvalidArgument { field, message: message.into() }
     }
+
+    /// Shorthand for [`Error::Internal`]: a bug, described by `message`.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Error::Internal(Arc::new(RepoError::Internal(message.into().into())))
+    }
 }
 
 /// What a repository can report; use cases give it meaning.

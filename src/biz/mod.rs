@@ -1,17 +1,23 @@
 //! Business layer: domain entities, their rules, the use cases that drive them, the
 //! repository traits they need and the named errors they return.
 //!
-//! Depends on std, thiserror, async-trait, tracing, chrono and serde_json value types only:
-//! nothing here knows about PostgreSQL, a transport, RabbitMQ or Kubernetes.
+//! Depends on std, tokio and tokio-util (timers, channels, cancellation), thiserror,
+//! async-trait, tracing, metrics, chrono, sha2 and serde_json value types only: nothing
+//! here knows about PostgreSQL, a transport, RabbitMQ or Kubernetes.
 
+pub mod access;
 pub mod audit;
 pub mod backoff;
 pub mod cluster;
 pub mod error;
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod greeter;
 pub mod health;
+pub mod id;
 pub mod instance;
 pub mod outbox;
+pub mod page;
 pub mod reconcile;
 pub mod snowflake;
 

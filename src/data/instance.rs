@@ -498,5 +498,8 @@ async fn write(conn: &mut PgConnection, changes: &Changes) -> Result<(), RepoErr
         .await
         .map_err(map_sqlx)?;
     }
+    if !changes.sync_requests.is_empty() {
+        super::reconcile::request_syncs(conn, &changes.sync_requests).await?;
+    }
     Ok(())
 }

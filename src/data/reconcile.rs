@@ -1,24 +1,73 @@
 //! `ReconcileRepo` on PostgreSQL: the instances waiting for the cluster, sync requests
-//! read from the audit trail, and per-instance leases shared by every replica.
+//! (`sync_requests`, written in the unit of work that accepts them), and per-instance
+//! leases shared by every replica.
 
-use std::time::Duration;
+use std::{sync::Mutex, time::Duration};
 
 use async_trait::async_trait;
+use sqlx::PgConnection;
+use tokio::time::Instant;
 
 use super::{Db, map_sqlx};
-use crate::biz::{InstanceId, RepoError, reconcile::ReconcileRepo};
+use crate::biz::{InstanceId, InstanceStatus, RepoError, reconcile::ReconcileRepo};
+
+/// How long a sync request is kept for replicas that have not read it yet.
+const SYNC_REQUESTS_KEPT: Duration = Duration::from_secs(3600);
 
 /// The reconciler's tables in PostgreSQL.
-#[derive(Clone)]
 pub struct PgReconcileRepo {
     db: Db,
+    /// When sync requests older than [`SYNC_REQUESTS_KEPT`] were last deleted.
+    pruned: Mutex<Option<Instant>>,
 }
 
 impl PgReconcileRepo {
     /// A repository over `db`.
     pub fn new(db: Db) -> Self {
-        Self { db }
+        Self { db, pruned: Mutex::new(None) }
     }
+
+    /// Deletes sync requests every replica has had an hour to read, at most hourly.
+    async fn prune_sync_requests(&self) -> Result<(), RepoError> {
+        {
+            let mut pruned = self.pruned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if pruned.is_some_and(|at| at.elapsed() < SYNC_REQUESTS_KEPT) {
+                return Ok(());
+            }
+            *pruned = Some(Instant::now());
+        }
+        let kept_ms = i64::try_from(SYNC_REQUESTS_KEPT.as_millis()).unwrap_or(i64::MAX);
+        self.db
+            .run("prune sync requests", async |conn| {
+                sqlx::query(
+                    "DELETE FROM sync_requests \
+                     WHERE requested_at < now() - make_interval(secs => $1::double precision / 1000)",
+                )
+                .bind(kept_ms)
+                .execute(conn)
+                .await
+                .map_err(map_sqlx)
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+/// Records sync requests (`None`: every instance) inside the caller's transaction.
+pub(super) async fn request_syncs(
+    conn: &mut PgConnection,
+    ids: &[Option<InstanceId>],
+) -> Result<(), RepoError> {
+    sqlx::query("INSERT INTO sync_requests (instance_id) SELECT * FROM UNNEST($1::bigint[])")
+        .bind(ids.iter().map(|id| id.map(InstanceId::get)).collect::<Vec<_>>())
+        .execute(conn)
+        .await
+        .map_err(map_sqlx)?;
+    Ok(())
+}
+
+fn names(statuses: &[InstanceStatus]) -> Vec<&'static str> {
+    statuses.iter().map(|s| s.as_str()).collect()
 }
 
 fn ids(rows: Vec<i64>) -> Vec<InstanceId> {
@@ -32,9 +81,9 @@ impl ReconcileRepo for PgReconcileRepo {
             .db
             .run("list unsettled instances", async |conn| {
                 sqlx::query_as(
-                    "SELECT instance_id, version FROM instances \
-                     WHERE status IN ('CREATING', 'STOPPING', 'DELETING')",
+                    "SELECT instance_id, version FROM instances WHERE status = ANY($1::text[])",
                 )
+                .bind(names(&InstanceStatus::AWAITING_CLUSTER))
                 .fetch_all(conn)
                 .await
                 .map_err(map_sqlx)
@@ -50,7 +99,8 @@ impl ReconcileRepo for PgReconcileRepo {
         let rows: Vec<i64> = self
             .db
             .run("list live instances", async |conn| {
-                sqlx::query_scalar("SELECT instance_id FROM instances WHERE status <> 'DELETED'")
+                sqlx::query_scalar("SELECT instance_id FROM instances WHERE status <> $1")
+                    .bind(InstanceStatus::Deleted.as_str())
                     .fetch_all(conn)
                     .await
                     .map_err(map_sqlx)
@@ -63,10 +113,13 @@ impl ReconcileRepo for PgReconcileRepo {
         &self,
         after: Option<i64>,
     ) -> Result<(Vec<Option<InstanceId>>, i64), RepoError> {
+        if let Err(e) = self.prune_sync_requests().await {
+            tracing::debug!(error = %e, "could not prune old sync requests");
+        }
         let newest: i64 = self
             .db
-            .run("read the newest audit id", async |conn| {
-                sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM audit_logs")
+            .run("read the newest sync request id", async |conn| {
+                sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM sync_requests")
                     .fetch_one(conn)
                     .await
                     .map_err(map_sqlx)
@@ -74,12 +127,11 @@ impl ReconcileRepo for PgReconcileRepo {
             .await?;
         let Some(after) = after else { return Ok((Vec::new(), newest)) };
         // Rows by primary key range: only what was written since the last look.
-        let rows: Vec<i64> = self
+        let rows: Vec<Option<i64>> = self
             .db
             .run("read sync requests", async |conn| {
                 sqlx::query_scalar(
-                    "SELECT instance_id FROM audit_logs
-             WHERE id > $1 AND id <= $2 AND action = 'K8S_SYNC' AND source <> 'reconciler'",
+                    "SELECT instance_id FROM sync_requests WHERE id > $1 AND id <= $2",
                 )
                 .bind(after)
                 .bind(newest)
@@ -88,7 +140,8 @@ impl ReconcileRepo for PgReconcileRepo {
                 .map_err(map_sqlx)
             })
             .await?;
-        let requests = rows.into_iter().map(|id| InstanceId::try_from(id).ok()).collect();
+        let requests =
+            rows.into_iter().map(|id| id.and_then(|id| InstanceId::try_from(id).ok())).collect();
         Ok((requests, newest))
     }
 

@@ -148,11 +148,7 @@ impl Authenticator {
                 })?
                 .claims;
         let sub = match claims.get("sub") {
-            Some(Value::String(sub))
-                if !sub.is_empty() && biz::instance::validate_text("sub", sub).is_ok() =>
-            {
-                sub.clone()
-            }
+            Some(Value::String(sub)) if crate::service::is_user_id(sub) => sub.clone(),
             _ => {
                 tracing::debug!("bearer token refused: unusable sub");
                 return Err(biz::Error::Unauthenticated);

@@ -10,9 +10,9 @@ use tonic_health::pb::{self as health, health_check_response::ServingStatus};
 
 use super::{auth::Authenticator, status::to_status};
 use crate::{
-    biz::{self, Source},
+    biz,
     pb::{helloworld::v1 as hello, resource::v1 as pb},
-    service::{Caller, GreeterService, HealthService, ResourceAction, ResourceService},
+    service::{Caller, GreeterService, HealthService, ResourceAction, ResourceService, Source},
 };
 
 /// `resource.v1.resourceService`.

@@ -26,11 +26,12 @@ use super::{
     status::{ApiError, HttpError},
 };
 use crate::{
-    biz::Source,
     biz::{self, ErrorKind},
     conf,
     pb::{helloworld::v1 as hello, resource::v1 as pb},
-    service::{Caller, GreeterService, HealthService, ResourceAction, ResourceService},
+    service::{
+        self, Caller, GreeterService, HealthService, ResourceAction, ResourceService, Source,
+    },
 };
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -244,7 +245,7 @@ fn from_json_value<T: serde::de::DeserializeOwned>(
     // Integers and floats are one number type in JSON: this changes no value, only its
     // spelling (within ±2^53, where every integer is an exact float; pbjson refuses
     // larger integers in free JSON).
-    T::deserialize(biz::instance::integral_numbers(value))
+    T::deserialize(service::integral_numbers(value))
 }
 
 /// What pbjson's reading of the proto3 JSON mapping lacks: fields set to `null` are unset (pbjson refuses `null` for a scalar), and in free JSON (`config_json`, a
@@ -289,10 +290,8 @@ impl<T: serde::Serialize> IntoResponse for ProtoJson<T> {
         let mut serializer = serde_json::Serializer::with_formatter(&mut body, IntegralDoubles);
         match self.0.serialize(&mut serializer) {
             Ok(()) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-            Err(e) => HttpError::from(biz::Error::Internal(std::sync::Arc::new(
-                biz::RepoError::Internal(format!("encoding a response: {e}").into()),
-            )))
-            .into_response(),
+            Err(e) => HttpError::from(biz::Error::internal(format!("encoding a response: {e}")))
+                .into_response(),
         }
     }
 }
@@ -384,10 +383,7 @@ impl TryFrom<ListParams> for pb::ListResourcesRequest {
         let status = match p.status.as_deref() {
             // The enum's zero value means "no status filter", as on gRPC.
             None | Some("") | Some("STATUS_UNSPECIFIED") => pb::Status::Unspecified,
-            Some(raw) => {
-                let status: biz::InstanceStatus = raw.parse()?;
-                pb::Status::from(status)
-            }
+            Some(raw) => service::status_named(raw)?,
         };
         Ok(pb::ListResourcesRequest {
             page_size,

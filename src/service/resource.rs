@@ -8,11 +8,15 @@ use super::page_token;
 use crate::{
     biz::{
         Actor, AuditRecord, AuditUsecase, Command, Error, GpuType, Instance, InstanceId,
-        InstanceSpec, InstanceStatus, InstanceUsecase, ListFilter, NewInstance, Source, SpecPatch,
-        instance::{Endpoint, integral_numbers},
+        InstanceSpec, InstanceStatus, InstanceUsecase, ListFilter, NewInstance, SpecPatch,
+        access::{self, Access, ListScope},
+        instance::Endpoint,
     },
     pb::resource::v1 as pb,
 };
+
+/// Which transport a caller came through (the audit trail records it).
+pub use crate::biz::Source;
 
 /// Who calls, from which transport, under which request id.
 #[derive(Debug, Clone)]
@@ -32,10 +36,28 @@ impl Caller {
         Actor { id: self.user_id.clone(), source: self.source }
     }
 
-    /// Whether `instance` exists for this caller: a user sees their own instances only.
-    fn sees(&self, instance: &Instance) -> bool {
-        self.admin || instance.user_id == self.user_id
+    fn access(&self) -> Access {
+        Access { user_id: self.user_id.clone(), admin: self.admin }
     }
+}
+
+/// The status a REST client names (`"RUNNING"`).
+///
+/// # Errors
+/// `InvalidArgument` for a name that is no status.
+pub fn status_named(raw: &str) -> Result<pb::Status, Error> {
+    raw.parse::<InstanceStatus>().map(pb::Status::from)
+}
+
+/// A JSON request body with integral numbers written as integers (`1.0` is `1`): it
+/// changes no value, only its spelling.
+pub fn integral_numbers(value: serde_json::Value) -> serde_json::Value {
+    crate::biz::instance::integral_numbers(value)
+}
+
+/// Whether `sub`, a verified token's subject, can name a caller.
+pub fn is_user_id(sub: &str) -> bool {
+    access::is_user_id(sub)
 }
 
 /// The instance API, for the gRPC and HTTP servers alike.
@@ -66,12 +88,7 @@ impl ResourceService {
         req: pb::CreateResourceRequest,
     ) -> Result<pb::Resource, Error> {
         let spec = spec_from(req.spec)?;
-        let user_id = if req.user_id.is_empty() { caller.user_id.clone() } else { req.user_id };
-        if !caller.admin && user_id != caller.user_id {
-            return Err(Error::PermissionDenied {
-                message: "only an admin creates instances for another user".into(),
-            });
-        }
+        let user_id = caller.access().owner_of_new(non_empty(req.user_id))?;
         let new =
             NewInstance { user_id, name: req.name, spec, request_id: non_empty(req.request_id) };
         let instance =
@@ -152,16 +169,10 @@ impl ResourceService {
         caller: &Caller,
         req: pb::ListResourcesRequest,
     ) -> Result<pb::ListResourcesReply, Error> {
-        let mut user_id = non_empty(req.user_id);
-        if !caller.admin {
-            // A user lists their own instances; another user's are not there.
-            match &user_id {
-                Some(asked) if *asked != caller.user_id => {
-                    return Ok(pb::ListResourcesReply::default());
-                }
-                _ => user_id = Some(caller.user_id.clone()),
-            }
-        }
+        let user_id = match caller.access().list_scope(non_empty(req.user_id)) {
+            ListScope::Owner(owner) => owner,
+            ListScope::Nothing => return Ok(pb::ListResourcesReply::default()),
+        };
         let filter =
             ListFilter { user_id, status: status_filter(req.status)?, name: non_empty(req.name) };
         let before = page_token::decode(&req.page_token, &filter)?;
@@ -192,7 +203,7 @@ impl ResourceService {
     /// `InstanceNotFound`, exactly as one that does not exist.
     async fn visible(&self, caller: &Caller, id: InstanceId) -> Result<Instance, Error> {
         let instance = self.instances.get(id).await?;
-        if caller.sees(&instance) {
+        if caller.access().sees(&instance) {
             Ok(instance)
         } else {
             Err(Error::InstanceNotFound { instance_id: id.get() })

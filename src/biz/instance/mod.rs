@@ -11,51 +11,23 @@ use std::{
 };
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 
 use super::{Actor, AuditEntry, Error, RepoError, audit::Outcome as AuditOutcome};
 
 mod command;
 mod spec;
+#[cfg(test)]
+mod usecase_tests;
 
 pub use command::*;
 pub use spec::*;
 
-/// Page size when the request names none.
-pub const DEFAULT_PAGE_SIZE: u32 = 50;
-/// Largest page a client may ask for.
-pub const MAX_PAGE_SIZE: u32 = 1000;
-
-/// Snowflake id of an instance; always positive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct InstanceId(i64);
-
-impl InstanceId {
-    /// The raw id.
-    pub fn get(self) -> i64 {
-        self.0
-    }
-}
-
-impl TryFrom<i64> for InstanceId {
-    type Error = Error;
-
-    /// # Errors
-    /// `InvalidArgument` unless `id > 0`.
-    fn try_from(id: i64) -> Result<Self, Error> {
-        if id > 0 {
-            Ok(InstanceId(id))
-        } else {
-            Err(Error::invalid("instance_id", format!("must be a positive integer, got {id}")))
-        }
-    }
-}
-
-impl fmt::Display for InstanceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
+use super::page::{page_limit, split_page};
+pub use super::{
+    id::InstanceId,
+    page::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE},
+};
 
 /// Lifecycle status of an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,6 +47,8 @@ pub enum InstanceStatus {
     /// Its workload could not run.
     Failed,
 }
+
+// === impl InstanceStatus ===
 
 impl InstanceStatus {
     /// Every status, in lifecycle order.
@@ -113,6 +87,15 @@ impl InstanceStatus {
                 | (Failed, Creating | Deleting)
                 | (Deleting, Deleted)
         )
+    }
+
+    /// The statuses that wait for the cluster to catch up.
+    pub const AWAITING_CLUSTER: [InstanceStatus; 3] =
+        [InstanceStatus::Creating, InstanceStatus::Stopping, InstanceStatus::Deleting];
+
+    /// Whether this status waits for the cluster to catch up.
+    pub fn awaits_cluster(self) -> bool {
+        Self::AWAITING_CLUSTER.contains(&self)
     }
 
     /// Whether nothing can follow.
@@ -196,6 +179,8 @@ pub struct Instance {
     /// Optimistic-concurrency version, bumped by every change.
     pub version: i64,
 }
+
+// === impl Instance ===
 
 impl Instance {
     /// Moves the instance to `to`, or says why it cannot.
@@ -322,6 +307,8 @@ struct GateMap {
     sweep_at: usize,
 }
 
+// === impl Gates ===
+
 impl Gates {
     /// The gate of `id`, shared with every caller holding it now.
     fn of(&self, id: InstanceId) -> Arc<tokio::sync::Mutex<()>> {
@@ -361,6 +348,8 @@ pub struct NewInstance {
     /// Optional idempotency key, unique per owner.
     pub request_id: Option<String>,
 }
+
+// === impl InstanceUsecase ===
 
 impl InstanceUsecase {
     /// Use cases over `repo`, creating ids with `ids`. Without a cluster
@@ -439,7 +428,10 @@ impl InstanceUsecase {
                 Err(error)
             }
             // The refusal is on the trail of the instance the request id made first.
-            Outcome::Rejected(error @ Error::RequestIdReused { .. }) => {
+            Outcome::Rejected(Error::RequestIdReused { .. }) => {
+                // The planner names the id it knows, the audit id; the client's is this one.
+                let error =
+                    Error::RequestIdReused { request_id: new.request_id.unwrap_or_default() };
                 let prior = self.prior(key).await?;
                 self.audit_refusal(&envelope, InstanceId::try_from(prior.instance_id)?, &error)
                     .await?;
@@ -567,7 +559,8 @@ impl InstanceUsecase {
         let mut outcomes = Vec::new();
         for attempt in 1..=CONFLICT_RETRIES {
             let ctx = Context {
-                now: Utc::now(),
+                // As PostgreSQL keeps it: the first answer and every later read agree.
+                now: Utc::now().trunc_subsecs(6),
                 limits: self.limits,
                 cluster_enabled: self.cluster_enabled,
             };
@@ -623,30 +616,6 @@ impl InstanceUsecase {
         let query = ListQuery { filter, before, limit: size + 1 };
         let (items, next) = split_page(self.repo.list(&query).await?, size, |i| i.id);
         Ok(Page { items, next })
-    }
-}
-
-/// The page size a request asked for: 0 means [`DEFAULT_PAGE_SIZE`].
-///
-/// # Errors
-/// `InvalidPageSize` outside `0..=MAX_PAGE_SIZE`.
-pub fn page_limit(page_size: i64) -> Result<u32, Error> {
-    match u32::try_from(page_size) {
-        Ok(0) => Ok(DEFAULT_PAGE_SIZE),
-        Ok(n) if n <= MAX_PAGE_SIZE => Ok(n),
-        _ => Err(Error::InvalidPageSize { page_size, max: MAX_PAGE_SIZE }),
-    }
-}
-
-/// Splits up to `size + 1` rows read for a page of `size` into the page and the key the
-/// next page starts after, if there is a next page.
-pub fn split_page<T, K>(mut rows: Vec<T>, size: u32, key: impl Fn(&T) -> K) -> (Vec<T>, Option<K>) {
-    if rows.len() > size as usize {
-        rows.truncate(size as usize);
-        let next = rows.last().map(key);
-        (rows, next)
-    } else {
-        (rows, None)
     }
 }
 
@@ -766,24 +735,6 @@ mod tests {
     }
 
     fn fixture() -> Instance {
-        Instance {
-            id: InstanceId(42),
-            user_id: "u1".into(),
-            name: "demo".into(),
-            status: Creating,
-            status_reason: String::new(),
-            spec: InstanceSpec {
-                cpu: 2,
-                memory_mb: 4096,
-                gpu: GpuType::None,
-                image: "ubuntu:22.04".into(),
-                config: serde_json::json!({}),
-            },
-            endpoint: Endpoint::default(),
-            created_at: Utc::now(),
-            updated_at: Utc::now(),
-            deleted_at: None,
-            version: 1,
-        }
+        Instance::fixture().with_id(42).with_status(Creating)
     }
 }

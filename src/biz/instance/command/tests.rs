@@ -1,0 +1,209 @@
+//! Unit tests of `command`.
+
+use chrono::TimeZone;
+
+use super::*;
+use crate::biz::{GpuType, audit::Source};
+
+fn ctx(cluster_enabled: bool) -> Context {
+    Context {
+        now: Utc.with_ymd_and_hms(2026, 11, 22, 0, 0, 0).unwrap(),
+        limits: Limits::default(),
+        cluster_enabled,
+    }
+}
+
+fn spec(cpu: i32) -> InstanceSpec {
+    InstanceSpec {
+        cpu,
+        memory_mb: 1024,
+        gpu: GpuType::None,
+        image: "ubuntu:22.04".into(),
+        config: serde_json::json!({}),
+    }
+}
+
+fn id(n: i64) -> InstanceId {
+    InstanceId::try_from(n).unwrap()
+}
+
+fn env(key: u8, command: Command) -> Envelope {
+    Envelope {
+        key: Some(EventKey([key; 16])),
+        fingerprint: Some([key; 16]),
+        actor: Actor { id: "mq".into(), source: Source::Mq },
+        request_id: format!("m{key}"),
+        command,
+    }
+}
+
+fn create(n: i64) -> Command {
+    Command::Create { id: id(n), user_id: "u1".into(), name: "demo".into(), spec: spec(2) }
+}
+
+fn run(batch: &[Envelope], snapshot: Snapshot, cluster: bool) -> (Vec<Outcome>, Changes) {
+    plan(batch, snapshot, &ctx(cluster))
+}
+
+fn existing(status: InstanceStatus) -> Snapshot {
+    let (_, changes) = run(&[env(0, create(1))], Snapshot::default(), false);
+    let mut instance = changes.inserts[0].clone();
+    instance.status = status;
+    if status == InstanceStatus::Deleted {
+        instance.deleted_at = Some(instance.created_at);
+    }
+    Snapshot { seen: HashMap::new(), instances: HashMap::from([(id(1), instance)]) }
+}
+
+#[test]
+fn without_a_cluster_a_create_runs_at_once_with_one_audit_row_and_one_status_event() {
+    let (outcomes, changes) = run(&[env(1, create(1))], Snapshot::default(), false);
+
+    assert!(matches!(&outcomes[0], Outcome::Applied(i) if i.status == InstanceStatus::Running));
+    assert_eq!(changes.inserts.len(), 1);
+    assert_eq!(changes.audit.len(), 1);
+    assert_eq!(changes.outbox.len(), 1);
+    assert_eq!(changes.outbox[0].status, InstanceStatus::Running);
+    let fingerprint = Some([1; 16]);
+    assert_eq!(changes.seen, vec![Seen { key: EventKey([1; 16]), instance_id: 1, fingerprint }]);
+}
+
+#[test]
+fn with_a_cluster_steps_wait_for_it() {
+    let (outcomes, _) = run(&[env(1, create(1))], Snapshot::default(), true);
+    assert!(matches!(&outcomes[0], Outcome::Applied(i) if i.status == InstanceStatus::Creating));
+
+    let (outcomes, _) =
+        run(&[env(2, Command::Stop { id: id(1) })], existing(InstanceStatus::Running), true);
+    assert!(matches!(&outcomes[0], Outcome::Applied(i) if i.status == InstanceStatus::Stopping));
+}
+
+#[test]
+fn a_repeated_key_has_no_effect_and_no_audit_row() {
+    let batch = [
+        env(1, create(1)),
+        env(1, create(1)),
+        env(2, Command::Stop { id: id(1) }),
+        env(2, Command::Stop { id: id(1) }),
+    ];
+
+    let (outcomes, changes) = run(&batch, Snapshot::default(), false);
+
+    assert!(matches!(outcomes[1], Outcome::Duplicate));
+    assert!(matches!(outcomes[3], Outcome::Duplicate));
+    assert_eq!(changes.audit.len(), 2);
+    assert_eq!(changes.inserts.len(), 1);
+    assert_eq!(
+        changes.inserts[0].status,
+        InstanceStatus::Stopped,
+        "created and stopped in one batch"
+    );
+    assert!(changes.updates.is_empty(), "a new instance is inserted in its final state");
+
+    let seen = Snapshot { seen: HashMap::from([(EventKey([1; 16]), None)]), ..Snapshot::default() };
+    let (outcomes, changes) = run(&[env(1, create(1))], seen, false);
+    assert!(matches!(outcomes[0], Outcome::Duplicate));
+    assert!(changes.is_empty());
+}
+
+#[test]
+fn a_key_seen_with_another_fingerprint_is_refused_and_audited_not_dropped() {
+    let stop = Command::Stop { id: id(1) };
+    let mut snapshot = existing(InstanceStatus::Running);
+    snapshot.seen.insert(EventKey([5; 16]), Some([9; 16]));
+    let reused = Envelope { fingerprint: Some([6; 16]), ..env(5, stop.clone()) };
+    let redelivered = Envelope { fingerprint: Some([9; 16]), ..env(5, stop.clone()) };
+
+    let (outcomes, changes) = run(&[reused, redelivered], snapshot.clone(), false);
+
+    assert!(matches!(&outcomes[0], Outcome::Rejected(Error::MessageIdReused { .. })));
+    assert!(matches!(outcomes[1], Outcome::Duplicate), "the same content is a redelivery");
+    assert_eq!(changes.audit.len(), 1);
+    assert_eq!(changes.audit[0].outcome, AuditOutcome::Rejected);
+    assert!(changes.audit[0].reason.starts_with("MESSAGE_ID_REUSED"));
+    assert!(changes.updates.is_empty() && changes.seen.is_empty());
+
+    // A key recorded before fingerprints were is taken for a redelivery.
+    snapshot.seen.insert(EventKey([5; 16]), None);
+    let (outcomes, _) = run(&[env(5, stop)], snapshot, false);
+    assert!(matches!(outcomes[0], Outcome::Duplicate));
+}
+
+#[test]
+fn asking_for_the_current_state_is_an_audited_no_op() {
+    let (outcomes, changes) =
+        run(&[env(1, Command::Stop { id: id(1) })], existing(InstanceStatus::Stopped), false);
+
+    assert!(matches!(outcomes[0], Outcome::Ignored { .. }));
+    assert_eq!(changes.audit[0].outcome, AuditOutcome::Ignored);
+    assert!(changes.updates.is_empty() && changes.outbox.is_empty());
+}
+
+#[test]
+fn an_illegal_move_is_rejected_and_audited() {
+    let (outcomes, changes) =
+        run(&[env(1, Command::Start { id: id(1) })], existing(InstanceStatus::Deleted), false);
+
+    assert!(matches!(&outcomes[0], Outcome::Rejected(Error::IllegalTransition { .. })));
+    assert_eq!(changes.audit[0].outcome, AuditOutcome::Rejected);
+    assert!(changes.audit[0].reason.starts_with("ILLEGAL_TRANSITION"));
+    assert!(changes.seen.is_empty(), "rejected events can be replayed");
+}
+
+#[test]
+fn a_command_for_an_unknown_instance_is_unknown_and_not_audited() {
+    let (outcomes, changes) =
+        run(&[env(1, Command::Delete { id: id(9) })], Snapshot::default(), false);
+
+    assert!(matches!(outcomes[0], Outcome::Unknown(i) if i == id(9)));
+    assert!(changes.is_empty());
+}
+
+#[test]
+fn a_second_create_is_ignored_when_equal_and_rejected_when_not() {
+    let same = run(&[env(1, create(1))], existing(InstanceStatus::Running), false).0;
+    let other =
+        Command::Create { id: id(1), user_id: "u2".into(), name: "demo".into(), spec: spec(2) };
+    let different = run(&[env(2, other)], existing(InstanceStatus::Running), false).0;
+    let reused = run(&[env(3, create(1))], existing(InstanceStatus::Deleted), false).0;
+
+    assert!(matches!(same[0], Outcome::Ignored { .. }));
+    assert!(matches!(different[0], Outcome::Rejected(Error::InstanceAlreadyExists { .. })));
+    assert!(matches!(reused[0], Outcome::Rejected(Error::InstanceAlreadyExists { .. })));
+}
+
+#[test]
+fn a_spec_change_bumps_the_version_and_keeps_the_config_when_asked() {
+    let mut snapshot = existing(InstanceStatus::Running);
+    snapshot.instances.get_mut(&id(1)).unwrap().spec.config =
+        serde_json::json!({"env": {"A": "1"}});
+    let patch = SpecPatch { cpu: Some(8), ..SpecPatch::default() };
+    let change = Command::ChangeSpec { id: id(1), patch };
+
+    let (outcomes, changes) = run(&[env(1, change)], snapshot, false);
+
+    let Outcome::Applied(instance) = &outcomes[0] else { panic!("not applied") };
+    assert_eq!(instance.spec.cpu, 8);
+    assert_eq!(instance.spec.config, serde_json::json!({"env": {"A": "1"}}));
+    assert_eq!(instance.version, 2);
+    assert_eq!(instance.status, InstanceStatus::Running);
+    assert_eq!(changes.updates[0].loaded_version, 1, "written only if still at this version");
+    assert!(changes.updates[0].spec_changed);
+}
+
+#[test]
+fn invalid_specs_and_names_are_rejected_before_anything_is_written() {
+    let bad_cpu =
+        Command::Create { id: id(2), user_id: "u".into(), name: "n".into(), spec: spec(0) };
+    let bad_name =
+        Command::Create { id: id(3), user_id: "u".into(), name: String::new(), spec: spec(1) };
+
+    let (outcomes, changes) = run(&[env(1, bad_cpu), env(2, bad_name)], Snapshot::default(), false);
+
+    assert!(matches!(&outcomes[0], Outcome::Rejected(Error::InvalidSpec { field: "cpu", .. })));
+    assert!(matches!(
+        &outcomes[1],
+        Outcome::Rejected(Error::InvalidArgument { field: "name", .. })
+    ));
+    assert!(changes.is_empty(), "unknown instances get no audit row");
+}
