@@ -94,13 +94,47 @@ pub trait ReconcileRepo: Send + Sync {
     ///
     /// # Errors
     /// `RepoError::Unavailable` when the store does not answer.
-    async fn claim(&self, id: InstanceId, owner: &str, ttl: Duration) -> Result<bool, RepoError>;
+    async fn claim(
+        &self,
+        id: InstanceId,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Option<Claimed>, RepoError>;
 
-    /// Gives the lease of `id` back.
+    /// Gives the lease of `id` back, remembering `applied`: the instance version whose
+    /// workload was applied under it, if one was.
     ///
     /// # Errors
     /// `RepoError::Unavailable` when the store does not answer.
-    async fn release(&self, id: InstanceId, owner: &str) -> Result<(), RepoError>;
+    async fn release(
+        &self,
+        id: InstanceId,
+        owner: &str,
+        applied: Option<i64>,
+    ) -> Result<(), RepoError>;
+}
+
+/// A lease taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claimed {
+    /// The instance version last applied under this lease (by any replica) and how long
+    /// ago, if it is remembered.
+    pub last_applied: Option<(i64, Duration)>,
+}
+
+/// `step`, unless it applies what was applied for this `version` a moment ago: the watch
+/// cache has not shown that write yet (a replica's cache trails every write, its own and
+/// others'), so wait for it rather than write again.
+/// A restore is held back alike: a cache that has seen the Pod of that write but not yet
+/// its Service sees a Service missing.
+fn settling(claimed: Claimed, version: Option<i64>, step: Step) -> Step {
+    let writes = matches!(step, Step::Apply(_) | Step::Restore(..));
+    match claimed.last_applied {
+        Some((done, ago)) if writes && Some(done) == version && ago < CACHE_CATCH_UP => {
+            Step::Wait(Some(CACHE_CATCH_UP - ago))
+        }
+        _ => step,
+    }
 }
 
 /// One decision about one instance.
@@ -126,6 +160,9 @@ pub enum Step {
 /// How long to wait for a workload that is starting before looking again (the watch
 /// normally tells sooner; this look costs no API request).
 const PENDING_RECHECK: Duration = Duration::from_secs(10);
+/// How long an apply is taken to be on its way into every replica's watch cache: within
+/// it, the same workload is not applied again.
+const CACHE_CATCH_UP: Duration = Duration::from_secs(5);
 /// How long to wait after applying before looking again if the watch says nothing.
 const APPLIED_RECHECK: Duration = Duration::from_secs(5);
 /// How long to wait for a workload being removed.
@@ -494,7 +531,7 @@ impl Reconciler {
             .map(|_| tokio::spawn(self.clone().work(shutdown.clone())))
             .collect();
 
-        let mut audit_mark: Option<i64> = None;
+        let mut sync_cursor: Option<i64> = None;
         let mut poll = tokio::time::interval(self.conf.poll_interval);
         let mut resync = tokio::time::interval(self.conf.resync_interval);
         let mut namespace = tokio::time::interval(self.conf.namespace_check);
@@ -516,7 +553,7 @@ impl Reconciler {
                     }
                 }
                 _ = poll.tick() => {
-                    if let Err(e) = self.poll(&mut audit_mark).await {
+                    if let Err(e) = self.poll(&mut sync_cursor).await {
                         tracing::warn!(error = %e, "reconciler: poll failed");
                     }
                 }
@@ -608,7 +645,7 @@ impl Reconciler {
     }
 
     /// Instances waiting for the cluster that changed, and sync requests, become due.
-    async fn poll(&self, audit_mark: &mut Option<i64>) -> Result<(), Failure> {
+    async fn poll(&self, sync_cursor: &mut Option<i64>) -> Result<(), Failure> {
         let unsettled = self.repo.unsettled().await.map_err(Error::from)?;
         {
             let mut queue = self.queue.lock();
@@ -623,13 +660,14 @@ impl Reconciler {
             }
         }
         self.queue.wake.notify_one();
-        let (requests, newest) = self.repo.sync_requests(*audit_mark).await.map_err(Error::from)?;
-        if audit_mark.is_none() {
+        let (requests, newest) =
+            self.repo.sync_requests(*sync_cursor).await.map_err(Error::from)?;
+        if sync_cursor.is_none() {
             // Start-up: the first resync covers whatever was asked before.
-            *audit_mark = Some(newest);
+            *sync_cursor = Some(newest);
             return Ok(());
         }
-        *audit_mark = Some(newest);
+        *sync_cursor = Some(newest);
         for request in requests {
             match request {
                 Some(id) => self.queue.push(id, Push::Action),
@@ -712,18 +750,32 @@ impl Reconciler {
             return Looked { version, status, result: Ok(next) };
         }
         let ttl = self.conf.lease_ttl;
-        match self.repo.claim(id, &self.owner, ttl).await {
+        let claimed = match self.repo.claim(id, &self.owner, ttl).await {
             // Another replica is on it; it will see what we would have.
-            Ok(false) => return Looked { version, status, result: Ok(Next::After(ttl)) },
-            Ok(true) => {}
+            Ok(None) => return Looked { version, status, result: Ok(Next::After(ttl)) },
+            Ok(Some(claimed)) => claimed,
             Err(e) => return Looked { version, status, result: Err(Error::from(e).into()) },
-        }
+        };
         // Looked at again under the lease: another replica may have acted meanwhile.
+        let mut applied = None;
         let result = match self.look(id).await {
-            Ok((instance, step)) => self.act(id, instance.as_ref().map(|i| i.status), step).await,
+            Ok((instance, step)) => {
+                let version = instance.as_ref().map(|i| i.version);
+                let step = settling(claimed, version, step);
+                // What puts the workload in place (not a Pod replaced: its re-creation
+                // must not wait).
+                let applies = match &step {
+                    Step::Apply(_) => true,
+                    Step::Restore(drift, _) => !drift.iter().any(Drift::replaces),
+                    _ => false,
+                };
+                let result = self.act(id, instance.as_ref().map(|i| i.status), step).await;
+                applied = version.filter(|_| applies && result.is_ok());
+                result
+            }
             Err(e) => Err(e),
         };
-        if let Err(e) = self.repo.release(id, &self.owner).await {
+        if let Err(e) = self.repo.release(id, &self.owner, applied).await {
             tracing::warn!(instance_id = id.get(), error = %e, "could not release a reconcile lease; it expires");
         }
         Looked { version, status, result }

@@ -9,7 +9,10 @@ use sqlx::PgConnection;
 use tokio::time::Instant;
 
 use super::{Db, map_sqlx};
-use crate::biz::{InstanceId, InstanceStatus, RepoError, reconcile::ReconcileRepo};
+use crate::biz::{
+    InstanceId, InstanceStatus, RepoError,
+    reconcile::{Claimed, ReconcileRepo},
+};
 
 /// How long a sync request is kept for replicas that have not read it yet.
 const SYNC_REQUESTS_KEPT: Duration = Duration::from_secs(3600);
@@ -27,7 +30,8 @@ impl PgReconcileRepo {
         Self { db, pruned: Mutex::new(None) }
     }
 
-    /// Deletes sync requests every replica has had an hour to read, at most hourly.
+    /// Deletes sync requests every replica has had an hour to read, and leases given back
+    /// an hour ago, at most hourly.
     async fn prune_sync_requests(&self) -> Result<(), RepoError> {
         {
             let mut pruned = self.pruned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -39,8 +43,11 @@ impl PgReconcileRepo {
         let kept_ms = i64::try_from(SYNC_REQUESTS_KEPT.as_millis()).unwrap_or(i64::MAX);
         self.db
             .run("prune sync requests", async |conn| {
+                // With the leases given back long ago that remember an apply.
                 sqlx::query(
-                    "DELETE FROM sync_requests \
+                    "WITH old AS (DELETE FROM reconcile_leases \
+                         WHERE expires_at < now() - make_interval(secs => $1::double precision / 1000)) \
+                     DELETE FROM sync_requests \
                      WHERE requested_at < now() - make_interval(secs => $1::double precision / 1000)",
                 )
                 .bind(kept_ms)
@@ -145,18 +152,24 @@ impl ReconcileRepo for PgReconcileRepo {
         Ok((requests, newest))
     }
 
-    async fn claim(&self, id: InstanceId, owner: &str, ttl: Duration) -> Result<bool, RepoError> {
+    async fn claim(
+        &self,
+        id: InstanceId,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Option<Claimed>, RepoError> {
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        let taken: Option<i32> = self
+        let taken: Option<(Option<i64>, Option<f64>)> = self
             .db
             .run("claim a reconcile lease", async |conn| {
-                sqlx::query_scalar(
+                sqlx::query_as(
                     "INSERT INTO reconcile_leases (instance_id, owner, expires_at)
              VALUES ($1, $2, now() + make_interval(secs => $3::double precision / 1000))
              ON CONFLICT (instance_id) DO UPDATE
                 SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
                 WHERE reconcile_leases.expires_at < now() OR reconcile_leases.owner = EXCLUDED.owner
-             RETURNING 1",
+             RETURNING applied_version,
+                EXTRACT(EPOCH FROM now() - applied_at)::double precision",
                 )
                 .bind(id.get())
                 .bind(owner)
@@ -166,15 +179,41 @@ impl ReconcileRepo for PgReconcileRepo {
                 .map_err(map_sqlx)
             })
             .await?;
-        Ok(taken.is_some())
+        Ok(taken.map(|(version, secs)| Claimed {
+            last_applied: version.zip(secs).map(|(version, secs)| {
+                (version, Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or_default())
+            }),
+        }))
     }
 
-    async fn release(&self, id: InstanceId, owner: &str) -> Result<(), RepoError> {
+    async fn release(
+        &self,
+        id: InstanceId,
+        owner: &str,
+        applied: Option<i64>,
+    ) -> Result<(), RepoError> {
         self.db
             .run("release a reconcile lease", async |conn| {
-                sqlx::query("DELETE FROM reconcile_leases WHERE instance_id = $1 AND owner = $2")
+                // Kept, expired, while it remembers a recent apply (pruned hourly after);
+                // otherwise there is nothing to keep.
+                let query = match applied {
+                    Some(_) => {
+                        "UPDATE reconcile_leases \
+                         SET expires_at = now(), applied_version = $3, applied_at = now() \
+                         WHERE instance_id = $1 AND owner = $2"
+                    }
+                    None => {
+                        "WITH kept AS (UPDATE reconcile_leases SET expires_at = now() \
+                             WHERE instance_id = $1 AND owner = $2 AND $3::bigint IS NULL \
+                             AND applied_at > now() - interval '1 minute' RETURNING 1) \
+                         DELETE FROM reconcile_leases WHERE instance_id = $1 AND owner = $2 \
+                             AND NOT EXISTS (SELECT 1 FROM kept)"
+                    }
+                };
+                sqlx::query(query)
                     .bind(id.get())
                     .bind(owner)
+                    .bind(applied)
                     .execute(conn)
                     .await
                     .map_err(map_sqlx)

@@ -210,3 +210,25 @@ fn jitter_spreads_delays_within_half_to_whole() {
         spread.iter().any(|j| *j < d.mul_f64(0.7)) && spread.iter().any(|j| *j > d.mul_f64(0.8))
     );
 }
+
+#[test]
+fn a_workload_applied_a_moment_ago_is_waited_for_not_applied_again() {
+    let apply = || Step::Apply(Box::new(workload("h")));
+    let claimed = |last| Claimed { last_applied: last };
+    let just = Some((3, Duration::from_millis(40)));
+
+    // The same version, 40 ms ago: the cache has not caught up; look again when it has.
+    assert_eq!(
+        settling(claimed(just), Some(3), apply()),
+        Step::Wait(Some(CACHE_CATCH_UP - Duration::from_millis(40)))
+    );
+    // A newer version, an old apply, or none remembered: apply.
+    assert_eq!(settling(claimed(just), Some(4), apply()), apply());
+    assert_eq!(settling(claimed(Some((3, CACHE_CATCH_UP))), Some(3), apply()), apply());
+    assert_eq!(settling(claimed(None), Some(3), apply()), apply());
+    // A restore too (a cache with the Pod of that write but not its Service yet); a
+    // removal never.
+    let restore = Step::Restore(vec![Drift::Metadata], Box::new(workload("h")));
+    assert!(matches!(settling(claimed(just), Some(3), restore), Step::Wait(Some(_))));
+    assert_eq!(settling(claimed(just), Some(3), Step::Remove), Step::Remove);
+}
