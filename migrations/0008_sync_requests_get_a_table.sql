@@ -6,7 +6,7 @@
 CREATE TABLE sync_requests (
     id           BIGSERIAL PRIMARY KEY,
     -- NULL: every instance.
-    instance_id  BIGINT,
+    instance_id  BIGINT CHECK (instance_id > 0),
     requested_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX sync_requests_requested_at_idx ON sync_requests (requested_at);

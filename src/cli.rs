@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 
 use crate::publish::PublishArgs;
 
+/// Exit status for any other failure (a migration, a server that failed).
+pub const EXIT_FAILURE: u8 = 1;
 /// Exit status for bad usage or configuration (EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
 /// Exit status when a dependency cannot be reached at start-up (EX_UNAVAILABLE).

@@ -9,7 +9,7 @@ use resource::{
         AuditUsecase, GreeterUsecase, HealthUsecase, InstanceUsecase, OutboxRelay, Probe,
         reconcile::Reconciler, snowflake::Snowflake,
     },
-    cli::{Cli, Command, EXIT_CONFIG, EXIT_LEASE_LOST, EXIT_UNAVAILABLE},
+    cli::{Cli, Command, EXIT_CONFIG, EXIT_FAILURE, EXIT_LEASE_LOST, EXIT_UNAVAILABLE},
     conf::{self, AuthMode},
     data::{
         AmqpStatusPublisher, Data, PgAuditRepo, PgInstanceRepo, PgOutboxRepo, PgProbe,
@@ -52,15 +52,18 @@ fn main() -> ExitCode {
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
-        Err(e) => return fail(1, format!("cannot start the async runtime: {e}")),
+        Err(e) => return fail(EXIT_FAILURE, format!("cannot start the async runtime: {e}")),
     };
     let code = runtime.block_on(async {
         match command {
             Command::Migrate => migrate(&conf).await,
             Command::Publish(args) => match publish::run(&conf.data.rabbitmq, &args).await {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e @ PublishError::Input(_)) => fail(EXIT_CONFIG, format!("publish: {e}")),
-                Err(e @ PublishError::Broker(_)) => fail(EXIT_UNAVAILABLE, format!("publish: {e}")),
+                Err(e) => {
+                    eprintln!("resource publish: {e}");
+                    let unavailable = matches!(e, PublishError::Broker(_));
+                    ExitCode::from(if unavailable { EXIT_UNAVAILABLE } else { EXIT_CONFIG })
+                }
             },
             Command::Serve => serve(conf).await,
             Command::Version => unreachable!("handled above"),
@@ -92,7 +95,7 @@ async fn migrate(conf: &conf::Bootstrap) -> ExitCode {
             tracing::info!("migrations applied");
             ExitCode::SUCCESS
         }
-        Err(e) => failed(1, "migration failed", &e),
+        Err(e) => failed(EXIT_FAILURE, "migration failed", &e),
     }
 }
 
@@ -115,7 +118,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     if conf.data.database.migrate
         && let Err(e) = data.migrate().await
     {
-        return failed(1, "migration failed", &e);
+        return failed(EXIT_FAILURE, "migration failed", &e);
     }
     let node_ids = match NodeIds::take(&conf.snowflake, &data).await {
         Ok(node_ids) => Arc::new(node_ids),
@@ -208,11 +211,15 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
             Ok(())
         });
     shutdown.cancel();
-    background.join(grace).await;
-    let lease_end = match tokio::time::timeout(Duration::from_secs(1), leasing).await {
-        Ok(Ok(end)) => end,
-        _ => LeaseEnd::Shutdown,
+    // Background work stops at the next batch boundary; bounded by the same deadline.
+    let stopped = async {
+        background.join().await;
+        leasing.await.unwrap_or(LeaseEnd::Shutdown)
     };
+    let lease_end = tokio::time::timeout(grace, stopped).await.unwrap_or_else(|_| {
+        tracing::warn!("background work still running at the shutdown deadline; leaving it");
+        LeaseEnd::Shutdown
+    });
     node_ids.release(lease_end).await;
     match served {
         // Its orchestrator starts it again, with a node id of its own.
@@ -221,6 +228,6 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
             tracing::info!("stopped");
             ExitCode::SUCCESS
         }
-        Err(e) => failed(1, "server failed", &e),
+        Err(e) => failed(EXIT_FAILURE, "server failed", &e),
     }
 }

@@ -1,5 +1,5 @@
 //! Shutdown as a future: a token cancelled on SIGTERM or SIGINT, work given a grace
-//! period past it, and background tasks joined within a deadline.
+//! period past it, and background tasks joined together.
 
 use std::{future::Future, time::Duration};
 
@@ -45,12 +45,10 @@ impl Background {
         self.tasks.spawn(work);
     }
 
-    /// Waits for every task, at most `within`; what still runs then is left behind.
-    pub async fn join(mut self, within: Duration) {
-        let all = async { while self.tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(within, all).await.is_err() {
-            tracing::warn!("background work still running at the shutdown deadline; leaving it");
-        }
+    /// Waits for every task (bound it with a timeout: dropping this future aborts what
+    /// still runs).
+    pub async fn join(mut self) {
+        while self.tasks.join_next().await.is_some() {}
     }
 }
 

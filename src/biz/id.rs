@@ -6,9 +6,14 @@ use super::Error;
 
 /// Snowflake id of an instance; always positive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct InstanceId(pub(super) i64);
+pub struct InstanceId(i64);
 
 impl InstanceId {
+    /// An id the snowflake generator made (not checked: it is ours, not a client's).
+    pub(super) fn generated(id: i64) -> Self {
+        InstanceId(id)
+    }
+
     /// The raw id.
     pub fn get(self) -> i64 {
         self.0

@@ -2,7 +2,7 @@
 //! repository traits they need and the named errors they return.
 //!
 //! Depends on std, tokio and tokio-util (timers, channels, cancellation), thiserror,
-//! async-trait, tracing, metrics, chrono, sha2 and serde_json value types only: nothing
+//! futures, async-trait, tracing, metrics, chrono, sha2 and serde_json value types only: nothing
 //! here knows about PostgreSQL, a transport, RabbitMQ or Kubernetes.
 
 pub mod access;

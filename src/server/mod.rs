@@ -1,8 +1,9 @@
 //! Transports: the gRPC and REST servers over one service layer, started and stopped
 //! together.
 //!
-//! Depends on `service`, `pb` and `conf`, and on `biz` for its error types (and, in
-//! `openapi`, the limits it publishes); never on use cases, repositories or `data`.
+//! Depends on `service`, `pb` and `conf`, and on `biz` for its error types, the limits
+//! `openapi` publishes and the reconnect `Backoff`; never on use cases, repositories or
+//! `data`.
 
 pub mod auth;
 pub mod codec;

@@ -398,7 +398,7 @@ impl InstanceUsecase {
         new: NewInstance,
     ) -> Result<Instance, Error> {
         let key = new.request_id.as_deref().map(|r| idempotency_key(&new.user_id, r));
-        let id = InstanceId(self.ids.next_id());
+        let id = InstanceId::generated(self.ids.next_id());
         // What this request asks for: a retry asks for the same, whatever happened since.
         let fingerprint = key.map(|_| create_fingerprint(&new.user_id, &new.name, &new.spec));
         let command = Command::Create {
@@ -477,7 +477,7 @@ impl InstanceUsecase {
                     request_id: envelope.request_id.clone(),
                     before: snapshot_of.clone(),
                     after: snapshot_of,
-                    at: Utc::now(),
+                    at: Utc::now().trunc_subsecs(6),
                 }],
                 ..Changes::default()
             }
@@ -715,13 +715,14 @@ mod tests {
     #[test]
     fn one_gate_per_instance_while_held_and_none_kept_after() {
         let gates = Gates::default();
-        let (a, b) = (InstanceId(1), InstanceId(2));
+        let id = |n: i64| InstanceId::try_from(n).unwrap();
+        let (a, b) = (id(1), id(2));
         let held = gates.of(a);
         assert!(Arc::ptr_eq(&held, &gates.of(a)), "callers of one instance share its gate");
         assert!(!Arc::ptr_eq(&held, &gates.of(b)), "instances do not share gates");
         drop(held);
         for n in 3..200 {
-            drop(gates.of(InstanceId(n)));
+            drop(gates.of(InstanceId::try_from(n).unwrap()));
         }
         let live = gates.open.lock().unwrap().gates.len();
         assert!(live < 64, "dropped gates are swept ({live} entries left)");

@@ -207,3 +207,26 @@ fn invalid_specs_and_names_are_rejected_before_anything_is_written() {
     ));
     assert!(changes.is_empty(), "unknown instances get no audit row");
 }
+
+#[test]
+fn sync_requests_are_written_for_the_reconciler_only_when_there_is_one() {
+    let batch = [
+        env(1, Command::Sync { id: Some(id(1)) }),
+        env(2, Command::Sync { id: None }),
+        env(3, Command::Sync { id: Some(id(7)) }), // unknown: retried later, not requested
+    ];
+    let (outcomes, changes) = run(&batch, existing(InstanceStatus::Running), true);
+    assert!(matches!(outcomes[2], Outcome::Unknown(_)), "{outcomes:?}");
+    assert_eq!(changes.sync_requests, vec![Some(id(1)), None]);
+
+    let (_, changes) = run(&batch, existing(InstanceStatus::Running), false);
+    assert!(changes.sync_requests.is_empty(), "no cluster, no reconciler to ask");
+
+    let mut from_reconciler = env(4, Command::Sync { id: Some(id(1)) });
+    from_reconciler.actor = Actor { id: "reconciler".into(), source: Source::Reconciler };
+    let (_, changes) = run(&[from_reconciler], existing(InstanceStatus::Running), true);
+    assert!(changes.sync_requests.is_empty(), "the reconciler does not ask itself");
+
+    let only_requests = Changes { sync_requests: vec![None], ..Changes::default() };
+    assert!(!only_requests.is_empty(), "a unit of work with only a sync request writes it");
+}
