@@ -39,8 +39,8 @@ async fn main() {
     publish(&run.mq, &batch, 0.0, |_| {}).await.expect("pre-publish");
     let publish_rate = events as f64 / started.elapsed().as_secs_f64();
 
-    let mut service = run.service("warn,resource::server::mq=info");
-    let (child, _) = common::start(&mut service, &["consuming events"], Run::echo()).await;
+    let env = run.service("warn,resource::server::mq=info");
+    let (child, _) = common::start(&env, &["consuming events"], Run::echo()).await;
     let pid = child.id().expect("running");
     let consumer_started = Instant::now();
     let rss_start = rss_kib(pid);

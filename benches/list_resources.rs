@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{admin_url, db_url, env_or};
+use common::{backends, env_or};
 use resource::{
     biz::{InstanceId, ListFilter},
     pb::resource::v1::{ListResourcesRequest, resource_service_client::ResourceServiceClient},
@@ -44,12 +44,12 @@ struct Settings {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let s = Settings {
-        admin_url: admin_url(),
+        admin_url: backends().admin_url,
         seconds: env_or("BENCH_SECONDS", 10),
         rows: env_or("BENCH_ROWS", 1_000_000),
         clients: env_or("BENCH_CLIENTS", 2),
     };
-    let url = db_url(&s.admin_url, "resource_bench");
+    let url = test_support::database_url(&s.admin_url, "resource_bench");
     prepare(&s, &url).await;
     let (child, http, grpc) = start_service(&url).await;
 
@@ -146,15 +146,14 @@ async fn prepare(s: &Settings, url: &str) {
 }
 
 /// Starts the service on database `url`; returns it with its REST and gRPC base URLs.
-async fn start_service(url: &str) -> (tokio::process::Child, String, String) {
-    let mut service = common::service(url);
-    service
-        .env("RESOURCE_SERVER__HTTP__TIMEOUT", "10s")
-        .env("RESOURCE_SERVER__GRPC__TIMEOUT", "10s")
-        .env("RESOURCE_LOG__LEVEL", "warn,resource::server=info");
-    let (child, logged) = common::start(&mut service, &["serving"], false).await;
-    let http = format!("http://{}", logged[0]["http"].as_str().unwrap());
-    let grpc = format!("http://{}", logged[0]["grpc"].as_str().unwrap());
+async fn start_service(url: &str) -> (test_support::Service, String, String) {
+    let mut env = test_support::Env::new(url);
+    env.set("RESOURCE_SERVER__HTTP__TIMEOUT", "10s")
+        .set("RESOURCE_SERVER__GRPC__TIMEOUT", "10s")
+        .set("RESOURCE_LOG__LEVEL", "warn,resource::server=info");
+    let (child, logged) = common::start(&env, &["serving"], false).await;
+    let http = test_support::base_url(&logged[0], "http");
+    let grpc = test_support::base_url(&logged[0], "grpc");
     (child, http, grpc)
 }
 
@@ -227,8 +226,12 @@ async fn run_load(s: &Settings, transport: Transport) -> Stats {
             match transport {
                 Transport::Rest(base) => {
                     // One keep-alive connection per client.
-                    let client =
-                        reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+                    let client = reqwest::Client::builder()
+                        .pool_max_idle_per_host(1)
+                        .connect_timeout(Duration::from_secs(5))
+                        .timeout(Duration::from_secs(30))
+                        .build()
+                        .unwrap();
                     while Instant::now() < deadline {
                         let url = format!(
                             "{base}/v1/resources?page_size={PAGE_SIZE}&page_token={}",
@@ -251,6 +254,8 @@ async fn run_load(s: &Settings, transport: Transport) -> Stats {
                     // One HTTP/2 connection per client.
                     let channel = tonic::transport::Endpoint::from_shared(addr)
                         .unwrap()
+                        .connect_timeout(Duration::from_secs(5))
+                        .timeout(Duration::from_secs(30))
                         .connect()
                         .await
                         .unwrap();
@@ -296,7 +301,7 @@ async fn run_load(s: &Settings, transport: Transport) -> Stats {
 /// Mean latency of 1,000 sequential REST requests for the page after row `depth_row`
 /// (`None`: the first page).
 async fn depth_latency(base: &str, depth_row: Option<i64>) -> f64 {
-    let client = reqwest::Client::new();
+    let client = test_support::http_client();
     let token = depth_row
         .map(|n| {
             page_token::encode(

@@ -38,16 +38,15 @@ async fn main() {
     let kubeconfig = dir.path().join("kubeconfig");
     fake.write_kubeconfig(&kubeconfig, NS).unwrap();
 
-    let mut service = run.service("warn,resource::server::mq=info");
-    service
-        .env("RESOURCE_DATA__KUBERNETES__ENABLED", "true")
-        .env("RESOURCE_DATA__KUBERNETES__KUBECONFIG", &kubeconfig)
-        .env("RESOURCE_DATA__KUBERNETES__NAMESPACE", NS)
-        .env("RESOURCE_DATA__KUBERNETES__POLL_INTERVAL", "100ms")
-        .env("RESOURCE_DATA__KUBERNETES__RESYNC_INTERVAL", "10s")
-        .env("RESOURCE_DATA__KUBERNETES__API_QPS", api_qps.to_string())
-        .env("RESOURCE_DATA__KUBERNETES__CONCURRENCY", "32");
-    let (child, _) = common::start(&mut service, &["consuming events"], Run::echo()).await;
+    let mut env = run.service("warn,resource::server::mq=info");
+    env.set("RESOURCE_DATA__KUBERNETES__ENABLED", "true")
+        .set("RESOURCE_DATA__KUBERNETES__KUBECONFIG", kubeconfig.to_str().expect("a UTF-8 path"))
+        .set("RESOURCE_DATA__KUBERNETES__NAMESPACE", NS)
+        .set("RESOURCE_DATA__KUBERNETES__POLL_INTERVAL", "100ms")
+        .set("RESOURCE_DATA__KUBERNETES__RESYNC_INTERVAL", "10s")
+        .set("RESOURCE_DATA__KUBERNETES__API_QPS", api_qps.to_string())
+        .set("RESOURCE_DATA__KUBERNETES__CONCURRENCY", "32");
+    let (child, _) = common::start(&env, &["consuming events"], Run::echo()).await;
 
     // Timing starts with publishing; the service is already consuming and reconciling.
     let pool = sqlx::PgPool::connect(&run.db_url).await.unwrap();

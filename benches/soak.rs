@@ -56,11 +56,11 @@ async fn main() {
 
     // A fresh database and its own exchanges and queues.
     let run = Run::new(&format!("resource_bench_soak_{suffix}"), &suffix).await;
-    let mut service = run.service("warn,resource::server=info");
+    let env = run.service("warn,resource::server=info");
     let (mut child, logged) =
-        common::start(&mut service, &["serving", "consuming events"], Run::echo()).await;
+        common::start(&env, &["serving", "consuming events"], Run::echo()).await;
     let pid = child.id().expect("running");
-    let base = format!("http://{}", logged[0]["http"].as_str().unwrap());
+    let base = test_support::base_url(&logged[0], "http");
 
     let stats = Arc::new(Stats::default());
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
@@ -243,7 +243,7 @@ async fn main() {
         verdict(errors + event_errors == 0),
         errors
     );
-    if let Ok(Some(status)) = child.try_wait() {
+    if let Some(status) = child.try_wait() {
         println!("the service exited during the run: {status}");
     }
     // No resident memory at the end means the service is gone: that is no pass.

@@ -283,6 +283,22 @@ async fn rs256_tokens_verify_with_the_public_key_and_hs256_ones_do_not() {
     .unwrap();
     let (status, _) = rest(&app, Some(&token), reqwest::Method::GET, "/v1/resources", None).await;
     assert_eq!(status, 200);
+    // The caller is the token's subject: the owner of what it creates, and the audited actor.
+    let id = create_as(&app, &token, "carols").await;
+    let (_, got) =
+        rest(&app, Some(&token), reqwest::Method::GET, &format!("/v1/resources/{id}"), None).await;
+    assert_eq!(got["user_id"], "carol", "{got}");
+    let (_, trail) = rest(
+        &app,
+        Some(&token),
+        reqwest::Method::GET,
+        &format!("/v1/resources/{id}/audit-logs"),
+        None,
+    )
+    .await;
+    let actors: Vec<&Value> =
+        trail["entries"].as_array().unwrap().iter().map(|e| &e["actor"]).collect();
+    assert_eq!(actors, [&json!("carol")], "{trail}");
     // The wrong algorithm (an HS256 token, even one signed with the public key's bytes).
     let confused = {
         let pem = std::fs::read(&public).unwrap();

@@ -32,6 +32,14 @@ fn addr(url: &str) -> String {
     url.trim_start_matches("http://").to_owned()
 }
 
+/// A raw connection to `url`'s listener, opened within 5 s.
+async fn connect(url: &str) -> TcpStream {
+    tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr(url)))
+        .await
+        .expect("connected in time")
+        .expect("connected")
+}
+
 /// Reads until the server closes the connection (or it is reset); how long that took.
 async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
     let started = Instant::now();
@@ -50,12 +58,12 @@ async fn silent_and_preface_only_connections_are_closed_on_both_listeners() {
     let app = app().await;
     for listener in [&app.http, &app.grpc] {
         // A socket that sends nothing at all.
-        let mut silent = TcpStream::connect(addr(listener)).await.unwrap();
+        let mut silent = connect(listener).await;
         let took = closed_within(&mut silent, Duration::from_secs(6)).await;
         assert!(took >= Duration::from_millis(1500), "{listener}: closed after {took:?}");
 
         // An HTTP/2 client that sends the preface, then nothing: not even a PING answer.
-        let mut preface = TcpStream::connect(addr(listener)).await.unwrap();
+        let mut preface = connect(listener).await;
         preface.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
         closed_within(&mut preface, Duration::from_secs(8)).await;
     }
@@ -65,7 +73,7 @@ async fn silent_and_preface_only_connections_are_closed_on_both_listeners() {
 async fn slowloris_headers_and_idle_keep_alive_connections_are_closed() {
     let app = app().await;
     // One header line every second: the whole head never arrives in time.
-    let mut slow = TcpStream::connect(addr(&app.http)).await.unwrap();
+    let mut slow = connect(&app.http).await;
     slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     let started = Instant::now();
     let mut buf = [0u8; 1024];
@@ -87,9 +95,12 @@ async fn slowloris_headers_and_idle_keep_alive_connections_are_closed() {
     assert!(started.elapsed() < Duration::from_secs(5), "closed after {:?}", started.elapsed());
 
     // A keep-alive connection that goes idle after its first request.
-    let mut idle = TcpStream::connect(addr(&app.http)).await.unwrap();
+    let mut idle = connect(&app.http).await;
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    let n = idle.read(&mut buf).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf))
+        .await
+        .expect("an answer in time")
+        .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     closed_within(&mut idle, Duration::from_secs(6)).await;
 }
@@ -97,7 +108,7 @@ async fn slowloris_headers_and_idle_keep_alive_connections_are_closed() {
 #[tokio::test]
 async fn a_slow_request_body_is_408_with_the_error_body() {
     let app = app().await;
-    let mut stream = TcpStream::connect(addr(&app.http)).await.unwrap();
+    let mut stream = connect(&app.http).await;
     stream
         .write_all(b"POST /v1/resources HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"name\":")
         .await
@@ -130,7 +141,7 @@ async fn connections_beyond_the_cap_wait_until_one_is_cut_off() {
     // The cap (8) taken by clients that never finish their headers.
     let mut hogs = Vec::new();
     for _ in 0..8 {
-        let mut s = TcpStream::connect(addr(&app.http)).await.unwrap();
+        let mut s = connect(&app.http).await;
         s.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
         hogs.push(s);
     }
@@ -153,7 +164,7 @@ async fn connections_beyond_the_cap_wait_until_one_is_cut_off() {
 
 /// The server's first SETTINGS frame after an HTTP/2 preface, as (id, value) pairs.
 async fn server_settings(listener: &str) -> Vec<(u16, u32)> {
-    let mut stream = TcpStream::connect(addr(listener)).await.unwrap();
+    let mut stream = connect(listener).await;
     // Preface, then an empty SETTINGS frame (length 0, type 4, flags 0, stream 0).
     stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
     let mut head = [0u8; 9];
@@ -164,7 +175,10 @@ async fn server_settings(listener: &str) -> Vec<(u16, u32)> {
     assert_eq!(head[3], 4, "{listener}: the first frame is SETTINGS");
     let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
     let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut payload))
+        .await
+        .expect("the SETTINGS payload in time")
+        .unwrap();
     payload
         .chunks(6)
         .map(|c| (u16::from_be_bytes([c[0], c[1]]), u32::from_be_bytes([c[2], c[3], c[4], c[5]])))

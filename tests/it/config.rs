@@ -6,7 +6,7 @@ use std::{collections::HashMap, path::Path, time::Duration};
 use resource::conf::{self, AuthMode, NodeId};
 use secrecy::ExposeSecret;
 
-use crate::helpers::{BIN, repo_path};
+use crate::helpers::{BIN, repo_path, run_to_end};
 
 fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
@@ -145,13 +145,9 @@ async fn the_binary_accepts_go_style_flags_and_exits_64_on_bad_config() {
     let bad = dir_with(&[("config.yaml", "server: {}\n")]);
 
     for flag in ["-conf", "--conf", "-c"] {
-        let out = tokio::process::Command::new(BIN)
-            .arg(flag)
-            .arg(bad.path())
-            .arg("migrate")
-            .output()
-            .await
-            .unwrap();
+        let out =
+            run_to_end(tokio::process::Command::new(BIN).arg(flag).arg(bad.path()).arg("migrate"))
+                .await;
 
         assert_eq!(out.status.code(), Some(64), "{flag}");
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -159,16 +155,30 @@ async fn the_binary_accepts_go_style_flags_and_exits_64_on_bad_config() {
         assert!(stderr.contains("invalid configuration"), "{stderr}");
     }
 
-    let out =
-        tokio::process::Command::new(BIN).arg("-conf=/definitely/missing").output().await.unwrap();
+    let out = run_to_end(tokio::process::Command::new(BIN).arg("-conf=/definitely/missing")).await;
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/definitely/missing"));
 }
 
 #[tokio::test]
 async fn version_prints_without_a_config() {
-    let out = tokio::process::Command::new(BIN).arg("version").output().await.unwrap();
+    let out = run_to_end(tokio::process::Command::new(BIN).arg("version")).await;
 
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("resource "));
+}
+
+#[tokio::test]
+async fn publish_names_itself_in_its_errors_and_exits_64_on_bad_arguments() {
+    let out = run_to_end(
+        tokio::process::Command::new(BIN)
+            .arg("-conf")
+            .arg(repo_path("configs"))
+            .args(["publish", "--encoding", "xml"]),
+    )
+    .await;
+
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("resource publish: --encoding"), "{stderr}");
 }

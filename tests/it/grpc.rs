@@ -175,8 +175,7 @@ async fn grpc_health_and_readyz_say_the_same_through_an_outage() {
     let mut health = HealthClient::new(app.grpc_channel().await);
     let mut watch =
         health.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
-    let next = |s: Option<tonic_health::pb::HealthCheckResponse>| s.unwrap().status;
-    assert_eq!(next(watch.message().await.unwrap()), ServingStatus::Serving as i32);
+    assert_eq!(next_status(&mut watch).await, ServingStatus::Serving as i32);
 
     proxy.cut();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -186,10 +185,20 @@ async fn grpc_health_and_readyz_say_the_same_through_an_outage() {
     }
     let check = health.check(HealthCheckRequest { service: String::new() }).await.unwrap();
     assert_eq!(check.into_inner().status, ServingStatus::NotServing as i32, "agrees with /readyz");
-    assert_eq!(next(watch.message().await.unwrap()), ServingStatus::NotServing as i32);
+    assert_eq!(next_status(&mut watch).await, ServingStatus::NotServing as i32);
 
     proxy.restore();
-    assert_eq!(next(watch.message().await.unwrap()), ServingStatus::Serving as i32);
+    assert_eq!(next_status(&mut watch).await, ServingStatus::Serving as i32);
     let check = health.check(HealthCheckRequest { service: String::new() }).await.unwrap();
     assert_eq!(check.into_inner().status, ServingStatus::Serving as i32);
+}
+
+/// The next status a health watch sends, within 15 s.
+async fn next_status(watch: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>) -> i32 {
+    tokio::time::timeout(std::time::Duration::from_secs(15), watch.message())
+        .await
+        .expect("a status within 15 s")
+        .expect("a status")
+        .expect("the watch goes on")
+        .status
 }

@@ -1,188 +1,96 @@
 //! Test harness: a database of its own per test, the real `resource` binary started
 //! against it on free ports, and helpers to seed rows and call both transports.
 //!
+//! The shared parts (database and broker names per test, the service's environment,
+//! starting, awaiting and stopping the binary) are the `test-support` crate, which the
+//! benchmarks use too; this module adds what only the tests need.
+//!
 //! `TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) names a
-//! server and a database to connect to for creating the per-test databases.
+//! server and a database to connect to for creating the per-test databases, and
+//! `TEST_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`) the broker.
 //! `TEST_LOG=1` forwards the service's log lines to the test output.
 
 use std::{
-    collections::HashMap,
-    path::PathBuf,
-    process::Stdio,
-    sync::{Arc, Mutex},
+    path::{Path, PathBuf},
     time::Duration,
 };
 
-use sqlx::{Connection, Executor, PgConnection, PgPool, postgres::PgPoolOptions};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-    sync::oneshot,
-};
+use sqlx::PgPool;
+use test_support::{Backends, Database, Env, Logs, MqNames, Service, base_url, http_client};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_resource");
 
+/// How long a started process may take to log "serving".
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a serving process may take to answer `/readyz` with 200.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a process may take to exit after SIGTERM before it is killed.
+const TERMINATE_GRACE: Duration = Duration::from_secs(15);
+/// How long a gRPC channel may take to connect, and a gRPC call to answer.
+const GRPC_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const GRPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a one-shot run of the binary (`migrate`, `version`, a refused start) may take.
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The servers the tests use: `TEST_DATABASE_URL` and `TEST_AMQP_URL`.
+pub fn backends() -> Backends {
+    Backends::from_env("TEST")
+}
+
 /// The admin URL used to create and drop per-test databases.
 pub fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    backends().admin_url
 }
 
-/// `admin_url` with its database replaced by `name`.
-fn url_for(name: &str) -> String {
-    let admin = admin_url();
-    let (base, query) = admin.split_once('?').map_or((admin.as_str(), None), |(b, q)| (b, Some(q)));
-    let root = match base.rfind('/') {
-        Some(i) if i > "postgres://".len() => &base[..i],
-        _ => base,
-    };
-    match query {
-        Some(q) => format!("{root}/{name}?{q}"),
-        None => format!("{root}/{name}"),
-    }
-}
-
-/// A database of its own, dropped when the value is.
-pub struct TestDb {
-    pub name: String,
-    pub url: String,
-}
-
-impl TestDb {
-    pub async fn create() -> Self {
-        let name = format!("resource_test_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&admin_url()).await.unwrap_or_else(|e| {
-            panic!(
-                "cannot reach PostgreSQL at {} ({e}); start it (see README: make test prepares it) \
-                 or set TEST_DATABASE_URL",
-                admin_url()
-            )
-        });
-        admin
-            .execute(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
-            .await
-            .expect("create test database");
-        let url = url_for(&name);
-        Self { name, url }
-    }
-
-    pub async fn pool(&self) -> PgPool {
-        PgPoolOptions::new()
-            .max_connections(4)
-            .connect(&self.url)
-            .await
-            .expect("connect test database")
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop runs outside any runtime guarantee: use a thread with its own runtime.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
-                    let _ = admin
-                        .execute(sqlx::AssertSqlSafe(format!(
-                            r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#
-                        )))
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-/// The admin URL of the test broker.
+/// The URL of the test broker.
 pub fn amqp_url() -> String {
-    std::env::var("TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    backends().amqp_url
 }
 
-/// Exchange and queue names of one test, so tests share the broker without meeting.
-#[derive(Clone, Debug)]
-pub struct MqNames {
-    pub exchange: String,
-    pub queue: String,
-    pub dead_letter_exchange: String,
-    pub dead_letter_queue: String,
-    pub retry_queue: String,
-    pub status_queue: String,
+/// A database of the test's own, `resource_test_<uuid>`, dropped with the value.
+pub async fn test_db() -> Database {
+    Database::create_unique(&admin_url(), "resource_test").await
 }
 
-impl MqNames {
-    fn unique() -> Self {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let id = &id[..12];
-        Self {
-            exchange: format!("test.{id}.events"),
-            queue: format!("test.{id}.instance-events"),
-            dead_letter_exchange: format!("test.{id}.events.dlx"),
-            dead_letter_queue: format!("test.{id}.instance-events.dead"),
-            retry_queue: format!("test.{id}.instance-events.retry"),
-            status_queue: format!("test.{id}.instance-status"),
-        }
-    }
-
-    fn env(&self) -> Vec<(String, String)> {
-        [
-            ("EXCHANGE", &self.exchange),
-            ("QUEUE", &self.queue),
-            ("DEAD_LETTER_EXCHANGE", &self.dead_letter_exchange),
-            ("DEAD_LETTER_QUEUE", &self.dead_letter_queue),
-            ("RETRY_QUEUE", &self.retry_queue),
-            ("STATUS_QUEUE", &self.status_queue),
-        ]
-        .into_iter()
-        .map(|(k, v)| (format!("RESOURCE_DATA__RABBITMQ__{k}"), v.clone()))
-        .collect()
-    }
+fn echo() -> bool {
+    std::env::var("TEST_LOG").is_ok_and(|v| v == "1")
 }
 
-impl Drop for MqNames {
-    fn drop(&mut self) {
-        // Plain strings: a clone of `self` would run this `drop` again.
-        let queues = [&self.queue, &self.dead_letter_queue, &self.retry_queue, &self.status_queue]
-            .map(|q| q.clone());
-        let exchanges = [&self.exchange, &self.dead_letter_exchange].map(|e| e.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-                let Ok(conn) = lapin::Connection::connect(&amqp_url(), Default::default()).await
-                else {
-                    return;
-                };
-                let Ok(ch) = conn.create_channel().await else { return };
-                for q in &queues {
-                    let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
-                }
-                for e in &exchanges {
-                    let _ = ch
-                        .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-                let _ = conn.close(200, "done".into()).await;
-            });
-        })
-        .join();
-    }
+pub fn repo_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// A gRPC endpoint at `url` whose connect and every call are bounded.
+pub fn grpc_endpoint(url: &str) -> tonic::transport::Endpoint {
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("a gRPC URL")
+        .connect_timeout(GRPC_CONNECT_TIMEOUT)
+        .timeout(GRPC_TIMEOUT)
+}
+
+/// Runs the binary to its end (it is killed after a minute) and returns its output.
+pub async fn run_to_end(cmd: &mut tokio::process::Command) -> std::process::Output {
+    let output = cmd.kill_on_drop(true).output();
+    tokio::time::timeout(RUN_TIMEOUT, output)
+        .await
+        .unwrap_or_else(|_| panic!("the binary ran longer than {RUN_TIMEOUT:?}"))
+        .expect("run the binary")
 }
 
 /// The `resource` binary running against a test database and its own broker names.
+///
+/// Fields drop in order: the process first, then its broker names and its database.
 pub struct TestApp {
     pub http: String,
     pub grpc: String,
-    pub pool: PgPool,
     pub client: reqwest::Client,
-    pub logs: Arc<Mutex<Vec<String>>>,
+    pub logs: Logs,
+    service: Service,
+    pub pool: PgPool,
     pub mq: MqNames,
-    env: HashMap<String, String>,
-    child: Child,
+    env: Env,
     conf_dir: tempfile::TempDir,
-    _db: TestDb,
+    _db: Database,
 }
 
 /// Options for [`spawn_app_with`].
@@ -203,50 +111,37 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
-    let db = TestDb::create().await;
-    let mq = MqNames::unique();
+    let db = test_db().await;
+    let amqp_url = amqp_url();
+    let mq = MqNames::unique("test", &amqp_url);
     let conf_dir = tempfile::tempdir().unwrap();
     std::fs::copy(repo_path("configs/config.yaml"), conf_dir.path().join("config.yaml")).unwrap();
 
-    let amqp = opts.broker_via.map_or(amqp_url(), |addr| crate::proxy::via(&amqp_url(), addr));
-    let mut env: HashMap<String, String> = HashMap::from([
-        ("RESOURCE_DATA__DATABASE__SOURCE".into(), {
-            let url =
-                opts.database_via.map_or(db.url.clone(), |addr| crate::proxy::via(&db.url, addr));
-            match &opts.database_password {
-                Some(pw) => url.replacen("://postgres@", &format!("://postgres:{pw}@"), 1),
-                None => url,
-            }
-        }),
-        ("RESOURCE_DATA__RABBITMQ__URL".into(), amqp),
-        ("RESOURCE_DATA__RABBITMQ__RETRY_DELAY".into(), "200ms".into()),
-        ("RESOURCE_DATA__RABBITMQ__CONNECT_TIMEOUT".into(), "2s".into()),
-        ("RESOURCE_SERVER__HTTP__ADDR".into(), "127.0.0.1:0".into()),
-        ("RESOURCE_SERVER__GRPC__ADDR".into(), "127.0.0.1:0".into()),
-        ("RESOURCE_LOG__FORMAT".into(), "json".into()),
-        ("RESOURCE_LOG__LEVEL".into(), "info,resource=debug".into()),
-    ]);
-    env.extend(mq.env());
+    let amqp = opts.broker_via.map_or(amqp_url.clone(), |addr| crate::proxy::via(&amqp_url, addr));
+    let database = {
+        let url = opts.database_via.map_or(db.url.clone(), |addr| crate::proxy::via(&db.url, addr));
+        match &opts.database_password {
+            Some(pw) => url.replacen("://postgres@", &format!("://postgres:{pw}@"), 1),
+            None => url,
+        }
+    };
+    let mut env = Env::new(&database).with_broker(&amqp, &mq);
+    env.set("RESOURCE_DATA__RABBITMQ__RETRY_DELAY", "200ms")
+        .set("RESOURCE_DATA__RABBITMQ__CONNECT_TIMEOUT", "2s")
+        .set("RESOURCE_LOG__LEVEL", "info,resource=debug");
     env.extend(opts.env);
 
-    let (child, logs, http, grpc) = launch(&env, conf_dir.path()).await;
-    let pool = db.pool().await;
-    let app = TestApp {
+    let (service, http, grpc) = launch(&env, conf_dir.path()).await;
+    let pool = db.pool(4).await;
+    let mut app = TestApp {
         http,
         grpc,
+        client: http_client(),
+        logs: service.logs.clone(),
+        service,
         pool,
-        // Idle pooled connections are dropped before the service closes them (after
-        // `header_read_timeout`, 10 s), as a well-behaved client does: otherwise a request
-        // sent just as the server closes fails with IncompleteMessage.
-        client: reqwest::Client::builder()
-            .pool_idle_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("an HTTP client"),
-        logs,
         mq,
         env,
-        child,
         conf_dir,
         _db: db,
     };
@@ -254,87 +149,46 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     app
 }
 
-type Launched = (Child, Arc<Mutex<Vec<String>>>, String, String);
-
-async fn launch(env: &HashMap<String, String>, conf_dir: &std::path::Path) -> Launched {
-    let mut child = Command::new(BIN)
-        .arg("-conf")
-        .arg(conf_dir)
-        .envs(env)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the resource binary");
-
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    tokio::spawn(collect_logs(BufReader::new(stderr), logs.clone(), None));
-    tokio::spawn(collect_logs(BufReader::new(stdout), logs.clone(), Some(ready_tx)));
-
-    let (http, grpc) = match tokio::time::timeout(Duration::from_secs(30), ready_rx).await {
-        Ok(Ok(addrs)) => addrs,
-        _ => panic!("the service did not start; its log:\n{}", logs.lock().unwrap().join("\n")),
-    };
-    (child, logs, format!("http://{http}"), format!("http://{grpc}"))
+/// Starts the binary and waits until it logs "serving"; returns it with its REST and
+/// gRPC base URLs.
+async fn launch(env: &Env, conf_dir: &Path) -> (Service, String, String) {
+    let mut service = Service::spawn(Path::new(BIN), conf_dir, env, echo());
+    let serving = service.wait_for_messages(&["serving"], START_TIMEOUT).await;
+    let (http, grpc) = (base_url(&serving[0], "http"), base_url(&serving[0], "grpc"));
+    (service, http, grpc)
 }
 
-async fn collect_logs<R: tokio::io::AsyncRead + Unpin>(
-    reader: BufReader<R>,
-    logs: Arc<Mutex<Vec<String>>>,
-    mut ready: Option<oneshot::Sender<(String, String)>>,
-) {
-    let echo = std::env::var("TEST_LOG").is_ok_and(|v| v == "1");
-    let mut lines = reader.lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if echo {
-            eprintln!("[resource] {line}");
-        }
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-            && v["message"] == "serving"
-            && let Some(tx) = ready.take()
-        {
-            let addr = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
-            let _ = tx.send((addr("http"), addr("grpc")));
-        }
-        logs.lock().unwrap().push(line);
-    }
-}
-
-pub fn repo_path(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+/// The lines of `logs` that are JSON objects, parsed.
+pub fn json_lines(logs: &Logs) -> Vec<serde_json::Value> {
+    let lines = logs.lock().unwrap().clone();
+    lines.iter().filter_map(|line| serde_json::from_str(line).ok()).collect()
 }
 
 /// A second process of the service on the same database, broker names and cluster.
 pub struct Replica {
     pub http: String,
-    pub logs: Arc<Mutex<Vec<String>>>,
-    child: Child,
+    pub logs: Logs,
+    service: Service,
 }
 
 impl Replica {
-    /// SIGTERM, then its exit status (within 15 s).
+    /// SIGTERM, then its exit status (killed, and the test failed, after 15 s).
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
-        terminate(&mut self.child).await
+        self.service.terminate(TERMINATE_GRACE).await
     }
-}
-
-async fn terminate(child: &mut Child) -> std::process::ExitStatus {
-    let pid = child.id().expect("running") as i32;
-    let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
-    tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("exits within 15 s")
-        .expect("exit status")
 }
 
 impl TestApp {
     pub async fn replica(&self) -> Replica {
-        let (child, logs, http, _) = launch(&self.env, self.conf_dir.path()).await;
-        Replica { http, logs, child }
+        self.replica_with(&[]).await
+    }
+
+    /// A replica with `overrides` on top of this process's environment.
+    pub async fn replica_with(&self, overrides: &[(&str, &str)]) -> Replica {
+        let mut env = self.env.clone();
+        env.extend(overrides.iter().copied());
+        let (service, http, _) = launch(&env, self.conf_dir.path()).await;
+        Replica { http, logs: service.logs.clone(), service }
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
@@ -357,53 +211,57 @@ impl TestApp {
         (status, body)
     }
 
+    /// A channel to the gRPC listener; connecting and every call are bounded.
     pub async fn grpc_channel(&self) -> tonic::transport::Channel {
-        tonic::transport::Endpoint::from_shared(self.grpc.clone())
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect gRPC")
+        grpc_endpoint(&self.grpc).connect().await.expect("connect gRPC")
     }
 
     /// Waits until `/readyz` answers 200: the database answers and the consumer has
     /// declared its topology, so published events are routed.
-    pub async fn wait_ready(&self) {
-        for _ in 0..300 {
-            if self.get("/readyz").await.status() == 200 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "the service never became ready; its log:\n{}",
-            self.logs.lock().unwrap().join("\n")
-        );
+    pub async fn wait_ready(&mut self) {
+        self.service.wait_ready(&self.client, &self.http, READY_TIMEOUT).await;
+    }
+
+    /// Waits (at most `within`) for the first JSON log line from the `from`-th on that
+    /// `matches` accepts.
+    pub async fn wait_for_line(
+        &mut self,
+        what: &str,
+        from: usize,
+        within: Duration,
+        matches: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        self.service.wait_for_line(what, from, within, matches).await
+    }
+
+    /// The JSON lines of the log so far (other lines are left out).
+    pub fn json_logs(&self) -> Vec<serde_json::Value> {
+        json_lines(&self.logs)
     }
 
     /// Kills the service with SIGKILL (no chance to clean up) and waits for it.
     pub async fn kill(&mut self) {
-        self.child.start_kill().expect("kill");
-        self.child.wait().await.expect("exit status");
+        self.service.kill().await;
     }
 
     /// Starts the service again on the same database, broker names and configuration.
     pub async fn restart(&mut self) {
-        let (child, logs, http, grpc) = launch(&self.env, self.conf_dir.path()).await;
-        self.child = child;
-        self.logs = logs;
+        let (service, http, grpc) = launch(&self.env, self.conf_dir.path()).await;
+        self.logs = service.logs.clone();
+        self.service = service;
         self.http = http;
         self.grpc = grpc;
         self.wait_ready().await;
     }
 
-    /// Sends SIGTERM and waits for the exit status.
+    /// Sends SIGTERM and waits for the exit status (killed, and the test failed, after 15 s).
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
-        terminate(&mut self.child).await
+        self.service.terminate(TERMINATE_GRACE).await
     }
 
     /// Waits up to `within` for the service to exit on its own.
     pub async fn exited(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        tokio::time::timeout(within, self.child.wait()).await.ok().map(|s| s.expect("exit status"))
+        self.service.exited(within).await
     }
 }
 

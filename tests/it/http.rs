@@ -243,7 +243,11 @@ async fn unknown_query_parameters_are_ignored() {
 async fn post_oversized(http: &str, len: usize) -> (u16, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let stream = tokio::net::TcpStream::connect(http.trim_start_matches("http://")).await.unwrap();
+    let connect = tokio::net::TcpStream::connect(http.trim_start_matches("http://"));
+    let stream = tokio::time::timeout(std::time::Duration::from_secs(5), connect)
+        .await
+        .expect("connected in time")
+        .unwrap();
     let (mut read, mut write) = stream.into_split();
     let head = format!(
         "POST /v1/resources HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
@@ -286,7 +290,7 @@ async fn unknown_routes_methods_and_oversized_bodies_get_the_error_body() {
     // A 20 KB path is not echoed back, nor logged, whole. (A fresh connection: the one
     // above may be closed after the 413 without the client knowing yet.)
     let long = format!("{}/{}", app.http, "p".repeat(20_000));
-    let response = reqwest::Client::new().get(long).send().await.expect("GET a long path");
+    let response = test_support::http_client().get(long).send().await.expect("GET a long path");
     assert_eq!(response.status(), 404);
     let body: Value = response.json().await.unwrap();
     let message = body["message"].as_str().unwrap();

@@ -1,8 +1,20 @@
 //! Kubernetes: the service against a fake API server (crates/fake-kube) that speaks the
 //! real HTTP API, reached through the real `kube` client and a kubeconfig.
 
-use std::time::Duration;
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
+use axum::{
+    Router,
+    body::Body,
+    extract::{Request, State},
+    http::{HeaderMap, Method, StatusCode, header},
+    response::Response,
+};
 use fake_kube::{FakeKube, Kind, Options};
 use serde_json::{Value, json};
 
@@ -18,7 +30,23 @@ pub(crate) const NS: &str = "instances";
 
 pub(crate) struct Cluster {
     pub(crate) fake: FakeKube,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// A kubeconfig (in the cluster's own directory) that reaches the API server through
+    /// `via` (or directly), with [`NS`] as its namespace.
+    pub(crate) fn kubeconfig(&self, via: Option<SocketAddr>) -> PathBuf {
+        let name =
+            via.map_or_else(|| "kubeconfig".to_owned(), |a| format!("kubeconfig-{}", a.port()));
+        let path = self.dir.path().join(name);
+        let mut yaml = self.fake.kubeconfig_yaml(NS);
+        if let Some(via) = via {
+            yaml = yaml.replace(&self.fake.url(), &format!("http://{via}"));
+        }
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
 }
 
 async fn app_with_cluster(opts: Options) -> (TestApp, Cluster) {
@@ -26,19 +54,14 @@ async fn app_with_cluster(opts: Options) -> (TestApp, Cluster) {
     app_on(fake, None, &[]).await
 }
 
-/// The service against `fake`, reached through `proxy` when given.
+/// The service against `fake`, reached through the proxy at `via` when given.
 pub(crate) async fn app_on(
     fake: FakeKube,
-    proxy: Option<&Proxy>,
+    via: Option<SocketAddr>,
     extra_env: &[(&str, &str)],
 ) -> (TestApp, Cluster) {
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    let mut yaml = fake.kubeconfig_yaml(NS);
-    if let Some(proxy) = proxy {
-        yaml = yaml.replace(&fake.url(), &format!("http://{}", proxy.addr));
-    }
-    std::fs::write(&kubeconfig, yaml).unwrap();
+    let cluster = Cluster { fake, dir: tempfile::tempdir().unwrap() };
+    let kubeconfig = cluster.kubeconfig(via);
     let env = [
         ("RESOURCE_DATA__KUBERNETES__ENABLED", "true"),
         ("RESOURCE_DATA__KUBERNETES__KUBECONFIG", kubeconfig.to_str().unwrap()),
@@ -49,7 +72,102 @@ pub(crate) async fn app_on(
     ];
     let env = env.iter().chain(extra_env).map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let app = spawn_app_with(AppOptions { env, ..AppOptions::default() }).await;
-    (app, Cluster { fake, _dir: dir })
+    (app, cluster)
+}
+
+/// An HTTP proxy in front of the API server that records each request it forwards, so
+/// a test can tell which process made which call (the fake's own log cannot).
+pub(crate) struct ApiRecorder {
+    pub(crate) addr: SocketAddr,
+    requests: Arc<Mutex<Vec<Forwarded>>>,
+}
+
+/// One request an [`ApiRecorder`] forwarded.
+#[derive(Clone, Debug)]
+pub(crate) struct Forwarded {
+    /// When it arrived.
+    pub(crate) at: std::time::Instant,
+    pub(crate) method: Method,
+    /// The path, without the query.
+    pub(crate) path: String,
+}
+
+#[derive(Clone)]
+struct Forward {
+    target: SocketAddr,
+    client: reqwest::Client,
+    requests: Arc<Mutex<Vec<Forwarded>>>,
+}
+
+impl ApiRecorder {
+    /// Listens on a free local port and forwards to the API server at `target`.
+    pub(crate) async fn start(target: SocketAddr) -> Self {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            // Longer than any watch the service opens (`timeoutSeconds` below 5 minutes).
+            .timeout(Duration::from_secs(600))
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()
+            .unwrap();
+        let requests = Arc::default();
+        let state = Forward { target, client, requests: Arc::clone(&requests) };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().fallback(forward).with_state(state);
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { addr, requests }
+    }
+
+    /// Every request forwarded so far, oldest first.
+    pub(crate) fn requests(&self) -> Vec<Forwarded> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// `headers` without those of one hop (and the length, which the next hop sets again).
+fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+    let mut headers = headers.clone();
+    for hop in [header::HOST, header::CONNECTION, header::CONTENT_LENGTH, header::TRANSFER_ENCODING]
+    {
+        headers.remove(hop);
+    }
+    headers
+}
+
+async fn forward(State(to): State<Forward>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let forwarded = Forwarded {
+        at: std::time::Instant::now(),
+        method: parts.method.clone(),
+        path: parts.uri.path().to_owned(),
+    };
+    to.requests.lock().unwrap().push(forwarded);
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let Ok(body) = axum::body::to_bytes(body, usize::MAX).await else {
+        return Response::builder().status(StatusCode::BAD_REQUEST).body(Body::empty()).unwrap();
+    };
+    let sent = to
+        .client
+        .request(parts.method, format!("http://{}{path}", to.target))
+        .headers(end_to_end(&parts.headers))
+        .body(body)
+        .send()
+        .await;
+    let Ok(answer) = sent else {
+        return Response::builder().status(StatusCode::BAD_GATEWAY).body(Body::empty()).unwrap();
+    };
+    let mut response = Response::builder().status(answer.status());
+    *response.headers_mut().unwrap() = end_to_end(answer.headers());
+    // Streamed as it comes: watches are long-lived responses.
+    let chunks = futures::stream::unfold(answer, |mut answer| async move {
+        match answer.chunk().await {
+            Ok(Some(chunk)) => Some((Ok(chunk), answer)),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), answer)),
+        }
+    });
+    response.body(Body::from_stream(chunks)).unwrap()
 }
 
 pub(crate) async fn call(
@@ -318,8 +436,15 @@ async fn a_failing_image_ends_failed_with_the_reason() {
 
 #[tokio::test]
 async fn two_replicas_on_one_database_never_handle_an_instance_twice() {
-    let (app, cluster) = app_with_cluster(Options::default()).await;
-    let _second = app.replica().await;
+    // Each replica reaches the API server through a recorder of its own: who wrote what.
+    let fake = FakeKube::start(Options::default()).await.expect("start the fake API server");
+    let recorders = [ApiRecorder::start(fake.addr()).await, ApiRecorder::start(fake.addr()).await];
+    let (app, cluster) = app_on(fake, Some(recorders[0].addr), &[]).await;
+    let second_kubeconfig = cluster.kubeconfig(Some(recorders[1].addr));
+    let second_kubeconfig = second_kubeconfig.to_str().unwrap();
+    let _second =
+        app.replica_with(&[("RESOURCE_DATA__KUBERNETES__KUBECONFIG", second_kubeconfig)]).await;
+    let started = std::time::Instant::now();
     let mut ids = Vec::new();
     for i in 0..30 {
         ids.push(create(&app, &format!("r{i}"), 0, "nginx:1.25", json!({})).await);
@@ -336,6 +461,59 @@ async fn two_replicas_on_one_database_never_handle_an_instance_twice() {
     .await
     .unwrap();
     assert_eq!(rows, 30);
+
+    // Writes per replica, per instance: a Pod and a Service applied once each, by exactly
+    // one replica; the two recorders saw every write the API server did.
+    let mut per_replica = [0, 0];
+    let (mut twice, mut miscounted) = (Vec::new(), Vec::new());
+    for id in &ids {
+        let ours = [
+            format!("/api/v1/namespaces/{NS}/pods/inst-{id}"),
+            format!("/api/v1/namespaces/{NS}/services/inst-{id}"),
+        ];
+        let by: Vec<Vec<String>> = recorders
+            .iter()
+            .map(|recorder| {
+                let requests = recorder.requests();
+                let writes = requests
+                    .iter()
+                    .filter(|r| is_write(&r.method) && ours.contains(&r.path))
+                    .map(|r| {
+                        let what = r.path.rsplit('/').nth(1).unwrap_or_default();
+                        format!("{} {what} at {:?}", r.method, r.at.duration_since(started))
+                    });
+                writes.collect()
+            })
+            .collect();
+        if by.iter().all(|writes| !writes.is_empty()) {
+            twice.push(format!("{id}: first replica {:?}, second {:?}", by[0], by[1]));
+        }
+        if by[0].len() + by[1].len() != 2 {
+            miscounted.push(format!("{id}: {by:?}"));
+        }
+        per_replica[0] += by[0].len();
+        per_replica[1] += by[1].len();
+    }
+    assert!(
+        twice.is_empty(),
+        "{} of 30 instances were handled by both replicas:\n{}",
+        twice.len(),
+        twice.join("\n")
+    );
+    assert!(miscounted.is_empty(), "not one Pod and one Service apply each:\n{miscounted:#?}");
+    assert_eq!(per_replica[0] + per_replica[1], 60, "writes per replica: {per_replica:?}");
+    let served = cluster.fake.request_log();
+    let instance_writes = served
+        .iter()
+        .filter(|r| {
+            r.verb.is_write() && r.name.starts_with("inst-") && r.kind != Some(Kind::Namespace)
+        })
+        .count();
+    assert_eq!(instance_writes, 60, "no write bypassed the recorders");
+}
+
+fn is_write(method: &Method) -> bool {
+    [Method::POST, Method::PUT, Method::PATCH, Method::DELETE].contains(method)
 }
 
 #[tokio::test]
@@ -367,7 +545,7 @@ async fn an_api_server_outage_delays_but_loses_nothing() {
         ("RESOURCE_DATA__KUBERNETES__RESYNC_INTERVAL", "1s"),
         ("RESOURCE_DATA__KUBERNETES__WATCH_RESTART", "1s"),
     ];
-    let (app, cluster) = app_on(fake, Some(&proxy), &fast).await;
+    let (app, cluster) = app_on(fake, Some(proxy.addr), &fast).await;
 
     proxy.cut();
     let mut ids = Vec::new();

@@ -21,4 +21,5 @@ mod secrets;
 mod shutdown;
 mod specs;
 mod stalls;
+mod sync_requests;
 mod tracing;

@@ -1,6 +1,6 @@
 //! `GET /metrics` after known traffic, read with a Prometheus text-format parser.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use prometheus_parse::{Sample, Scrape, Value};
 use resource::pb::resource::v1::{
@@ -95,19 +95,27 @@ async fn metrics_count_what_was_sent() {
         value(&scrape, "resource_grpc_requests_total", &[("method", list), ("code", "0")]),
         Some(2.0)
     );
-    assert_eq!(
-        value(
-            &scrape,
-            "resource_events_consumed_total",
-            &[("type", "UNDECODABLE"), ("outcome", "dead_lettered")]
-        )
-        .or_else(|| value(
-            &scrape,
-            "resource_events_consumed_total",
-            &[("outcome", "dead_lettered")]
-        )),
-        Some(1.0)
-    );
+    // One label shape: the undecodable event is counted under type UNDECODABLE, with
+    // exactly the labels type and outcome, and under no other series.
+    let dead: Vec<(BTreeMap<String, String>, f64)> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "resource_events_consumed_total")
+        .filter(|s| s.labels.get("outcome") == Some("dead_lettered"))
+        .map(|s| {
+            let labels = s.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let n = match s.value {
+                Value::Counter(v) | Value::Untyped(v) => v,
+                _ => f64::NAN,
+            };
+            (labels, n)
+        })
+        .collect();
+    let undecodable = BTreeMap::from([
+        ("outcome".into(), "dead_lettered".into()),
+        ("type".into(), "UNDECODABLE".into()),
+    ]);
+    assert_eq!(dead, vec![(undecodable, 1.0)]);
     assert_eq!(
         value(&scrape, "resource_events_dead_lettered_total", &[("reason", "INVALID_EVENT")]),
         Some(1.0)

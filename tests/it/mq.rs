@@ -13,9 +13,19 @@ use prost::Message;
 use resource::pb::mq::v1::{Event, EventType, InstanceSpec, InstanceStatusChanged};
 
 use crate::{
-    helpers::{AppOptions, TestApp, amqp_url, spawn_app, spawn_app_with},
+    helpers::{AppOptions, TestApp, admin_url, amqp_url, spawn_app, spawn_app_with},
     proxy::{Proxy, target_of},
 };
+
+/// How long one of the test's own broker operations may take.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `op`, failing the test saying `what` when the broker does not answer in time.
+pub(crate) async fn bounded<T>(what: &str, within: Duration, op: impl Future<Output = T>) -> T {
+    tokio::time::timeout(within, op)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer from RabbitMQ within {within:?}"))
+}
 
 /// The seed's JSON example (`seeds/001_*`), byte for byte.
 const SEED_JSON: &str = r#"{
@@ -40,10 +50,17 @@ pub(crate) struct Broker {
 
 impl Broker {
     pub(crate) async fn connect() -> Self {
+        let url = amqp_url();
         let conn =
-            Connection::connect(&amqp_url(), Default::default()).await.expect("reach RabbitMQ");
-        let channel = conn.create_channel().await.unwrap();
-        channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+            bounded("connect", BROKER_TIMEOUT, Connection::connect(&url, Default::default()))
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("cannot reach RabbitMQ at {url} ({e}); start it or set TEST_AMQP_URL")
+                });
+        let channel =
+            bounded("open a channel", BROKER_TIMEOUT, conn.create_channel()).await.unwrap();
+        let confirms = channel.confirm_select(ConfirmSelectOptions::default());
+        bounded("select confirms", BROKER_TIMEOUT, confirms).await.unwrap();
         Self { _conn: conn, channel }
     }
 
@@ -54,20 +71,48 @@ impl Broker {
         body: &[u8],
         props: BasicProperties,
     ) {
-        let confirm = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        let publish = async {
+            self.channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    props,
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        };
+        let confirm = bounded("publish with a confirm", BROKER_TIMEOUT, publish).await;
         assert!(confirm.is_ack());
+    }
+
+    /// Publishes every `(routing key, body, properties)` of `messages` to `exchange`, then
+    /// waits (at most `within`) until the broker confirmed them all.
+    pub(crate) async fn publish_all(
+        &self,
+        exchange: &str,
+        messages: impl IntoIterator<Item = (String, Vec<u8>, BasicProperties)>,
+        within: Duration,
+    ) {
+        let publish = async {
+            for (routing_key, body, props) in messages {
+                self.channel
+                    .basic_publish(
+                        exchange.into(),
+                        routing_key.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        props,
+                    )
+                    .await
+                    .unwrap();
+            }
+            self.channel.wait_for_confirms().await.unwrap();
+        };
+        bounded("publish and confirm a stream", within, publish).await;
     }
 
     pub(crate) async fn publish(&self, app: &TestApp, event: &Event) {
@@ -96,8 +141,8 @@ impl Broker {
     /// How many messages `queue` holds, ready to be delivered.
     pub(crate) async fn queue_length(&self, queue: &str) -> u32 {
         let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-        self.channel
-            .queue_declare(queue.into(), passive, FieldTable::default())
+        let declare = self.channel.queue_declare(queue.into(), passive, FieldTable::default());
+        bounded("look at a queue", BROKER_TIMEOUT, declare)
             .await
             .expect("the queue exists")
             .message_count()
@@ -107,11 +152,8 @@ impl Broker {
     pub(crate) async fn get(&self, queue: &str, wait: Duration) -> Option<BasicGetMessage> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let got = self
-                .channel
-                .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-                .await
-                .unwrap();
+            let got = self.channel.basic_get(queue.into(), BasicGetOptions { no_ack: true });
+            let got = bounded("get a message", BROKER_TIMEOUT, got).await.unwrap();
             if got.is_some() || tokio::time::Instant::now() > deadline {
                 return got;
             }
@@ -155,6 +197,18 @@ pub(crate) fn event(kind: EventType, id: i64, timestamp: i64) -> Event {
 fn header(msg: &BasicGetMessage, key: &str) -> Option<String> {
     match msg.delivery.properties.headers().as_ref()?.inner().get(key)? {
         AMQPValue::LongString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// An integer header of `msg`, whatever width the broker kept it in.
+fn int_header(msg: &BasicGetMessage, key: &str) -> Option<i64> {
+    match msg.delivery.properties.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
         _ => None,
     }
 }
@@ -434,18 +488,17 @@ async fn an_event_queue_declared_without_single_active_consumer_is_kept_with_a_w
     assert!(app.terminate().await.success());
     // The queue as an earlier version declared it.
     let broker = Broker::connect().await;
-    broker
-        .channel
-        .queue_delete(app.mq.queue.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    let delete =
+        broker.channel.queue_delete(app.mq.queue.as_str().into(), QueueDeleteOptions::default());
+    bounded("delete the event queue", BROKER_TIMEOUT, delete).await.unwrap();
     let mut args = FieldTable::default();
     args.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(app.mq.dead_letter_exchange.as_str().into()),
     );
     let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-    broker.channel.queue_declare(app.mq.queue.as_str().into(), durable, args).await.unwrap();
+    let declare = broker.channel.queue_declare(app.mq.queue.as_str().into(), durable, args);
+    bounded("declare the old event queue", BROKER_TIMEOUT, declare).await.unwrap();
 
     app.restart().await;
 
@@ -464,7 +517,8 @@ async fn a_retry_queue_declared_with_another_delay_is_kept_with_a_warning() {
     // The retry queue as a deployment with another `retry_delay` declared it.
     let broker = Broker::connect().await;
     let retry = app.mq.retry_queue.as_str();
-    broker.channel.queue_delete(retry.into(), QueueDeleteOptions::default()).await.unwrap();
+    let delete = broker.channel.queue_delete(retry.into(), QueueDeleteOptions::default());
+    bounded("delete the retry queue", BROKER_TIMEOUT, delete).await.unwrap();
     let mut args = FieldTable::default();
     args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(123_456));
     args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
@@ -473,7 +527,8 @@ async fn a_retry_queue_declared_with_another_delay_is_kept_with_a_warning() {
         AMQPValue::LongString(app.mq.queue.as_str().into()),
     );
     let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-    broker.channel.queue_declare(retry.into(), durable, args).await.unwrap();
+    let declare = broker.channel.queue_declare(retry.into(), durable, args);
+    bounded("declare the old retry queue", BROKER_TIMEOUT, declare).await.unwrap();
 
     // Before, the service never became ready: PRECONDITION_FAILED on every connect.
     app.restart().await;
@@ -557,7 +612,11 @@ async fn an_event_for_an_instance_not_yet_created_waits_for_it() {
     let broker = Broker::connect().await;
 
     broker.publish(&app, &event(EventType::InstanceStopped, 9300, 2)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A marker behind the STOP: once it is applied, the STOP was consumed before its
+    // instance existed.
+    broker.publish(&app, &created(9301)).await;
+    wait_status(&app, 9301, "RUNNING").await;
+    assert_eq!(status_of(&app, 9300).await, None, "the STOP created nothing");
     broker.publish(&app, &created(9300)).await;
 
     wait_status(&app, 9300, "STOPPED").await;
@@ -566,8 +625,9 @@ async fn an_event_for_an_instance_not_yet_created_waits_for_it() {
 
 #[tokio::test]
 async fn an_event_for_an_instance_that_never_comes_is_dead_lettered_after_bounded_retries() {
-    let app = spawn_app_with(AppOptions {
-        env: vec![("RESOURCE_DATA__RABBITMQ__MAX_RETRIES".into(), "2".into())],
+    let max_retries = 2;
+    let mut app = spawn_app_with(AppOptions {
+        env: vec![("RESOURCE_DATA__RABBITMQ__MAX_RETRIES".into(), max_retries.to_string())],
         ..Default::default()
     })
     .await;
@@ -580,6 +640,29 @@ async fn an_event_for_an_instance_that_never_comes_is_dead_lettered_after_bounde
         .await
         .expect("dead-lettered");
     assert_eq!(header(&msg, "x-reject-reason").as_deref(), Some("INSTANCE_NOT_FOUND"));
+    assert_eq!(
+        int_header(&msg, "x-retry-count"),
+        Some(max_retries),
+        "dead-lettered after exactly max_retries retries"
+    );
+    let why = header(&msg, "x-reject-message").unwrap_or_default();
+    assert!(why.contains(&format!("after {} attempts", max_retries + 1)), "{why}");
+    // The service's own account: each try, in order, then the dead letter; nothing more.
+    app.wait_for_line("the dead letter", 0, Duration::from_secs(5), |v| {
+        v["message"] == "event not applied" && v["reason"] == "INSTANCE_NOT_FOUND"
+    })
+    .await;
+    let reroutes: Vec<String> = app
+        .json_logs()
+        .iter()
+        .filter(|v| v["message"] == "event not applied")
+        .map(|v| v["reason"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        reroutes,
+        ["INSTANCE_NOT_FOUND (retry 1)", "INSTANCE_NOT_FOUND (retry 2)", "INSTANCE_NOT_FOUND"]
+    );
+    assert!(broker.get(&app.mq.dead_letter_queue, Duration::from_millis(300)).await.is_none());
 }
 
 #[tokio::test]
@@ -677,18 +760,23 @@ async fn the_outbox_left_by_a_crash_is_published_on_restart() {
 
 #[tokio::test]
 async fn a_database_outage_during_ingest_loses_and_dead_letters_nothing() {
-    let proxy = Proxy::start(target_of(&crate::helpers::admin_url(), 5432)).await;
-    let app =
+    let proxy = Proxy::start(target_of(&admin_url(), 5432)).await;
+    let mut app =
         spawn_app_with(AppOptions { database_via: Some(proxy.addr), ..Default::default() }).await;
     let broker = Broker::connect().await;
     broker.publish_with_id(&app, &created(10_000), "m-10000").await;
     wait_status(&app, 10_000, "RUNNING").await;
 
+    let cut_at = app.logs.lock().unwrap().len();
     proxy.cut();
     for id in 10_001..=10_050 {
         broker.publish_with_id(&app, &created(id), &format!("m-{id}")).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The consumer took the events and could not commit them: a known point to look from.
+    app.wait_for_line("a batch kept for retry", cut_at, Duration::from_secs(30), |v| {
+        v["message"] == "database unavailable; batch kept for retry"
+    })
+    .await;
     assert_eq!(
         count(&app, "SELECT count(*) FROM instances").await,
         1,
@@ -738,22 +826,12 @@ async fn kill_9_during_ingest_of_5000_events_loses_and_doubles_nothing() {
     })
     .await;
     let broker = Broker::connect().await;
-    for id in 1..=5000_i64 {
+    let events = (1..=5000_i64).map(|id| {
         let body = created(100_000 + id).encode_to_vec();
         let props = BasicProperties::default().with_message_id(format!("kill-{id}").into());
-        broker
-            .channel
-            .basic_publish(
-                app.mq.exchange.as_str().into(),
-                "instance.created".into(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
-            .await
-            .unwrap();
-    }
-    broker.channel.wait_for_confirms().await.unwrap();
+        ("instance.created".to_owned(), body, props)
+    });
+    broker.publish_all(&app.mq.exchange, events, Duration::from_secs(60)).await;
 
     wait_for("ingest to be under way", Duration::from_secs(30), || async {
         count(&app, "SELECT count(*) FROM instances").await > 500
@@ -768,31 +846,59 @@ async fn kill_9_during_ingest_of_5000_events_loses_and_doubles_nothing() {
         count(&app, "SELECT count(*) FROM instances").await == 5000
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A marker behind every redelivery: once it is applied, no copy is left to double.
+    broker.publish_with_id(&app, &created(200_000), "kill-marker").await;
+    wait_status(&app, 200_000, "RUNNING").await;
+
     assert!(at_crash < 5000, "the crash came mid-stream ({at_crash} applied)");
-    assert_eq!(count(&app, "SELECT count(*) FROM instances").await, 5000);
-    assert_eq!(count(&app, "SELECT count(*) FROM audit_logs WHERE action = 'CREATE'").await, 5000);
-    assert_eq!(count(&app, "SELECT count(DISTINCT instance_id) FROM audit_logs").await, 5000);
+    let stream = "instance_id BETWEEN 100001 AND 105000";
+    assert_eq!(count(&app, &format!("SELECT count(*) FROM instances WHERE {stream}")).await, 5000);
+    assert_eq!(
+        count(
+            &app,
+            &format!("SELECT count(*) FROM audit_logs WHERE action = 'CREATE' AND {stream}")
+        )
+        .await,
+        5000
+    );
+    assert_eq!(
+        count(&app, &format!("SELECT count(DISTINCT instance_id) FROM audit_logs WHERE {stream}"))
+            .await,
+        5000
+    );
     // Every status change is eventually published, at least once, across the crash.
     let mut published = std::collections::HashSet::new();
     while published.len() < 5000 {
         let msg =
             broker.get(&app.mq.status_queue, Duration::from_secs(20)).await.expect("status events");
-        published.insert(
-            InstanceStatusChanged::decode(msg.delivery.data.as_slice()).unwrap().instance_id,
-        );
+        let id = InstanceStatusChanged::decode(msg.delivery.data.as_slice()).unwrap().instance_id;
+        if (100_001..=105_000).contains(&id) {
+            published.insert(id);
+        }
     }
 }
 
 #[tokio::test]
 async fn sigterm_finishes_in_flight_work_and_exits_0() {
-    let mut app = spawn_app().await;
+    // Small batches over a slow database link: each batch takes a while, so a signal sent
+    // while events wait lands in the middle of one.
+    let proxy = Proxy::start(target_of(&admin_url(), 5432)).await;
+    let mut app = spawn_app_with(AppOptions {
+        database_via: Some(proxy.addr),
+        env: vec![("RESOURCE_DATA__RABBITMQ__BATCH_SIZE".into(), "10".into())],
+        ..Default::default()
+    })
+    .await;
+    proxy.delay(Duration::from_millis(10));
     let broker = Broker::connect().await;
-    for id in 12_001..=12_300 {
-        broker.publish(&app, &created(id)).await;
-    }
-    wait_for("ingest to start", Duration::from_secs(10), || async {
-        count(&app, "SELECT count(*) FROM instances").await > 0
+    // All at once (confirmed together), so that they wait in the queue: the consumer is
+    // busy from the first batch to the last.
+    let events = (12_001..=12_300).map(|id| {
+        ("instance.created".to_owned(), created(id).encode_to_vec(), BasicProperties::default())
+    });
+    broker.publish_all(&app.mq.exchange, events, Duration::from_secs(30)).await;
+    app.wait_for_line("a first batch", 0, Duration::from_secs(30), |v| {
+        v["message"] == "batch done"
     })
     .await;
     let pool = app.pool.clone();
@@ -801,11 +907,28 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
     let status = app.terminate().await;
 
     assert_eq!(status.code(), Some(0));
+    // The signal came while a batch was being applied, and that batch was finished: its
+    // "batch done" follows the shutdown line. No batch starts after the signal.
+    let logs = app.json_logs();
+    let signal = logs
+        .iter()
+        .position(|v| v["message"] == "shutting down: no new requests, finishing in-flight ones")
+        .expect("the shutdown is logged");
+    let finished: Vec<&serde_json::Value> =
+        logs[signal..].iter().filter(|v| v["message"] == "batch done").collect();
+    let after: Vec<&serde_json::Value> = logs[signal..].iter().map(|v| &v["message"]).collect();
+    assert_eq!(
+        finished.len(),
+        1,
+        "one batch was in flight at the signal; logged after it: {after:?}"
+    );
+    assert!(finished[0]["size"].as_u64().is_some_and(|n| n >= 1), "{:?}", finished[0]);
     let applied: i64 =
         sqlx::query_scalar("SELECT count(*) FROM instances").fetch_one(&pool).await.unwrap();
     let audited: i64 =
         sqlx::query_scalar("SELECT count(*) FROM audit_logs").fetch_one(&pool).await.unwrap();
     assert_eq!(applied, audited, "every applied event is audited");
+    assert!(applied < 300, "the signal came mid-stream ({applied} applied)");
     // Whatever was not applied is still in the queue, not lost.
     let left = broker.queue_length(&queue).await;
     assert_eq!(applied + i64::from(left), 300);

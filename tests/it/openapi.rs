@@ -68,15 +68,19 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
     let app = spawn_app().await;
     let examples = std::env::var("SCHEMATHESIS_MAX_EXAMPLES").unwrap_or_else(|_| "100".into());
     let seed = std::env::var("SCHEMATHESIS_SEED").unwrap_or_else(|_| "1".into());
-    let output = tokio::process::Command::new(st)
-        .arg("--no-color")
+    let mut st = tokio::process::Command::new(st);
+    st.arg("--no-color")
         .arg("--config-file")
         .arg(repo_path("schemathesis.toml"))
         .arg("run")
         .arg(format!("{}/openapi.json", app.http))
         .args(["--max-examples", &examples, "--seed", &seed])
-        .output()
+        // Each of its requests is bounded (seconds), and so is the whole run.
+        .args(["--request-timeout", "10"])
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(std::time::Duration::from_secs(480), st.output())
         .await
+        .expect("Schemathesis finished within 8 minutes")
         .expect("run Schemathesis");
     let report = String::from_utf8_lossy(&output.stdout);
     assert!(

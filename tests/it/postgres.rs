@@ -1,29 +1,31 @@
 //! Migrations and the database's own guarantees.
 
-use crate::helpers::{BIN, Seed, TestDb, repo_path, seed};
+use test_support::Database;
 
-async fn migrate(db: &TestDb) -> std::process::Output {
-    tokio::process::Command::new(BIN)
-        .arg("-conf")
-        .arg(repo_path("configs"))
-        .arg("migrate")
-        .env("RESOURCE_DATA__DATABASE__SOURCE", &db.url)
-        .env("RESOURCE_DATA__DATABASE__CONNECT_TIMEOUT", "5s")
-        .output()
-        .await
-        .unwrap()
+use crate::helpers::{BIN, Seed, repo_path, run_to_end, seed, test_db};
+
+async fn migrate(db: &Database) -> std::process::Output {
+    run_to_end(
+        tokio::process::Command::new(BIN)
+            .arg("-conf")
+            .arg(repo_path("configs"))
+            .arg("migrate")
+            .env("RESOURCE_DATA__DATABASE__SOURCE", &db.url)
+            .env("RESOURCE_DATA__DATABASE__CONNECT_TIMEOUT", "5s"),
+    )
+    .await
 }
 
 #[tokio::test]
 async fn migrate_creates_the_schema_and_is_idempotent() {
-    let db = TestDb::create().await;
+    let db = test_db().await;
 
     let first = migrate(&db).await;
     let second = migrate(&db).await;
 
     assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
     assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
-    let pool = db.pool().await;
+    let pool = db.pool(4).await;
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
     )
@@ -42,15 +44,18 @@ async fn migrate_creates_the_schema_and_is_idempotent() {
 
 #[tokio::test]
 async fn migrate_against_an_unreachable_database_fails_with_exit_69() {
-    let out = tokio::process::Command::new(BIN)
-        .arg("-conf")
-        .arg(repo_path("configs"))
-        .arg("migrate")
-        .env("RESOURCE_DATA__DATABASE__SOURCE", "postgres://postgres:pw-not-logged@127.0.0.1:1/x")
-        .env("RESOURCE_DATA__DATABASE__CONNECT_TIMEOUT", "300ms")
-        .output()
-        .await
-        .unwrap();
+    let out = run_to_end(
+        tokio::process::Command::new(BIN)
+            .arg("-conf")
+            .arg(repo_path("configs"))
+            .arg("migrate")
+            .env(
+                "RESOURCE_DATA__DATABASE__SOURCE",
+                "postgres://postgres:pw-not-logged@127.0.0.1:1/x",
+            )
+            .env("RESOURCE_DATA__DATABASE__CONNECT_TIMEOUT", "300ms"),
+    )
+    .await;
 
     assert_eq!(out.status.code(), Some(69));
     let all =
@@ -61,9 +66,9 @@ async fn migrate_against_an_unreachable_database_fails_with_exit_69() {
 
 #[tokio::test]
 async fn the_audit_log_refuses_update_delete_and_truncate() {
-    let db = TestDb::create().await;
+    let db = test_db().await;
     assert!(migrate(&db).await.status.success());
-    let pool = db.pool().await;
+    let pool = db.pool(4).await;
     sqlx::query(
         "INSERT INTO audit_logs (instance_id, actor, source, action, outcome) VALUES (1, 'mq', 'mq', 'CREATE', 'ok')",
     )
@@ -86,9 +91,9 @@ async fn the_audit_log_refuses_update_delete_and_truncate() {
 
 #[tokio::test]
 async fn the_schema_refuses_inconsistent_rows() {
-    let db = TestDb::create().await;
+    let db = test_db().await;
     assert!(migrate(&db).await.status.success());
-    let pool = db.pool().await;
+    let pool = db.pool(4).await;
     seed(&pool, &[Seed::new(1)]).await;
 
     let bad = [

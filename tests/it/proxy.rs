@@ -54,7 +54,12 @@ impl Proxy {
                 }
                 let mode_rx = mode_rx.clone();
                 tokio::spawn(async move {
-                    let Ok(outbound) = TcpStream::connect(target).await else { return };
+                    let connect = TcpStream::connect(target);
+                    let Ok(Ok(outbound)) =
+                        tokio::time::timeout(Duration::from_secs(5), connect).await
+                    else {
+                        return;
+                    };
                     let _ = inbound.set_nodelay(true);
                     let _ = outbound.set_nodelay(true);
                     let (in_read, in_write) = inbound.into_split();

@@ -11,7 +11,7 @@ use tonic::{
 };
 use tonic_types::StatusExt;
 
-use crate::helpers::{BIN, repo_path, spawn_app};
+use crate::helpers::{BIN, grpc_endpoint, repo_path, run_to_end, spawn_app};
 
 /// Sends and receives raw bytes, so a test can put anything on the wire.
 #[derive(Default)]
@@ -55,8 +55,7 @@ impl Decoder for Raw {
 
 /// A gRPC client that puts raw bytes on the wire.
 pub(crate) async fn raw_client(grpc: &str) -> tonic::client::Grpc<tonic::transport::Channel> {
-    let channel =
-        tonic::transport::Endpoint::from_shared(grpc.to_owned()).unwrap().connect().await.unwrap();
+    let channel = grpc_endpoint(grpc).connect().await.expect("connect gRPC");
     tonic::client::Grpc::new(channel).max_encoding_message_size(usize::MAX)
 }
 
@@ -175,14 +174,14 @@ async fn an_overlong_request_id_is_replaced_not_stored_or_echoed() {
 
 #[tokio::test]
 async fn a_duration_out_of_range_exits_64_and_an_unknown_key_is_named() {
-    let out = tokio::process::Command::new(BIN)
-        .arg("-conf")
-        .arg(repo_path("configs"))
-        .arg("migrate")
-        .env("RESOURCE_SERVER__HTTP__TIMEOUT", "9999999999999999h")
-        .output()
-        .await
-        .unwrap();
+    let out = run_to_end(
+        tokio::process::Command::new(BIN)
+            .arg("-conf")
+            .arg(repo_path("configs"))
+            .arg("migrate")
+            .env("RESOURCE_SERVER__HTTP__TIMEOUT", "9999999999999999h"),
+    )
+    .await;
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("out of range") && stderr.contains("timeout"), "{stderr}");
@@ -193,14 +192,14 @@ async fn a_duration_out_of_range_exits_64_and_an_unknown_key_is_named() {
         ("RESOURCE_DATA__RABBITMQ__DEDUP_WINDOW", "99999999999h"),
         ("RESOURCE_DATA__DATABASE__QUERY_TIMEOUT", "99999999h"),
     ] {
-        let out = tokio::process::Command::new(BIN)
-            .arg("-conf")
-            .arg(repo_path("configs"))
-            .arg("migrate")
-            .env(key, value)
-            .output()
-            .await
-            .unwrap();
+        let out = run_to_end(
+            tokio::process::Command::new(BIN)
+                .arg("-conf")
+                .arg(repo_path("configs"))
+                .arg("migrate")
+                .env(key, value),
+        )
+        .await;
         assert_eq!(out.status.code(), Some(64), "{key}: {out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("out of range") && !stderr.contains("panicked"), "{stderr}");
@@ -208,17 +207,17 @@ async fn a_duration_out_of_range_exits_64_and_an_unknown_key_is_named() {
 
     // A misspelt section is named at start-up (here the migrate command, which needs no
     // broker: it fails on the database, after the warning).
-    let out = tokio::process::Command::new(BIN)
-        .arg("-conf")
-        .arg(repo_path("configs"))
-        .arg("migrate")
-        .env("RESOURCE_DATA__DATABSE__SOURCE", "postgres://nowhere")
-        .env("RESOURCE_DATA__DATABASE__SOURCE", "postgres://postgres@127.0.0.1:1/none")
-        .env("RESOURCE_DATA__DATABASE__CONNECT_TIMEOUT", "100ms")
-        .env("RESOURCE_LOG__FORMAT", "json")
-        .output()
-        .await
-        .unwrap();
+    let out = run_to_end(
+        tokio::process::Command::new(BIN)
+            .arg("-conf")
+            .arg(repo_path("configs"))
+            .arg("migrate")
+            .env("RESOURCE_DATA__DATABSE__SOURCE", "postgres://nowhere")
+            .env("RESOURCE_DATA__DATABASE__SOURCE", "postgres://postgres@127.0.0.1:1/none")
+            .env("RESOURCE_DATA__DATABASE__CONNECT_TIMEOUT", "100ms")
+            .env("RESOURCE_LOG__FORMAT", "json"),
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let warning = stdout
         .lines()

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use lapin::{BasicProperties, options::BasicPublishOptions};
+use lapin::BasicProperties;
 use prost::Message;
 use serde_json::{Value, json};
 
@@ -51,20 +51,11 @@ async fn two_replicas_on_10000_events_one_stopping_midway_lose_nothing() {
     assert_eq!(nodes, [first_node, second_node], "ids carry each replica's node id");
 
     let broker = Broker::connect().await;
-    for id in 1..=10_000_i64 {
-        broker
-            .channel
-            .basic_publish(
-                app.mq.exchange.as_str().into(),
-                "instance.created".into(),
-                BasicPublishOptions::default(),
-                &created(500_000 + id).encode_to_vec(),
-                BasicProperties::default().with_message_id(format!("replicas-{id}").into()),
-            )
-            .await
-            .unwrap();
-    }
-    broker.channel.wait_for_confirms().await.unwrap();
+    let events = (1..=10_000_i64).map(|id| {
+        let props = BasicProperties::default().with_message_id(format!("replicas-{id}").into());
+        ("instance.created".to_owned(), created(500_000 + id).encode_to_vec(), props)
+    });
+    broker.publish_all(&app.mq.exchange, events, Duration::from_secs(120)).await;
 
     let pool = app.pool.clone();
     let count = |sql: &'static str| {
@@ -92,7 +83,13 @@ async fn two_replicas_on_10000_events_one_stopping_midway_lose_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(batches(&second.logs.lock().unwrap()) > 0, "the second replica took over");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A marker behind every redelivery: once the second replica applied it, no copy of
+    // the 10,000 is left to apply twice.
+    broker.publish_with_id(&app, &created(600_000), "replicas-marker").await;
+    while count("SELECT count(*) FROM instances WHERE instance_id = 600000").await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the marker was never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         count("SELECT count(*) FROM instances WHERE instance_id BETWEEN 500001 AND 510000").await,
         10_000

@@ -21,7 +21,11 @@ async fn an_open_stream_cannot_hold_the_process_past_the_shutdown_timeout() {
         .await
         .expect("watch")
         .into_inner();
-    watch.message().await.expect("a first status").expect("a message");
+    tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("a first status in time")
+        .expect("a first status")
+        .expect("a message");
 
     let started = Instant::now();
     let status = app.terminate().await;
