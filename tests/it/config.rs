@@ -171,10 +171,11 @@ async fn version_prints_without_a_config() {
 #[tokio::test]
 async fn publish_names_itself_in_its_errors_and_exits_64_on_bad_arguments() {
     let out = run_to_end(
-        tokio::process::Command::new(BIN)
-            .arg("-conf")
-            .arg(repo_path("configs"))
-            .args(["publish", "--encoding", "xml"]),
+        tokio::process::Command::new(BIN).arg("-conf").arg(repo_path("configs")).args([
+            "publish",
+            "--encoding",
+            "xml",
+        ]),
     )
     .await;
 
