@@ -29,6 +29,9 @@ pub struct Bootstrap {
     /// Bounds of instance specs.
     #[serde(default)]
     pub limits: Limits,
+    /// What owners and the fleet may hold.
+    #[serde(default)]
+    pub quota: Quota,
     /// Instance id generation.
     #[serde(default)]
     pub snowflake: Snowflake,
@@ -376,6 +379,31 @@ impl Default for Limits {
     }
 }
 
+/// What owners and the fleet may hold.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Quota {
+    /// Limits of every owner without limits of their own; 0 or absent is unlimited.
+    pub per_user: PerUserQuota,
+    /// Most live instances per GPU type code (`"2": 100`), fleet-wide; an absent type is
+    /// unlimited.
+    pub gpu_capacity: BTreeMap<String, i64>,
+}
+
+/// Default limits of one owner; 0 is unlimited.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(default)]
+pub struct PerUserQuota {
+    /// Most live instances.
+    pub instances: i64,
+    /// Most CPU cores.
+    pub cpu: i64,
+    /// Most memory, MB.
+    pub memory_mb: i64,
+    /// Most GPUs.
+    pub gpus: i64,
+}
+
 /// Caller authentication.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Auth {
@@ -693,6 +721,25 @@ impl Bootstrap {
         {
             return Err("limits: max_cpu, max_memory_mb, max_name_length and max_config_depth must be at least 1, max_config_bytes at least 2 (\"{}\")".into());
         }
+        let q = &self.quota.per_user;
+        if [q.instances, q.cpu, q.memory_mb, q.gpus].iter().any(|v| *v < 0) {
+            return Err(
+                "quota.per_user: instances, cpu, memory_mb and gpus must be 0 (unlimited) or more"
+                    .into(),
+            );
+        }
+        for (code, capacity) in &self.quota.gpu_capacity {
+            // The code exactly as written ("2", not "02"): two spellings of one type
+            // would otherwise both be accepted, and one of them silently lost.
+            if !matches!(code.as_str(), "1" | "2" | "3" | "4" | "5" | "6") {
+                return Err(format!("quota.gpu_capacity: {code:?} is not a GPU type code (1-6)"));
+            }
+            if *capacity < 0 {
+                return Err(format!(
+                    "quota.gpu_capacity.{code}: must be 0 or more, got {capacity}"
+                ));
+            }
+        }
         let k8s = &self.data.kubernetes;
         if k8s.enabled {
             if k8s.namespace.is_empty() {
@@ -877,6 +924,31 @@ impl From<&Limits> for crate::biz::Limits {
             max_name_len: conf.max_name_length,
             max_config_depth: conf.max_config_depth,
             max_config_bytes: conf.max_config_bytes,
+        }
+    }
+}
+
+impl From<&Quota> for crate::biz::QuotaConf {
+    /// Keys and values are checked by `Bootstrap::validate`; an invalid one is skipped.
+    fn from(conf: &Quota) -> Self {
+        use crate::biz::quota::{Amounts, QuotaLimits};
+        let p = conf.per_user;
+        let mut gpu_capacity = [None; crate::biz::GpuType::ALL.len()];
+        for (code, capacity) in &conf.gpu_capacity {
+            if let Some(slot) =
+                code.parse::<usize>().ok().filter(|c| *c > 0).and_then(|c| gpu_capacity.get_mut(c))
+            {
+                *slot = Some(*capacity);
+            }
+        }
+        Self {
+            per_user: QuotaLimits::from_amounts(Amounts {
+                instances: p.instances,
+                cpu: p.cpu,
+                memory_mb: p.memory_mb,
+                gpus: p.gpus,
+            }),
+            gpu_capacity,
         }
     }
 }

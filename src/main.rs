@@ -7,12 +7,12 @@ use std::{process::ExitCode, sync::Arc, time::Duration};
 use resource::{
     biz::{
         AuditUsecase, GreeterUsecase, HealthUsecase, InstanceUsecase, OutboxRelay, Probe,
-        reconcile::Reconciler, snowflake::Snowflake,
+        QuotaUsecase, reconcile::Reconciler, snowflake::Snowflake,
     },
     cli::{Cli, Command, EXIT_CONFIG, EXIT_FAILURE, EXIT_LEASE_LOST, EXIT_UNAVAILABLE},
     conf::{self, AuthMode},
     data::{
-        AmqpStatusPublisher, Data, PgAuditRepo, PgInstanceRepo, PgOutboxRepo, PgProbe,
+        AmqpStatusPublisher, Data, PgAuditRepo, PgInstanceRepo, PgOutboxRepo, PgProbe, PgQuotaRepo,
         PgReconcileRepo,
         kube::KubeCluster,
         snowflake::{LeaseEnd, NodeIds},
@@ -141,17 +141,19 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     let audits = Arc::new(PgAuditRepo::new(data.requests().clone()));
     let publisher = Arc::new(AmqpStatusPublisher::new(conf.data.rabbitmq.clone()));
     let reconciles = Arc::new(PgReconcileRepo::new(data.background().clone()));
+    let quotas = Arc::new(PgQuotaRepo::new(data.requests().clone()));
 
     // use cases
     let (limits, ids) = ((&conf.limits).into(), Arc::new(Snowflake::new(node_ids.node())));
-    let with_cluster = cluster.is_some();
-    let instance_uc = Arc::new(InstanceUsecase::new(instances, limits, with_cluster, ids.clone()));
-    let background_uc = Arc::new(InstanceUsecase::new(
-        Arc::new(background_instances.clone()),
-        limits,
-        with_cluster,
-        ids,
-    ));
+    let (with_cluster, quota) = (cluster.is_some(), (&conf.quota).into());
+    let instance_uc = Arc::new(
+        InstanceUsecase::new(instances, limits, with_cluster, ids.clone()).with_quota(quota),
+    );
+    let background_uc = Arc::new(
+        InstanceUsecase::new(Arc::new(background_instances.clone()), limits, with_cluster, ids)
+            .with_quota(quota),
+    );
+    let quota_uc = Arc::new(QuotaUsecase::new(quotas, quota));
     let audit_uc = Arc::new(AuditUsecase::new(audits));
     let relay = OutboxRelay::new(outbox, publisher);
     let reconciler = cluster.map(|(cluster, health)| {
@@ -170,7 +172,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     probes.extend(consumer.as_ref().map(|c| Arc::new(c.probe()) as Arc<dyn Probe>));
     probes.extend(reconciler.as_ref().map(|r| r.health() as Arc<dyn Probe>));
     let services = Services {
-        resource: Arc::new(ResourceService::new(instance_uc, audit_uc)),
+        resource: Arc::new(ResourceService::new(instance_uc, audit_uc, quota_uc.clone())),
         greeter: Arc::new(GreeterService::new(GreeterUsecase)),
         health: HealthService::new(Arc::new(HealthUsecase::new(probes, Duration::from_secs(1)))),
         auth,
@@ -185,6 +187,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     let mut background = Background::default();
     background.spawn(metrics::upkeep(metrics, shutdown.clone()));
     background.spawn(data.clone().keep_gauges(shutdown.clone()));
+    background.spawn((*quota_uc).clone().keep_gauges(Duration::from_secs(5), shutdown.clone()));
     let window = conf.data.rabbitmq.dedup_window;
     background.spawn(background_instances.prune_processed_events(window, shutdown.clone()));
     background.spawn({

@@ -59,6 +59,14 @@ pub enum Error {
     /// The lifecycle move is not allowed from the current status.
     #[error("instance {instance_id} cannot go from {from} to {to}")]
     IllegalTransition { instance_id: i64, from: InstanceStatus, to: InstanceStatus },
+    /// The owner's instances would hold more than their quota allows.
+    #[error(
+        "quota exceeded: user {user_id:?} holds {usage} of {value} {limit}, and {requested} more were asked for"
+    )]
+    QuotaExceeded { user_id: String, limit: &'static str, value: i64, usage: i64, requested: i64 },
+    /// Every instance of this GPU type the fleet has room for is taken.
+    #[error("capacity exhausted: {used} of {capacity} {} instances are live", gpu.model())]
+    CapacityExhausted { gpu: super::GpuType, capacity: i64, used: i64 },
     /// The instance moved on between read and write.
     #[error("instance {instance_id} was changed concurrently")]
     VersionConflict { instance_id: i64 },
@@ -94,6 +102,8 @@ pub enum ErrorKind {
     FailedPrecondition,
     /// 413 / RESOURCE_EXHAUSTED.
     PayloadTooLarge,
+    /// 429 / RESOURCE_EXHAUSTED: a quota or the capacity is used up.
+    QuotaExhausted,
     /// 408 / DEADLINE_EXCEEDED: the client was too slow sending its request.
     RequestTimeout,
     /// 504 / DEADLINE_EXCEEDED.
@@ -125,6 +135,9 @@ impl Error {
                 ErrorKind::FailedPrecondition
             }
             Error::VersionConflict { .. } => ErrorKind::Conflict,
+            Error::QuotaExceeded { .. } | Error::CapacityExhausted { .. } => {
+                ErrorKind::QuotaExhausted
+            }
             Error::Timeout { .. } => ErrorKind::DeadlineExceeded,
             Error::Unavailable(_) => ErrorKind::Unavailable,
             Error::Internal(_) => ErrorKind::Internal,
@@ -149,6 +162,8 @@ impl Error {
             Error::PermissionDenied { .. } => "PERMISSION_DENIED",
             Error::IllegalTransition { .. } => "ILLEGAL_TRANSITION",
             Error::VersionConflict { .. } => "VERSION_CONFLICT",
+            Error::QuotaExceeded { .. } => "QUOTA_EXCEEDED",
+            Error::CapacityExhausted { .. } => "CAPACITY_EXHAUSTED",
             Error::Timeout { .. } => "TIMEOUT",
             Error::Unavailable(_) => "SERVICE_UNAVAILABLE",
             Error::Internal(_) => "INTERNAL",
@@ -201,6 +216,21 @@ impl Error {
             }
             Error::Timeout { timeout_ms } => {
                 m.insert("timeout_ms".into(), timeout_ms.to_string());
+            }
+            Error::QuotaExceeded { user_id, limit, value, usage, requested } => {
+                m.insert("user_id".into(), user_id.clone());
+                m.insert("limit".into(), (*limit).into());
+                m.insert("value".into(), value.to_string());
+                m.insert("usage".into(), usage.to_string());
+                m.insert("requested".into(), requested.to_string());
+            }
+            Error::CapacityExhausted { gpu, capacity, used } => {
+                m.insert("gpu".into(), gpu.code().to_string());
+                m.insert("gpu_model".into(), gpu.model().into());
+                m.insert("limit".into(), "gpu_capacity".into());
+                m.insert("value".into(), capacity.to_string());
+                m.insert("usage".into(), used.to_string());
+                m.insert("requested".into(), "1".into());
             }
             Error::Unavailable(_) | Error::Internal(_) => {}
         }

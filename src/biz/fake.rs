@@ -20,6 +20,7 @@ use super::{
     AuditRecord, AuditRepo, Changes, EventKey, GpuType, Instance, InstanceId, InstanceRepo,
     InstanceSpec, InstanceStatus, ListQuery, Processed, RepoError, Snapshot, StatusChange,
     instance::Endpoint,
+    quota::{Amounts, Held, QuotaOverride, QuotaRepo, Scope},
 };
 
 /// A failure the next unit of work meets.
@@ -54,6 +55,10 @@ pub(crate) struct State {
     pub outbox: Vec<StatusChange>,
     /// `sync_requests`, in id order.
     pub sync_requests: Vec<Option<InstanceId>>,
+    /// `quota_usage`.
+    pub usage: HashMap<Scope, Amounts>,
+    /// `quota_overrides`.
+    pub own: HashMap<String, QuotaOverride>,
     /// Calls made, by method.
     pub calls: Calls,
     /// What the next units of work meet, in order (`None`: nothing).
@@ -160,6 +165,13 @@ impl State {
                 _ => return Err(RepoError::Conflict),
             }
         }
+        for change in &changes.usage {
+            let before = self.usage.get(&change.scope).copied().unwrap_or_default();
+            // `add_usage`: the counter, moved past a limit since it was read, refuses.
+            if change.limits.exceeded_by(before, change.delta).is_some() {
+                return Err(RepoError::Conflict);
+            }
+        }
         let mut keys = Vec::new();
         for seen in &changes.seen {
             if self.processed.contains_key(&seen.key) || keys.contains(&seen.key) {
@@ -197,8 +209,28 @@ impl State {
             self.processed.insert(seen.key, processed);
         }
         self.sync_requests.extend(&changes.sync_requests);
+        for change in &changes.usage {
+            let counter = self.usage.entry(change.scope.clone()).or_default();
+            *counter = *counter + change.delta;
+        }
         self.calls.commits += 1;
         Ok(())
+    }
+
+    /// The counters of `scopes` that have a row, with owners' own limits.
+    pub(crate) fn held(&self, scopes: &[Scope]) -> HashMap<Scope, Held> {
+        scopes
+            .iter()
+            .filter_map(|scope| {
+                let own = match scope {
+                    Scope::User(user_id) => self.own.get(user_id).copied(),
+                    Scope::Gpu(_) => None,
+                };
+                let usage = self.usage.get(scope).copied();
+                (usage.is_some() || own.is_some())
+                    .then(|| (scope.clone(), Held { usage: usage.unwrap_or_default(), own }))
+            })
+            .collect()
     }
 
     /// The audit rows of `id`, oldest first.
@@ -252,6 +284,7 @@ impl InstanceRepo for FakeInstanceRepo {
         &self,
         ids: &[InstanceId],
         keys: &[EventKey],
+        owners: &[String],
         work: &mut (dyn FnMut(Snapshot) -> Changes + Send),
     ) -> Result<(), RepoError> {
         // Held for the whole unit of work: units run one at a time, like writers of the
@@ -263,15 +296,21 @@ impl InstanceRepo for FakeInstanceRepo {
         if fault == Some(Fault::Unavailable) {
             return Err(RepoError::Unavailable("injected: the store did not answer".into()));
         }
+        let instances: HashMap<InstanceId, Instance> =
+            ids.iter().filter_map(|id| state.instances.get(id).map(|i| (*id, i.clone()))).collect();
+        let mut scopes: Vec<Scope> = owners.iter().map(|o| Scope::User(o.clone())).collect();
+        scopes.extend(instances.values().map(|i| Scope::User(i.user_id.clone())));
+        if !scopes.is_empty() {
+            scopes.extend(Scope::gpus());
+        }
+        let quota = state.held(&scopes);
         let snapshot = Snapshot {
+            quota,
             seen: keys
                 .iter()
                 .filter_map(|k| state.processed.get(k).map(|p| (*k, p.fingerprint)))
                 .collect(),
-            instances: ids
-                .iter()
-                .filter_map(|id| state.instances.get(id).map(|i| (*id, i.clone())))
-                .collect(),
+            instances,
         };
         let changes = work(snapshot);
         if fault == Some(Fault::Conflict) {
@@ -281,6 +320,26 @@ impl InstanceRepo for FakeInstanceRepo {
             race(&mut state);
         }
         state.commit(&changes)
+    }
+}
+
+#[async_trait]
+impl QuotaRepo for FakeInstanceRepo {
+    async fn held(&self, scopes: &[Scope]) -> Result<HashMap<Scope, Held>, RepoError> {
+        let state = self.state();
+        state.unavailable()?;
+        Ok(state.held(scopes))
+    }
+
+    async fn set_own(&self, user_id: &str, own: &QuotaOverride) -> Result<(), RepoError> {
+        let mut state = self.state();
+        state.unavailable()?;
+        if own.is_empty() {
+            state.own.remove(user_id);
+        } else {
+            state.own.insert(user_id.to_owned(), *own);
+        }
+        Ok(())
     }
 }
 

@@ -18,6 +18,7 @@ pub mod id;
 pub mod instance;
 pub mod outbox;
 pub mod page;
+pub mod quota;
 pub mod reconcile;
 pub mod snowflake;
 
@@ -32,3 +33,4 @@ pub use instance::{
     Outcome, Page, Processed, Snapshot, SpecPatch, StatusChange,
 };
 pub use outbox::{OutboxRelay, OutboxRepo, Pending, StatusPublisher};
+pub use quota::{QuotaConf, QuotaRepo, QuotaUsecase};

@@ -74,3 +74,44 @@ fn topic_patterns_match_like_rabbitmq() {
     assert!(topic_matches("#", "anything.at.all"));
     assert!(!topic_matches("instance.*", "instance"));
 }
+
+#[test]
+fn quotas_come_from_the_files_and_the_environment_and_bad_ones_are_refused() {
+    use crate::biz::{GpuType, QuotaConf, quota::QuotaLimits};
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = std::fs::read_to_string("configs/config.yaml").unwrap();
+    std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
+    let defaults = load_with_env(dir.path(), HashMap::new()).unwrap();
+    assert_eq!(QuotaConf::from(&defaults.quota), QuotaConf::default(), "unlimited by default");
+
+    std::fs::write(
+        dir.path().join("zz-quota.yaml"),
+        "quota:\n  per_user: { instances: 10, gpus: 0 }\n  gpu_capacity: { \"2\": 100, \"4\": 0 }\n",
+    )
+    .unwrap();
+    let env = HashMap::from([
+        ("RESOURCE_QUOTA__PER_USER__CPU".to_owned(), "64".to_owned()),
+        ("RESOURCE_QUOTA__GPU_CAPACITY__3".to_owned(), "8".to_owned()),
+    ]);
+    let quota = QuotaConf::from(&load_with_env(dir.path(), env).unwrap().quota);
+    assert_eq!(
+        quota.per_user,
+        QuotaLimits { instances: Some(10), cpu: Some(64), memory_mb: None, gpus: None }
+    );
+    assert_eq!(quota.capacity(GpuType::TeslaA100), Some(100));
+    assert_eq!(quota.capacity(GpuType::TeslaH100), Some(8));
+    assert_eq!(quota.capacity(GpuType::TeslaT4), Some(0), "0 is no capacity, not unlimited");
+    assert_eq!(quota.capacity(GpuType::TeslaV100), None, "an absent type is unlimited");
+
+    for (key, value, says) in [
+        ("RESOURCE_QUOTA__GPU_CAPACITY__7", "1", "quota.gpu_capacity: \"7\""),
+        ("RESOURCE_QUOTA__GPU_CAPACITY__0", "1", "quota.gpu_capacity: \"0\""),
+        ("RESOURCE_QUOTA__GPU_CAPACITY__02", "1", "quota.gpu_capacity: \"02\""),
+        ("RESOURCE_QUOTA__GPU_CAPACITY__2", "-1", "quota.gpu_capacity.2"),
+        ("RESOURCE_QUOTA__PER_USER__MEMORY_MB", "-5", "quota.per_user"),
+    ] {
+        let env = HashMap::from([(key.to_owned(), value.to_owned())]);
+        let err = load_with_env(dir.path(), env).unwrap_err().to_string();
+        assert!(err.contains(says), "{key}={value}: {err}");
+    }
+}

@@ -13,6 +13,7 @@ use crate::biz::{
     Changes, EventKey, GpuType, Instance, InstanceId, InstanceRepo, InstanceSpec, InstanceStatus,
     ListQuery, Processed, RepoError, Snapshot,
     instance::{Endpoint, Port},
+    quota::Scope,
 };
 
 /// The columns of an instance with its spec; a macro so queries can `concat!` onto it.
@@ -212,6 +213,7 @@ impl InstanceRepo for PgInstanceRepo {
         &self,
         ids: &[InstanceId],
         keys: &[EventKey],
+        owners: &[String],
         work: &mut (dyn FnMut(Snapshot) -> Changes + Send),
     ) -> Result<(), RepoError> {
         self.db
@@ -226,7 +228,7 @@ impl InstanceRepo for PgInstanceRepo {
                     .execute(&mut *tx)
                     .await
                     .map_err(map_sqlx)?;
-                let snapshot = load(&mut tx, ids, keys).await?;
+                let snapshot = load(&mut tx, ids, keys, owners).await?;
                 let changes = work(snapshot);
                 if !changes.is_empty() {
                     write(&mut tx, &changes).await?;
@@ -253,6 +255,7 @@ async fn load(
     conn: &mut PgConnection,
     ids: &[InstanceId],
     keys: &[EventKey],
+    owners: &[String],
 ) -> Result<Snapshot, RepoError> {
     let mut seen = HashMap::new();
     if !keys.is_empty() {
@@ -286,7 +289,16 @@ async fn load(
             instances.insert(instance.id, instance);
         }
     }
-    Ok(Snapshot { seen, instances })
+    // The counters are read without a lock: the write re-checks them under one.
+    let mut scopes: Vec<Scope> = owners.iter().map(|o| Scope::User(o.clone())).collect();
+    scopes.extend(instances.values().map(|i| Scope::User(i.user_id.clone())));
+    let quota = if scopes.is_empty() {
+        HashMap::new()
+    } else {
+        scopes.extend(Scope::gpus());
+        super::quota::held(&mut *conn, &scopes).await?
+    };
+    Ok(Snapshot { seen, instances, quota })
 }
 
 /// Column arrays of instances, for one `UNNEST` statement per table.
@@ -499,7 +511,12 @@ async fn write(conn: &mut PgConnection, changes: &Changes) -> Result<(), RepoErr
         .map_err(map_sqlx)?;
     }
     if !changes.sync_requests.is_empty() {
-        super::reconcile::request_syncs(conn, &changes.sync_requests).await?;
+        super::reconcile::request_syncs(&mut *conn, &changes.sync_requests).await?;
+    }
+    // Last: the counters are the rows every create of a GPU type shares, so their locks
+    // are held only for this statement and the commit.
+    if !changes.usage.is_empty() {
+        super::quota::add_usage(conn, &changes.usage).await?;
     }
     Ok(())
 }

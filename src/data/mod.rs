@@ -9,6 +9,7 @@ mod instance;
 pub mod kube;
 mod outbox;
 mod publisher;
+mod quota;
 mod reconcile;
 pub mod snowflake;
 
@@ -33,6 +34,7 @@ pub use db::Db;
 pub use instance::PgInstanceRepo;
 pub use outbox::PgOutboxRepo;
 pub use publisher::AmqpStatusPublisher;
+pub use quota::PgQuotaRepo;
 pub use reconcile::PgReconcileRepo;
 
 /// Migrations embedded in the binary, so the image needs no `migrations/` directory.

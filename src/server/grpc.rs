@@ -117,6 +117,36 @@ impl pb::resource_service_server::ResourceService for ResourceApi {
         let reply = within(timeout, self.svc.list_audit_logs(&caller, req.into_inner())).await?;
         Ok(Response::new(reply))
     }
+
+    async fn get_quota(
+        &self,
+        req: Request<pb::GetQuotaRequest>,
+    ) -> Result<Response<pb::Quota>, Status> {
+        let (timeout, caller) =
+            (deadline(self.timeout, req.metadata()), self.caller(req.metadata())?);
+        let reply = within(timeout, self.svc.get_quota(&caller, req.into_inner())).await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn set_quota(
+        &self,
+        req: Request<pb::SetQuotaRequest>,
+    ) -> Result<Response<pb::Quota>, Status> {
+        let (timeout, caller) =
+            (deadline(self.timeout, req.metadata()), self.caller(req.metadata())?);
+        let reply = within(timeout, self.svc.set_quota(&caller, req.into_inner())).await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn get_capacity(
+        &self,
+        req: Request<pb::GetCapacityRequest>,
+    ) -> Result<Response<pb::Capacity>, Status> {
+        let (timeout, caller) =
+            (deadline(self.timeout, req.metadata()), self.caller(req.metadata())?);
+        let reply = within(timeout, self.svc.get_capacity(&caller, req.into_inner())).await?;
+        Ok(Response::new(reply))
+    }
 }
 
 impl ResourceApi {

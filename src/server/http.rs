@@ -68,6 +68,8 @@ pub fn router(state: AppState, conf: &conf::HttpServer) -> Router {
         .route("/v1/resources/{instance_id}", any(instance_route))
         .route("/v1/resources/{instance_id}/spec", patch(update_resource_spec))
         .route("/v1/resources/{instance_id}/audit-logs", get(list_audit_logs))
+        .route("/v1/quotas/{user_id}", get(get_quota).put(set_quota))
+        .route("/v1/capacity", get(get_capacity))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(|State(app): State<AppState>| super::metrics::render(app.metrics)))
@@ -561,6 +563,46 @@ async fn list_audit_logs(
         page_token: params.page_token.unwrap_or_default(),
     };
     Ok(ProtoJson(app.resource.list_audit_logs(&caller, req).await?))
+}
+
+async fn get_quota(
+    State(app): State<AppState>,
+    HttpCaller(caller): HttpCaller,
+    Segment(user_id): Segment,
+) -> Result<ProtoJson<pb::Quota>, HttpError> {
+    let req = pb::GetQuotaRequest { user_id };
+    Ok(ProtoJson(app.resource.get_quota(&caller, req).await?))
+}
+
+/// The body is the owner's own limits (`{"instances": 10, "gpus": 2}`), as the binding's
+/// `body: "limits"` says; a limit left out keeps the default. Since the body replaces
+/// them all, a field that is no limit (a misspelt `instance`) is refused rather than
+/// ignored: ignored, it would silently remove the owner's limits.
+async fn set_quota(
+    State(app): State<AppState>,
+    HttpCaller(caller): HttpCaller,
+    Segment(user_id): Segment,
+    ApiJson(body): ApiJson<serde_json::Value>,
+) -> Result<ProtoJson<pb::Quota>, HttpError> {
+    const LIMITS: [&str; 5] = ["instances", "cpu", "memory_mb", "memoryMb", "gpus"];
+    if let Some(unknown) =
+        body.as_object().and_then(|o| o.keys().find(|k| !LIMITS.contains(&k.as_str())))
+    {
+        return Err(HttpError::from(biz::Error::invalid(
+            "body",
+            format!("{unknown:?} is not a limit; expected instances, cpu, memory_mb or gpus"),
+        )));
+    }
+    let limits: pb::QuotaLimits = from_json_value(body).map_err(invalid_body)?;
+    let req = pb::SetQuotaRequest { user_id, limits: Some(limits) };
+    Ok(ProtoJson(app.resource.set_quota(&caller, req).await?))
+}
+
+async fn get_capacity(
+    State(app): State<AppState>,
+    HttpCaller(caller): HttpCaller,
+) -> Result<ProtoJson<pb::Capacity>, HttpError> {
+    Ok(ProtoJson(app.resource.get_capacity(&caller, pb::GetCapacityRequest {}).await?))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -32,6 +32,17 @@ const COMMON_ERRORS: &[&str] = &["400", "500", "503", "504"];
 const INSTANCE_ERRORS: &[&str] = &["404"];
 /// Further error statuses of operations that change an instance.
 const MUTATION_ERRORS: &[&str] = &["409", "413"];
+/// Further error statuses of operations that change anything else (a quota).
+const CHANGE_ERRORS: &[&str] = &["413"];
+/// RPCs whose change may add to what an owner's instances hold, so a quota or the GPU
+/// capacity may refuse it (429).
+const TAKES_QUOTA: &[&str] = &["CreateResource", "StartResource", "UpdateResourceSpec"];
+/// RPCs that some authenticated callers may not make (403): creating for another user,
+/// reading another user's quota, setting one.
+const RESTRICTED: &[&str] = &["CreateResource", "GetQuota", "SetQuota"];
+/// Messages whose 64-bit integers a request body may write as JSON numbers as well as
+/// strings (the proto3 JSON mapping reads both; responses carry strings).
+const NUMBERS_OR_STRINGS: &[&str] = &["resource.v1.QuotaLimits"];
 
 const SCHEMA_PREFIX: &str = "#/components/schemas/";
 
@@ -79,6 +90,18 @@ fn constraints(field: &str, limits: &Limits) -> Option<Value> {
         | "resource.v1.ListAuditLogsRequest.page_size" => {
             json!({ "minimum": 0, "maximum": max_page_size })
         }
+        "resource.v1.GetQuotaRequest.user_id" | "resource.v1.SetQuotaRequest.user_id" => json!({
+            "minLength": 1,
+            "maxLength": biz::instance::MAX_TEXT_LEN,
+            "pattern": NO_CONTROL_CHARACTERS,
+        }),
+        // 0 (unlimited) or more; a string as Rust's `i64::from_str` reads it (a `+` and
+        // leading zeros allowed, `-0` is 0).
+        _ if field.starts_with("resource.v1.QuotaLimits.") => json!({
+            "minimum": 0,
+            "maximum": i64::MAX,
+            "pattern": format!("^(\\+?0*({})|-0+)$", decimal_at_most(i64::MAX.unsigned_abs())),
+        }),
         _ if field.ends_with(".instance_id") => json!({ "minimum": 1 }),
         _ => return None,
     })
@@ -106,6 +129,10 @@ fn required(message: &str) -> &'static [&'static str] {
         "resource.v1.AuditEntry" => {
             &["id", "instance_id", "actor", "source", "action", "outcome", "created_at"]
         }
+        "resource.v1.Quota" => &["user_id", "limits", "usage", "own"],
+        "resource.v1.QuotaAmounts" => &["instances", "cpu", "memory_mb", "gpus"],
+        "resource.v1.Capacity" => &["gpus"],
+        "resource.v1.GpuCapacity" => &["gpu", "gpu_model", "used"],
         _ => &[],
     }
 }
@@ -319,11 +346,15 @@ impl<'a> Generator<'a> {
             errors.extend(INSTANCE_ERRORS);
         }
         if binding.verb != "get" {
-            errors.extend(MUTATION_ERRORS);
+            let on_instance = output.full_name() == "resource.v1.Resource";
+            errors.extend(if on_instance { MUTATION_ERRORS } else { CHANGE_ERRORS });
+        }
+        if TAKES_QUOTA.contains(&method.name()) {
+            errors.push("429");
         }
         if self.secured(method) {
             errors.push("401");
-            if method.name() == "CreateResource" {
+            if RESTRICTED.contains(&method.name()) {
                 errors.push("403");
             }
         }
@@ -377,6 +408,27 @@ fn template_fields(path: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// A regular expression (without anchors) matching the decimal numbers from 0 to `bound`
+/// written with as many digits as `bound` or fewer: every shorter number, then, digit by
+/// digit, those of its length that are smaller, and `bound` itself.
+fn decimal_at_most(bound: u64) -> String {
+    let digits = bound.to_string();
+    let len = digits.len();
+    let mut alternatives = Vec::new();
+    if len > 1 {
+        alternatives.push(format!("[0-9]{{1,{}}}", len - 1));
+    }
+    for (i, d) in digits.bytes().map(|b| b - b'0').enumerate() {
+        if d > 0 {
+            let rest = len - i - 1;
+            let tail = if rest == 0 { String::new() } else { format!("[0-9]{{{rest}}}") };
+            alternatives.push(format!("{}[0-{}]{tail}", &digits[..i], d - 1));
+        }
+    }
+    alternatives.push(digits);
+    alternatives.join("|")
+}
+
 /// A path segment is not JSON: a 64-bit id there is a plain decimal integer.
 fn path_schema(field: &FieldDescriptor) -> Value {
     match field.kind() {
@@ -418,10 +470,20 @@ fn error_responses() -> Value {
     let described = [
         ("400", "The request is malformed: a parameter, the body or the page token."),
         ("401", "No valid bearer token (the reason is never given)."),
-        ("403", "Only an admin creates instances for another user."),
+        (
+            "403",
+            "Only an admin creates instances for another user, reads another user's quota or sets a quota.",
+        ),
         ("404", "The instance does not exist (or belongs to another user)."),
         ("409", "The change conflicts with the instance's state or a previous request."),
         ("413", "The body exceeds `server.http.max_body_bytes`."),
+        (
+            "429",
+            "The change would take the owner over a quota limit (`QUOTA_EXCEEDED`; metadata \
+             `limit`, `value`, `usage`, `requested`, `user_id`) or every instance of the GPU \
+             type the fleet has room for is live (`CAPACITY_EXHAUSTED`; metadata `gpu`, \
+             `gpu_model`, `value`, `usage`). Retrying helps only once something is freed.",
+        ),
         ("500", "An unexpected failure; the cause is in the service log."),
         ("503", "A dependency is unavailable; retry later."),
         ("504", "The request did not finish within `server.http.timeout`."),

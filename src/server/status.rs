@@ -70,6 +70,7 @@ pub fn http_status(kind: ErrorKind) -> StatusCode {
             StatusCode::CONFLICT
         }
         ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::QuotaExhausted => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -88,7 +89,7 @@ pub fn grpc_code(kind: ErrorKind) -> tonic::Code {
         ErrorKind::AlreadyExists => tonic::Code::AlreadyExists,
         ErrorKind::Conflict => tonic::Code::Aborted,
         ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
-        ErrorKind::PayloadTooLarge => tonic::Code::ResourceExhausted,
+        ErrorKind::PayloadTooLarge | ErrorKind::QuotaExhausted => tonic::Code::ResourceExhausted,
         ErrorKind::RequestTimeout => tonic::Code::DeadlineExceeded,
         ErrorKind::DeadlineExceeded => tonic::Code::DeadlineExceeded,
         ErrorKind::Unavailable => tonic::Code::Unavailable,

@@ -1,4 +1,5 @@
-//! `resource.v1.resourceService`: message mapping over `InstanceUsecase`.
+//! `resource.v1.resourceService`: message mapping over `InstanceUsecase`, `AuditUsecase`
+//! and `QuotaUsecase`.
 
 use std::sync::Arc;
 
@@ -8,9 +9,11 @@ use super::page_token;
 use crate::{
     biz::{
         Actor, AuditRecord, AuditUsecase, Command, Error, GpuType, Instance, InstanceId,
-        InstanceSpec, InstanceStatus, InstanceUsecase, ListFilter, NewInstance, SpecPatch,
+        InstanceSpec, InstanceStatus, InstanceUsecase, ListFilter, NewInstance, QuotaUsecase,
+        SpecPatch,
         access::{self, Access, ListScope},
         instance::Endpoint,
+        quota::{self, Amounts, QuotaOverride, UserQuota},
     },
     pb::resource::v1 as pb,
 };
@@ -65,12 +68,17 @@ pub fn is_user_id(sub: &str) -> bool {
 pub struct ResourceService {
     instances: Arc<InstanceUsecase>,
     audits: Arc<AuditUsecase>,
+    quotas: Arc<QuotaUsecase>,
 }
 
 impl ResourceService {
-    /// The API over `instances` and the audit trail.
-    pub fn new(instances: Arc<InstanceUsecase>, audits: Arc<AuditUsecase>) -> Self {
-        Self { instances, audits }
+    /// The API over `instances`, the audit trail and the quotas.
+    pub fn new(
+        instances: Arc<InstanceUsecase>,
+        audits: Arc<AuditUsecase>,
+        quotas: Arc<QuotaUsecase>,
+    ) -> Self {
+        Self { instances, audits, quotas }
     }
 
     /// The ranges requests are checked against (published in the OpenAPI document).
@@ -199,6 +207,47 @@ impl ResourceService {
         Ok(pb::Resource::from(self.visible(caller, id).await?))
     }
 
+    /// `GetQuota`: a user reads their own quota, an admin anyone's.
+    ///
+    /// # Errors
+    /// `InvalidArgument` (user id), `PermissionDenied`, `Unavailable`.
+    pub async fn get_quota(
+        &self,
+        caller: &Caller,
+        req: pb::GetQuotaRequest,
+    ) -> Result<pb::Quota, Error> {
+        let quota = self.quotas.get(&caller.access(), &req.user_id).await?;
+        Ok(pb::Quota::from(quota))
+    }
+
+    /// `SetQuota`: replaces an owner's own limits (admin only); absent `limits` removes
+    /// them.
+    ///
+    /// # Errors
+    /// `InvalidArgument` (user id, a negative limit), `PermissionDenied`, `Unavailable`.
+    pub async fn set_quota(
+        &self,
+        caller: &Caller,
+        req: pb::SetQuotaRequest,
+    ) -> Result<pb::Quota, Error> {
+        let own = QuotaOverride::from(req.limits.unwrap_or_default());
+        let quota = self.quotas.set(&caller.access(), &req.user_id, own).await?;
+        Ok(pb::Quota::from(quota))
+    }
+
+    /// `GetCapacity`: every GPU type's capacity and use, for any caller.
+    ///
+    /// # Errors
+    /// `Unavailable`.
+    pub async fn get_capacity(
+        &self,
+        _caller: &Caller,
+        _req: pb::GetCapacityRequest,
+    ) -> Result<pb::Capacity, Error> {
+        let gpus = self.quotas.capacity().await?;
+        Ok(pb::Capacity { gpus: gpus.into_iter().map(pb::GpuCapacity::from).collect() })
+    }
+
     /// The instance, if it exists for `caller`; another user's instance is
     /// `InstanceNotFound`, exactly as one that does not exist.
     async fn visible(&self, caller: &Caller, id: InstanceId) -> Result<Instance, Error> {
@@ -308,6 +357,53 @@ fn populated(spec: &pb::ResourceSpec) -> Vec<String> {
         ("config_json", spec.config_json.is_some()),
     ];
     set.into_iter().filter(|(_, set)| *set).map(|(name, _)| name.to_owned()).collect()
+}
+
+impl From<pb::QuotaLimits> for QuotaOverride {
+    fn from(l: pb::QuotaLimits) -> Self {
+        QuotaOverride { instances: l.instances, cpu: l.cpu, memory_mb: l.memory_mb, gpus: l.gpus }
+    }
+}
+
+impl From<QuotaOverride> for pb::QuotaLimits {
+    fn from(o: QuotaOverride) -> Self {
+        pb::QuotaLimits { instances: o.instances, cpu: o.cpu, memory_mb: o.memory_mb, gpus: o.gpus }
+    }
+}
+
+impl From<Amounts> for pb::QuotaAmounts {
+    fn from(a: Amounts) -> Self {
+        pb::QuotaAmounts {
+            instances: a.instances,
+            cpu: a.cpu,
+            memory_mb: a.memory_mb,
+            gpus: a.gpus,
+        }
+    }
+}
+
+impl From<UserQuota> for pb::Quota {
+    fn from(q: UserQuota) -> Self {
+        pb::Quota {
+            user_id: q.user_id,
+            // 0 is unlimited on the wire, as in the configuration.
+            limits: Some(pb::QuotaAmounts::from(q.limits.to_amounts())),
+            usage: Some(pb::QuotaAmounts::from(q.usage)),
+            own: Some(pb::QuotaLimits::from(q.own)),
+        }
+    }
+}
+
+impl From<quota::GpuCapacity> for pb::GpuCapacity {
+    fn from(c: quota::GpuCapacity) -> Self {
+        pb::GpuCapacity {
+            gpu: c.gpu.code(),
+            gpu_model: c.gpu.model().to_owned(),
+            capacity: c.capacity,
+            used: c.used,
+            free: c.free(),
+        }
+    }
 }
 
 impl From<AuditRecord> for pb::AuditEntry {

@@ -14,6 +14,8 @@ mod mq;
 mod openapi;
 mod postgres;
 mod proxy;
+mod quota_counters;
+mod quotas;
 mod races;
 mod refusals;
 mod replicas;

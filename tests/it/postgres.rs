@@ -4,7 +4,7 @@ use test_support::Database;
 
 use crate::helpers::{BIN, Seed, repo_path, run_to_end, seed, test_db};
 
-async fn migrate(db: &Database) -> std::process::Output {
+pub async fn migrate(db: &Database) -> std::process::Output {
     run_to_end(
         tokio::process::Command::new(BIN)
             .arg("-conf")

@@ -311,6 +311,7 @@ async fn two_hundred_forty_concurrent_mutations_on_one_instance_lose_nothing() {
     // Without a cluster every move is legal: every call is applied or an audited no-op.
     assert!(asked.iter().all(|a| a.answer.is_none_or(|code| code == 200)));
     assert_every_mutation_audited(&app, id, &asked).await;
+    crate::quota_counters::assert_counters_match_sql(&app.pool).await;
 }
 
 #[tokio::test]
@@ -368,6 +369,7 @@ async fn mutations_racing_the_reconciler_on_two_replicas_lose_nothing() {
     let rows = assert_every_mutation_audited(&app, id, &asked).await;
     let moves = rows.iter().filter(|r| r.action == "STATUS_CHANGE").count();
     assert!(moves > 4, "the reconciler took part ({moves} moves)");
+    crate::quota_counters::assert_counters_match_sql(&app.pool).await;
     // The cluster runs what is stored: no reconcile step applied a spec it read before a
     // later change committed.
     if stored.0 == "RUNNING" {

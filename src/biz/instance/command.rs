@@ -2,7 +2,7 @@
 //! a repository loaded: every entry point (API, events, reconciler) goes through here, so
 //! there is one behaviour and one audit trail.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
@@ -13,6 +13,7 @@ use super::{
 use crate::biz::{
     Error,
     audit::{Action, Actor, AuditEntry, Outcome as AuditOutcome, Source},
+    quota::{Amounts, Held, QuotaConf, Scope, UsageChange},
 };
 
 /// Identity of an event for de-duplication: equal for redeliveries and duplicates of
@@ -153,6 +154,9 @@ pub struct Snapshot {
     pub seen: HashMap<EventKey, Option<[u8; 16]>>,
     /// The instances the batch names that exist.
     pub instances: HashMap<InstanceId, Instance>,
+    /// The usage counters of the owners the batch creates for, of the owners of
+    /// `instances` and of every GPU type; a counter without a row is absent (zero).
+    pub quota: HashMap<Scope, Held>,
 }
 
 /// What a batch writes, in one transaction.
@@ -171,6 +175,8 @@ pub struct Changes {
     /// Instances the reconciler is asked to compare with the cluster (`None`: every
     /// instance).
     pub sync_requests: Vec<Option<InstanceId>>,
+    /// Usage counters changed, one entry per counter.
+    pub usage: Vec<UsageChange>,
 }
 
 /// An instance changed by a batch.
@@ -205,6 +211,7 @@ impl Changes {
             && self.outbox.is_empty()
             && self.seen.is_empty()
             && self.sync_requests.is_empty()
+            && self.usage.is_empty()
     }
 }
 
@@ -217,6 +224,8 @@ pub struct Context {
     pub limits: Limits,
     /// `false`: no cluster to wait for, so CREATING, STOPPING and DELETING complete at once.
     pub cluster_enabled: bool,
+    /// Default limits of owners and the GPU capacity.
+    pub quota: QuotaConf,
 }
 
 /// Applies `batch` in order to `snapshot`: the outcome of each command and everything
@@ -230,10 +239,20 @@ pub fn plan(batch: &[Envelope], snapshot: Snapshot, ctx: &Context) -> (Vec<Outco
         dirty: Vec::new(),
         respecced: HashSet::new(),
         changes: Changes::default(),
+        held: snapshot.quota,
+        deltas: BTreeMap::new(),
         ctx,
     };
     let outcomes = batch.iter().map(|envelope| planner.apply(envelope)).collect();
     let mut changes = planner.changes;
+    for (scope, delta) in planner.deltas {
+        if delta.is_zero() {
+            continue;
+        }
+        let limits =
+            ctx.quota.limits_of(&scope, planner.held.get(&scope).and_then(|h| h.own.as_ref()));
+        changes.usage.push(UsageChange { scope, delta, limits });
+    }
     for id in planner.created {
         changes.inserts.push(planner.state[&id].clone());
     }
@@ -258,6 +277,10 @@ struct Planner<'a> {
     /// Loaded instances whose spec this batch changed.
     respecced: HashSet<InstanceId>,
     changes: Changes,
+    /// The counters as read.
+    held: HashMap<Scope, Held>,
+    /// What this batch adds to each counter so far.
+    deltas: BTreeMap<Scope, Amounts>,
     ctx: &'a Context,
 }
 
@@ -453,19 +476,29 @@ impl Planner<'_> {
             deleted_at: None,
             version: 1,
         };
-        if !self.ctx.cluster_enabled {
-            instance
-                .transition(InstanceStatus::Running, "")
-                .expect("CREATING -> RUNNING is in the table");
-        }
-        self.audit(
-            envelope,
-            id.get(),
-            AuditOutcome::Ok,
-            String::new(),
-            None,
-            Some(snapshot_json(&instance)),
-        );
+        let (outcome, reason) = match self.admit(None, &instance) {
+            Ok(()) => {
+                if !self.ctx.cluster_enabled {
+                    instance
+                        .transition(InstanceStatus::Running, "")
+                        .expect("CREATING -> RUNNING is in the table");
+                }
+                (AuditOutcome::Ok, String::new())
+            }
+            // An API caller is told and nothing is kept.
+            Err(e) if envelope.actor.source != Source::Mq => {
+                return self.reject(envelope, None, e);
+            }
+            // An event is a fact from the producer (a sale was made): it is recorded as
+            // FAILED, and its status event tells the producer, which can refund.
+            Err(e) => {
+                instance
+                    .transition(InstanceStatus::Failed, e.reason())
+                    .expect("CREATING -> FAILED is in the table");
+                (AuditOutcome::Rejected, format!("{}: {e}", e.reason()))
+            }
+        };
+        self.audit(envelope, id.get(), outcome, reason, None, Some(snapshot_json(&instance)));
         self.publish(&instance);
         self.state.insert(id, instance.clone());
         self.created.push(id);
@@ -567,6 +600,9 @@ impl Planner<'_> {
                 Outcome::Ignored { instance: Some(current), note }
             }
             Ok(Some(())) => {
+                if let Err(e) = self.admit(Some(&current), &next) {
+                    return self.reject(envelope, Some(id), e);
+                }
                 next.version = current.version + 1;
                 next.updated_at = self.ctx.now;
                 let (before, after) = (snapshot_json(&current), snapshot_json(&next));
@@ -591,6 +627,47 @@ impl Planner<'_> {
                 Outcome::Applied(next)
             }
         }
+    }
+
+    /// Counts the move of an instance from `before` (`None`: new) to `after` against the
+    /// quota of its owner and the capacity of its GPU type, or says which limit it would
+    /// break. Only what a move adds is checked: freeing is always allowed, even above a
+    /// limit lowered since.
+    fn admit(&mut self, before: Option<&Instance>, after: &Instance) -> Result<(), Error> {
+        let mut change: BTreeMap<Scope, Amounts> = BTreeMap::new();
+        for (scope, amounts) in Scope::shares_of(after) {
+            let total = change.entry(scope).or_default();
+            *total = *total + amounts;
+        }
+        for (scope, amounts) in before.map(Scope::shares_of).unwrap_or_default() {
+            let total = change.entry(scope).or_default();
+            *total = *total - amounts;
+        }
+        for (scope, delta) in &change {
+            let held = self.held.get(scope);
+            let usage = held.map(|h| h.usage).unwrap_or_default()
+                + self.deltas.get(scope).copied().unwrap_or_default();
+            let limits = self.ctx.quota.limits_of(scope, held.and_then(|h| h.own.as_ref()));
+            if let Some((limit, value, usage, requested)) = limits.exceeded_by(usage, *delta) {
+                return Err(match scope {
+                    Scope::User(user_id) => Error::QuotaExceeded {
+                        user_id: user_id.clone(),
+                        limit,
+                        value,
+                        usage,
+                        requested,
+                    },
+                    Scope::Gpu(gpu) => {
+                        Error::CapacityExhausted { gpu: *gpu, capacity: value, used: usage }
+                    }
+                });
+            }
+        }
+        for (scope, delta) in change {
+            let total = self.deltas.entry(scope).or_default();
+            *total = *total + delta;
+        }
+        Ok(())
     }
 
     fn reject(&mut self, envelope: &Envelope, id: Option<InstanceId>, error: Error) -> Outcome {

@@ -13,7 +13,9 @@ use std::{
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 
-use super::{Actor, AuditEntry, Error, RepoError, audit::Outcome as AuditOutcome};
+use super::{
+    Actor, AuditEntry, Error, RepoError, audit::Outcome as AuditOutcome, quota::QuotaConf,
+};
 
 mod command;
 mod spec;
@@ -260,20 +262,23 @@ pub trait InstanceRepo: Send + Sync {
     async fn processed(&self, key: EventKey) -> Result<Option<Processed>, RepoError>;
 
     /// Runs one unit of work in one transaction: loads, locking them in id order, the
-    /// live or deleted instances among `ids` and which of `keys` were already processed;
-    /// hands them to `work`; writes the `Changes` it returns; commits.
+    /// live or deleted instances among `ids`, which of `keys` were already processed, and
+    /// the usage counters of `owners`, of the loaded instances' owners and of every GPU
+    /// type; hands them to `work`; writes the `Changes` it returns; commits.
     ///
     /// `work` may be called again when the transaction is retried, and must then
     /// decide afresh from the snapshot it is given.
     ///
     /// # Errors
     /// Implementations MUST return `RepoError::Conflict` when a concurrent writer won
-    /// (unique key, version moved, serialization failure or deadlock), so the caller can
+    /// (unique key, version moved, a usage counter moved past a limit, serialization
+    /// failure or deadlock), so the caller can
     /// retry, and `RepoError::Unavailable` when the store does not answer.
     async fn transact(
         &self,
         ids: &[InstanceId],
         keys: &[EventKey],
+        owners: &[String],
         work: &mut (dyn FnMut(Snapshot) -> Changes + Send),
     ) -> Result<(), RepoError>;
 }
@@ -326,14 +331,72 @@ impl Gates {
     }
 }
 
+/// Most API creates applied in one unit of work.
+const MAX_COMBINED: usize = 256;
+
+/// Most units of work of API creates running at once in one process.
+const MAX_DRAINERS: usize = 4;
+
+/// Most API creates waiting for a unit of work; more are answered 503 at once.
+const MAX_WAITING: usize = 4096;
+
+/// API creates waiting to be applied together. Every create of a GPU type changes that
+/// type's usage counter, and a counter row is locked until its transaction commits: one
+/// unit of work per create would queue a burst of them on that lock, each holding a
+/// pooled connection. So creates that arrive while units of work are running are applied
+/// together in the next one (group commit): no wait when there is no burst. A few units
+/// run at once, so one stuck on a counter's lock does not hold every other create back.
+#[derive(Default)]
+struct Combiner {
+    queue: Mutex<Waiting>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    creates: Vec<Queued>,
+    /// Tasks applying them.
+    drainers: usize,
+}
+
+/// A create waiting for its unit of work.
+struct Queued {
+    envelope: Envelope,
+    done: tokio::sync::oneshot::Sender<Result<Outcome, Error>>,
+    /// Closed when the caller went away (a request answered 504): the create is then
+    /// dropped before its unit of work starts, never applied behind the caller's back.
+    gone: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// Counts a draining task out if it ends by a panic, so creates keep being applied. (It
+/// ends normally only under the queue's lock, having found it empty.)
+struct Draining<'a>(&'a Combiner);
+
+impl Drop for Draining<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.lock().drainers -= 1;
+        }
+    }
+}
+
+// === impl Combiner ===
+
+impl Combiner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Reads and lifecycle of instances.
 #[derive(Clone)]
 pub struct InstanceUsecase {
     repo: Arc<dyn InstanceRepo>,
     limits: Limits,
     cluster_enabled: bool,
+    quota: QuotaConf,
     ids: Arc<crate::biz::snowflake::Snowflake>,
     gates: Arc<Gates>,
+    creates: Arc<Combiner>,
 }
 
 /// A new instance asked for through the API.
@@ -360,7 +423,23 @@ impl InstanceUsecase {
         cluster_enabled: bool,
         ids: Arc<crate::biz::snowflake::Snowflake>,
     ) -> Self {
-        Self { repo, limits, cluster_enabled, ids, gates: Arc::default() }
+        Self {
+            repo,
+            limits,
+            cluster_enabled,
+            quota: QuotaConf::default(),
+            ids,
+            gates: Arc::default(),
+            creates: Arc::default(),
+        }
+    }
+
+    /// These use cases with owners' default limits and the GPU capacity of `quota`
+    /// (without: unlimited, though usage is counted all the same).
+    #[must_use]
+    pub fn with_quota(mut self, quota: QuotaConf) -> Self {
+        self.quota = quota;
+        self
     }
 
     /// The ranges specs and names are checked against.
@@ -384,9 +463,11 @@ impl InstanceUsecase {
             validate_text("request_id", request_id)?;
         }
         // The whole create, including the audit of a refused request_id, runs to completion
-        // in its own task even if the caller goes away (see `run_to_completion`).
+        // in its own task even if the caller goes away once its unit of work has started
+        // (see `run_to_completion`); dropped with this future, `_waiting` says it went.
+        let (_waiting, gone) = tokio::sync::oneshot::channel::<()>();
         let this = self.clone();
-        tokio::spawn(async move { this.create_to_completion(actor, audit_id, new).await })
+        tokio::spawn(async move { this.create_to_completion(actor, audit_id, new, gone).await })
             .await
             .map_err(|e| Error::Internal(Arc::new(RepoError::Internal(e.to_string().into()))))?
     }
@@ -396,6 +477,7 @@ impl InstanceUsecase {
         actor: Actor,
         audit_id: String,
         new: NewInstance,
+        gone: tokio::sync::oneshot::Receiver<()>,
     ) -> Result<Instance, Error> {
         let key = new.request_id.as_deref().map(|r| idempotency_key(&new.user_id, r));
         let id = InstanceId::generated(self.ids.next_id());
@@ -408,8 +490,7 @@ impl InstanceUsecase {
             spec: new.spec.clone(),
         };
         let envelope = Envelope { key, fingerprint, actor, request_id: audit_id, command };
-        let mut outcomes = self.execute(std::slice::from_ref(&envelope)).await?;
-        match outcomes.remove(0) {
+        match self.execute_combined(envelope.clone(), gone).await? {
             Outcome::Applied(instance) => Ok(instance),
             Outcome::Duplicate => {
                 let prior = self.prior(key).await?;
@@ -442,6 +523,94 @@ impl InstanceUsecase {
             Outcome::Ignored { instance: None, .. } | Outcome::Unknown(_) => Err(Error::Internal(
                 Arc::new(RepoError::Internal("unexpected create outcome".into())),
             )),
+        }
+    }
+
+    /// Applies a create together with the others waiting (see [`Combiner`]).
+    ///
+    /// # Errors
+    /// `Unavailable` when [`MAX_WAITING`] creates wait already (the database is slow or
+    /// stalled); those of [`InstanceUsecase::execute`].
+    async fn execute_combined(
+        &self,
+        envelope: Envelope,
+        gone: tokio::sync::oneshot::Receiver<()>,
+    ) -> Result<Outcome, Error> {
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let lead = {
+            let mut waiting = self.creates.lock();
+            if waiting.creates.len() >= MAX_WAITING {
+                waiting.creates.retain_mut(|q| {
+                    !matches!(
+                        q.gone.try_recv(),
+                        Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+                    )
+                });
+            }
+            if waiting.creates.len() >= MAX_WAITING {
+                return Err(Error::Unavailable(Arc::new(RepoError::Unavailable(
+                    format!("{MAX_WAITING} creates are waiting for the database").into(),
+                ))));
+            }
+            waiting.creates.push(Queued { envelope, done, gone });
+            let lead = waiting.drainers < MAX_DRAINERS;
+            waiting.drainers += usize::from(lead);
+            lead
+        };
+        if lead {
+            let this = self.clone();
+            tokio::spawn(async move { this.drain_creates().await });
+        }
+        outcome.await.map_err(|_| Error::internal("a combined create was dropped"))?
+    }
+
+    async fn drain_creates(&self) {
+        let _draining = Draining(&self.creates);
+        loop {
+            let batch: Vec<Queued> = {
+                let mut waiting = self.creates.lock();
+                if waiting.creates.is_empty() {
+                    waiting.drainers -= 1;
+                    return;
+                }
+                let n = waiting.creates.len().min(MAX_COMBINED);
+                waiting.creates.drain(..n).collect()
+            };
+            let (mut envelopes, mut done) = (Vec::new(), Vec::new());
+            for mut queued in batch {
+                if matches!(
+                    queued.gone.try_recv(),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+                ) {
+                    tracing::debug!(request_id = %queued.envelope.request_id, "caller gone before its turn; create not applied");
+                    continue;
+                }
+                envelopes.push(queued.envelope);
+                done.push(queued.done);
+            }
+            if envelopes.is_empty() {
+                continue;
+            }
+            match self.execute(&envelopes).await {
+                Ok(outcomes) => {
+                    for (done, outcome) in done.into_iter().zip(outcomes) {
+                        let _ = done.send(Ok(outcome));
+                    }
+                }
+                // Lost every race for a counter: each create on its own, so each caller
+                // is told about its own instance.
+                Err(Error::VersionConflict { .. }) if envelopes.len() > 1 => {
+                    for (envelope, done) in envelopes.iter().zip(done) {
+                        let outcome = self.execute(std::slice::from_ref(envelope)).await;
+                        let _ = done.send(outcome.map(|mut o| o.remove(0)));
+                    }
+                }
+                Err(e) => {
+                    for done in done {
+                        let _ = done.send(Err(e.clone()));
+                    }
+                }
+            }
         }
     }
 
@@ -482,7 +651,7 @@ impl InstanceUsecase {
                 ..Changes::default()
             }
         };
-        self.repo.transact(&[id], &[], &mut work).await.map_err(Error::from)
+        self.repo.transact(&[id], &[], &[], &mut work).await.map_err(Error::from)
     }
 
     /// Runs one lifecycle command on an existing instance and returns it afterwards.
@@ -556,6 +725,15 @@ impl InstanceUsecase {
         ids.sort_unstable();
         ids.dedup();
         let keys: Vec<EventKey> = batch.iter().filter_map(|e| e.key).collect();
+        let mut owners: Vec<String> = batch
+            .iter()
+            .filter_map(|e| match &e.command {
+                Command::Create { user_id, .. } => Some(user_id.clone()),
+                _ => None,
+            })
+            .collect();
+        owners.sort_unstable();
+        owners.dedup();
         let mut outcomes = Vec::new();
         for attempt in 1..=CONFLICT_RETRIES {
             let ctx = Context {
@@ -563,14 +741,18 @@ impl InstanceUsecase {
                 now: Utc::now().trunc_subsecs(6),
                 limits: self.limits,
                 cluster_enabled: self.cluster_enabled,
+                quota: self.quota,
             };
             let mut work = |snapshot: Snapshot| {
                 let (o, changes) = plan(batch, snapshot, &ctx);
                 outcomes = o;
                 changes
             };
-            match self.repo.transact(&ids, &keys, &mut work).await {
-                Ok(()) => return Ok(outcomes),
+            match self.repo.transact(&ids, &keys, &owners, &mut work).await {
+                Ok(()) => {
+                    count_refusals(batch, &outcomes);
+                    return Ok(outcomes);
+                }
                 Err(RepoError::Conflict) if attempt < CONFLICT_RETRIES => {
                     tracing::debug!(attempt, "unit of work lost a race; retrying");
                 }
@@ -616,6 +798,36 @@ impl InstanceUsecase {
         let query = ListQuery { filter, before, limit: size + 1 };
         let (items, next) = split_page(self.repo.list(&query).await?, size, |i| i.id);
         Ok(Page { items, next })
+    }
+}
+
+/// Counts the commands of `batch` refused for quota or capacity
+/// (`resource_quota_refusals_total{reason, source}`): API commands refused, and creates
+/// from events recorded FAILED.
+fn count_refusals(batch: &[Envelope], outcomes: &[Outcome]) {
+    for (envelope, outcome) in batch.iter().zip(outcomes) {
+        let reason = match outcome {
+            Outcome::Rejected(
+                e @ (Error::QuotaExceeded { .. } | Error::CapacityExhausted { .. }),
+            ) => e.reason(),
+            Outcome::Applied(i)
+                if matches!(envelope.command, Command::Create { .. })
+                    && i.status == InstanceStatus::Failed =>
+            {
+                match i.status_reason.as_str() {
+                    "QUOTA_EXCEEDED" => "QUOTA_EXCEEDED",
+                    "CAPACITY_EXHAUSTED" => "CAPACITY_EXHAUSTED",
+                    _ => continue,
+                }
+            }
+            _ => continue,
+        };
+        metrics::counter!(
+            "resource_quota_refusals_total",
+            "reason" => reason,
+            "source" => envelope.actor.source.as_str()
+        )
+        .increment(1);
     }
 }
 

@@ -82,7 +82,12 @@ fn winner(name: &str) -> Envelope {
 
 /// A planning context at the current time, without a cluster.
 fn now() -> Context {
-    Context { now: Utc::now(), limits: Limits::default(), cluster_enabled: false }
+    Context {
+        now: Utc::now(),
+        limits: Limits::default(),
+        cluster_enabled: false,
+        quota: QuotaConf::default(),
+    }
 }
 
 fn seeded(instances: impl IntoIterator<Item = Instance>) -> Arc<FakeInstanceRepo> {

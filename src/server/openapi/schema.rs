@@ -97,10 +97,23 @@ impl Generator<'_> {
         match (constraints(field.full_name(), self.limits), schema) {
             (Some(Value::Object(mut extra)), Value::Object(mut schema)) => {
                 // A 64-bit integer in JSON is a decimal string: numeric bounds do not apply.
+                let mut bounds = Map::new();
                 if schema.get("type") == Some(&json!("string")) {
-                    extra.retain(|key, _| !matches!(key.as_str(), "minimum" | "maximum"));
+                    for key in ["minimum", "maximum"] {
+                        if let Some(bound) = extra.remove(key) {
+                            bounds.insert(key.to_owned(), bound);
+                        }
+                    }
                 }
                 schema.extend(extra);
+                if reads_numbers(field) {
+                    // ... or, where a request may write it so, a JSON number within them.
+                    let mut number = json!({ "type": "integer", "format": "int64" });
+                    if let Value::Object(number) = &mut number {
+                        number.extend(bounds);
+                    }
+                    return json!({ "anyOf": [Value::Object(schema), number] });
+                }
                 Value::Object(schema)
             }
             (_, schema) => schema,
@@ -156,6 +169,12 @@ impl Generator<'_> {
         self.referenced.insert(enumeration.full_name().to_owned());
         json!({ "$ref": format!("{SCHEMA_PREFIX}{}", enumeration.full_name()) })
     }
+}
+
+/// Whether a request may write `field`, a 64-bit integer, as a JSON number too.
+fn reads_numbers(field: &FieldDescriptor) -> bool {
+    matches!(field.kind(), Kind::Int64 | Kind::Sint64 | Kind::Sfixed64)
+        && NUMBERS_OR_STRINGS.contains(&field.parent_message().full_name())
 }
 
 /// Well-known types have their own JSON spelling.

@@ -20,6 +20,8 @@ fn every_rest_route_is_documented_from_the_proto() {
             "GET /helloworld/{name}",
             "GET /openapi.json",
             "GET /readyz",
+            "GET /v1/capacity",
+            "GET /v1/quotas/{user_id}",
             "GET /v1/resources",
             "GET /v1/resources/{instance_id}",
             "GET /v1/resources/{instance_id}/audit-logs",
@@ -27,6 +29,7 @@ fn every_rest_route_is_documented_from_the_proto() {
             "POST /v1/resources",
             "POST /v1/resources/{instance_id}:start",
             "POST /v1/resources/{instance_id}:stop",
+            "PUT /v1/quotas/{user_id}",
         ]
     );
 }
@@ -74,4 +77,91 @@ fn parameters_and_bodies_follow_the_http_rules() {
     assert_eq!(list["security"], json!([{ "bearer": [] }]));
     assert!(list["responses"]["401"].is_object());
     assert!(secured["paths"]["/healthz"]["get"].get("security").is_none(), "probes stay open");
+}
+
+#[test]
+fn quota_routes_take_the_limits_as_the_body_and_answer_with_the_quota() {
+    let doc = document(&Limits::default(), false);
+
+    let put = &doc["paths"]["/v1/quotas/{user_id}"]["put"];
+    let get = &doc["paths"]["/v1/quotas/{user_id}"]["get"];
+    let capacity = &doc["paths"]["/v1/capacity"]["get"];
+
+    assert_eq!(put["operationId"], "SetQuota");
+    let body = &put["requestBody"]["content"]["application/json"]["schema"];
+    assert_eq!(body["$ref"], "#/components/schemas/resource.v1.QuotaLimits", "body: \"limits\"");
+    let params = put["parameters"].as_array().unwrap();
+    assert_eq!(params.len(), 1, "only the path: {params:?}");
+    assert_eq!((&params[0]["name"], &params[0]["in"]), (&json!("user_id"), &json!("path")));
+    assert_eq!(params[0]["schema"]["minLength"], 1);
+    let ok = |op: &Value| op["responses"]["200"]["content"]["application/json"]["schema"].clone();
+    assert_eq!(ok(put)["$ref"], "#/components/schemas/resource.v1.Quota");
+    assert_eq!(ok(get)["$ref"], "#/components/schemas/resource.v1.Quota");
+    assert_eq!(ok(capacity)["$ref"], "#/components/schemas/resource.v1.Capacity");
+    assert!(put["responses"]["413"].is_object());
+    assert!(put["responses"].get("409").is_none(), "a quota has no state to conflict with");
+    assert!(get["responses"].get("404").is_none(), "every user has a quota");
+    assert!(capacity["parameters"].as_array().unwrap().is_empty());
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(
+        schemas["resource.v1.Quota"]["required"],
+        json!(["user_id", "limits", "usage", "own"])
+    );
+    assert_eq!(schemas["resource.v1.GpuCapacity"]["required"], json!(["gpu", "gpu_model", "used"]));
+    let gpu = &schemas["resource.v1.GpuCapacity"]["properties"];
+    assert_eq!(gpu["capacity"]["type"], json!(["string", "null"]), "absent when unlimited");
+    assert_eq!(gpu["used"]["type"], "string", "int64 is a JSON string");
+}
+
+#[test]
+fn only_changes_that_add_to_an_owner_can_be_refused_for_quota() {
+    let doc = document(&Limits::default(), true);
+
+    let responses = |path: &str, verb: &str| doc["paths"][path][verb]["responses"].clone();
+
+    for (path, verb) in [
+        ("/v1/resources", "post"),
+        ("/v1/resources/{instance_id}:start", "post"),
+        ("/v1/resources/{instance_id}/spec", "patch"),
+    ] {
+        assert_eq!(responses(path, verb)["429"]["$ref"], "#/components/responses/429");
+    }
+    for (path, verb) in [
+        ("/v1/resources/{instance_id}:stop", "post"),
+        ("/v1/resources/{instance_id}", "delete"),
+        ("/v1/quotas/{user_id}", "put"),
+        ("/v1/capacity", "get"),
+    ] {
+        assert!(responses(path, verb).get("429").is_none(), "{verb} {path} frees or reads");
+    }
+    let too_many = &doc["components"]["responses"]["429"];
+    assert!(too_many["description"].as_str().unwrap().contains("QUOTA_EXCEEDED"));
+    assert!(responses("/v1/quotas/{user_id}", "get")["403"].is_object(), "another user's quota");
+    assert!(responses("/v1/quotas/{user_id}", "put")["403"].is_object(), "admins only");
+    assert!(responses("/v1/capacity", "get").get("403").is_none(), "anyone may read it");
+    let reasons = &doc["components"]["schemas"]["resource.v1.ErrorReason"]["enum"];
+    assert!(reasons.as_array().unwrap().contains(&json!("CAPACITY_EXHAUSTED")));
+}
+
+#[test]
+fn quota_limits_are_numbers_or_strings_from_zero_to_the_largest_int64() {
+    let doc = document(&Limits::default(), false);
+    let limits = &doc["components"]["schemas"]["resource.v1.QuotaLimits"];
+    let gpus = &limits["properties"]["gpus"]["anyOf"];
+
+    let (string, number) = (&gpus[0]["anyOf"][0], &gpus[0]["anyOf"][1]);
+    let pattern = regex::Regex::new(string["pattern"].as_str().unwrap()).unwrap();
+
+    assert_eq!(gpus[1]["type"], "null", "null is unset");
+    assert!(limits.get("required").is_none(), "every limit may be left out");
+    assert_eq!((&number["type"], &number["minimum"]), (&json!("integer"), &json!(0)));
+    assert_eq!(number["maximum"], json!(i64::MAX));
+    for accepted in ["0", "7", "+7", "007", "-0", "9223372036854775807", "0009223372036854775807"] {
+        assert!(pattern.is_match(accepted), "{accepted} is a limit");
+        assert!(accepted.parse::<i64>().is_ok_and(|v| v >= 0), "and Rust reads it so");
+    }
+    for refused in ["", "-1", "1.5", "1e3", " 1", "9223372036854775808", "10000000000000000000"] {
+        assert!(!pattern.is_match(refused), "{refused:?} is no limit");
+        assert!(refused.parse::<i64>().is_err() || refused.starts_with('-'));
+    }
 }

@@ -4,7 +4,7 @@ use chrono::TimeZone;
 use proptest::prelude::*;
 
 use super::*;
-use crate::biz::{GpuType, audit::Source};
+use crate::biz::{GpuType, audit::Source, quota::QuotaLimits};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -48,12 +48,17 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..40),
         one_batch in any::<bool>(),
         cluster in any::<bool>(),
+        cpu_limit in proptest::option::of(1..300i64),
     ) {
         let id = InstanceId::try_from(7).unwrap();
         let ctx = Context {
             now: Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
             limits: Limits::default(),
             cluster_enabled: cluster,
+            quota: QuotaConf {
+                per_user: QuotaLimits { cpu: cpu_limit, ..QuotaLimits::default() },
+                ..QuotaConf::default()
+            },
         };
         let envelopes: Vec<Envelope> = ops.iter().enumerate().map(|(n, op)| {
             let spec = |cpu: u8| InstanceSpec {
@@ -76,6 +81,7 @@ proptest! {
 
         let mut state: Option<Instance> = None;
         let mut audit = Vec::new();
+        let mut counters: HashMap<Scope, Amounts> = HashMap::new();
         let batches: Vec<&[Envelope]> = if one_batch {
             vec![&envelopes[..]]
         } else {
@@ -85,6 +91,10 @@ proptest! {
             let snapshot = Snapshot {
                 seen: HashMap::new(),
                 instances: state.iter().map(|i| (i.id, i.clone())).collect(),
+                quota: counters
+                    .iter()
+                    .map(|(scope, usage)| (scope.clone(), Held { usage: *usage, own: None }))
+                    .collect(),
             };
             let (_, changes) = plan(batch, snapshot, &ctx);
             for update in &changes.updates {
@@ -96,11 +106,24 @@ proptest! {
                 state = Some(instance.clone());
             }
             audit.extend(changes.audit);
+            for change in &changes.usage {
+                let counter = counters.entry(change.scope.clone()).or_default();
+                *counter = *counter + change.delta;
+            }
+            // The counter is what the instance holds, and never above the limit.
+            let held = state.as_ref().map(crate::biz::quota::held_by).unwrap_or_default();
+            let counted = counters.get(&Scope::User("u".into())).copied().unwrap_or_default();
+            prop_assert_eq!(counted, held);
+            if let Some(limit) = cpu_limit {
+                prop_assert!(counted.cpu <= limit, "{} cpu held over a limit of {limit}", counted.cpu);
+            }
         }
 
         let mut replayed: Option<InstanceStatus> = None;
         for entry in &audit {
-            if entry.outcome != AuditOutcome::Ok {
+            // A create over quota from an event is refused, yet records the instance FAILED.
+            let recorded_failed = entry.action == Action::Create && entry.before.is_none() && entry.after.is_some();
+            if entry.outcome != AuditOutcome::Ok && !recorded_failed {
                 continue;
             }
             let after = status_of(entry.after.as_ref().unwrap());

@@ -10,6 +10,7 @@ fn ctx(cluster_enabled: bool) -> Context {
         now: Utc.with_ymd_and_hms(2026, 11, 22, 0, 0, 0).unwrap(),
         limits: Limits::default(),
         cluster_enabled,
+        quota: QuotaConf::default(),
     }
 }
 
@@ -52,7 +53,11 @@ fn existing(status: InstanceStatus) -> Snapshot {
     if status == InstanceStatus::Deleted {
         instance.deleted_at = Some(instance.created_at);
     }
-    Snapshot { seen: HashMap::new(), instances: HashMap::from([(id(1), instance)]) }
+    Snapshot {
+        seen: HashMap::new(),
+        instances: HashMap::from([(id(1), instance)]),
+        quota: HashMap::new(),
+    }
 }
 
 #[test]
