@@ -1,9 +1,15 @@
 //! Ingest throughput: 100,000 pre-published INSTANCE_CREATED events, from consumer start
 //! until all are committed, next to a bare lapin consumer that acknowledges the same
 //! number of messages without doing any work, on the same broker in the same run.
+//! Beside it, in the same run, the same events on a fresh database with quotas configured
+//! (#15): per-user limits and a GPU capacity for every type, high enough that nothing is
+//! refused, so the work is the same and the difference is the cost of enforcing them
+//! (target: at least 90 % of the rate without quotas). The two alternate, each on a
+//! database and queues of its own, and the fastest run of each is compared.
 //! Also reports the service's peak resident memory.
 //!
 //! `make bench` runs it. Environment: `BENCH_EVENTS` (default 100,000),
+//! `BENCH_INGEST_ROUNDS` (default 2: the service without quotas, with, with, without),
 //! `BENCH_DATABASE_URL`, `BENCH_AMQP_URL`.
 
 mod common;
@@ -20,26 +26,141 @@ use lapin::{
     },
     types::FieldTable,
 };
-use resource::publish::publish;
+use resource::publish::{Outgoing, publish};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let events: u64 = env_or("BENCH_EVENTS", 100_000);
+    let rounds: usize = env_or("BENCH_INGEST_ROUNDS", 2).max(1);
     let suffix = Run::suffix();
 
-    // The events, built once and used by both contenders.
+    // The events, built once and used by every contender.
     let batch = common::created_events(events, 1000);
+    let limits = quota_limits(events);
 
     println!("\n== Ingest: {events} INSTANCE_CREATED events, pre-published ==");
     let bare = bare_consumer(&Run::amqp_url(), &suffix, &batch).await;
+    let (mut plain, mut quota) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        // A B, then B A: each variant runs first as often as second, so that a drift of
+        // the machine (caches warming, a neighbour's load) favours neither.
+        let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+        for with_quotas in order {
+            if with_quotas {
+                let db = "resource_bench_ingest_quota";
+                let run = service_ingest(db, &format!("{suffix}{round}q"), &batch, &limits).await;
+                assert_eq!(run.refused, 0, "the quotas refused events: not the same work");
+                quota.push(run);
+            } else {
+                let db = "resource_bench_ingest";
+                plain.push(service_ingest(db, &format!("{suffix}{round}"), &batch, &[]).await);
+            }
+        }
+    }
+    let (best_plain, best_quota) = (fastest(&plain), fastest(&quota));
 
-    // The service against a fresh database and its own exchange and queues.
-    let run = Run::new("resource_bench_ingest", &suffix).await;
+    println!("{:<46} {:>12}", "", "events/s");
+    println!("{:<46} {:>12.0}", "publisher with confirms (pre-publish)", best_plain.publish_rate);
+    println!("{:<46} {:>12.0}", "bare consumer (ack multiple every 100)", bare);
+    println!(
+        "{:<46} {:>12.0}   {:.0}% of bare",
+        "service: consumer start -> all committed",
+        best_plain.rate,
+        100.0 * best_plain.rate / bare
+    );
+    println!(
+        "{:<46} {:>12.0}   {:.1}% of without quotas (target >= 90%)",
+        "  the same with quotas configured",
+        best_quota.rate,
+        100.0 * best_quota.rate / best_plain.rate
+    );
+    println!(
+        "(fastest of {rounds} runs each; over all runs {:.0} and {:.0} events/s, {:.1}%)",
+        overall(&plain),
+        overall(&quota),
+        100.0 * overall(&quota) / overall(&plain)
+    );
+    for (name, runs) in [("without quotas", &plain), ("with quotas   ", &quota)] {
+        for run in runs {
+            println!(
+                "{name}: {:>6.0} events/s; ingest {:.2} s; audit rows {}; status outbox \
+                 drained after {:.2} s; resident memory {:.1} MB at consumer start, peak \
+                 {:.1} MB",
+                run.rate,
+                run.ingest,
+                run.audited,
+                run.with_outbox,
+                run.rss_start as f64 / 1024.0,
+                run.peak_rss as f64 / 1024.0
+            );
+        }
+    }
+    println!(
+        "quotas: per user (every event has one owner) instances {events}, cpu {}, memory_mb \
+         {}, gpus {events}; gpu_capacity {events} for every type; nothing refused",
+        8 * events,
+        16 * 1024 * events,
+    );
+}
+
+/// The run with the highest rate: on a shared machine, the least disturbed.
+fn fastest(runs: &[Ingest]) -> &Ingest {
+    runs.iter().max_by(|a, b| a.rate.total_cmp(&b.rate)).expect("at least one run")
+}
+
+/// Events per second over every run together.
+fn overall(runs: &[Ingest]) -> f64 {
+    runs.iter().map(|r| r.rate * r.ingest).sum::<f64>() / runs.iter().map(|r| r.ingest).sum::<f64>()
+}
+
+/// What one run of the service did.
+struct Ingest {
+    publish_rate: f64,
+    /// Events per second, consumer start until all committed.
+    rate: f64,
+    /// Seconds, consumer start until all committed.
+    ingest: f64,
+    /// Seconds, consumer start until the status outbox was empty.
+    with_outbox: f64,
+    audited: i64,
+    /// Instances recorded FAILED (refused for quota or capacity).
+    refused: i64,
+    rss_start: u64,
+    peak_rss: u64,
+}
+
+/// `quota.*` overrides no event of `created_events(events, _)` runs into: the generator
+/// asks for 1..=8 cores, 1..=16 GB and a GPU on three events in four, all for one owner.
+fn quota_limits(events: u64) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("RESOURCE_QUOTA__PER_USER__INSTANCES".to_owned(), events.to_string()),
+        ("RESOURCE_QUOTA__PER_USER__CPU".to_owned(), (8 * events).to_string()),
+        ("RESOURCE_QUOTA__PER_USER__MEMORY_MB".to_owned(), (16 * 1024 * events).to_string()),
+        ("RESOURCE_QUOTA__PER_USER__GPUS".to_owned(), events.to_string()),
+    ];
+    for gpu in 1..=6 {
+        env.push((format!("RESOURCE_QUOTA__GPU_CAPACITY__{gpu}"), events.to_string()));
+    }
+    env
+}
+
+/// Pre-publishes `batch` to a fresh database `db` and queues `bench.{suffix}.*`, starts
+/// the service with `extra` settings, and measures until every event is committed and
+/// every status event published.
+async fn service_ingest(
+    db: &str,
+    suffix: &str,
+    batch: &[Outgoing],
+    extra: &[(String, String)],
+) -> Ingest {
+    let events = batch.len() as u64;
+    let run = Run::new(db, suffix).await;
     let started = Instant::now();
-    publish(&run.mq, &batch, 0.0, |_| {}).await.expect("pre-publish");
+    publish(&run.mq, batch, 0.0, |_| {}).await.expect("pre-publish");
     let publish_rate = events as f64 / started.elapsed().as_secs_f64();
 
-    let env = run.service("warn,resource::server::mq=info");
+    let mut env = run.service("warn,resource::server::mq=info");
+    env.extend(extra.iter().cloned());
     let (child, _) = common::start(&env, &["consuming events"], Run::echo()).await;
     let pid = child.id().expect("running");
     let consumer_started = Instant::now();
@@ -63,7 +184,10 @@ async fn main() {
     let ingest = consumer_started.elapsed().as_secs_f64();
     let audited: i64 =
         sqlx::query_scalar("SELECT count(*) FROM audit_logs").fetch_one(&pool).await.unwrap();
-    let rate = events as f64 / ingest;
+    let refused: i64 = sqlx::query_scalar("SELECT count(*) FROM instances WHERE status = 'FAILED'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     // The outbox drains after ingest; report how long the status events took in all.
     loop {
         peak_rss = peak_rss.max(rss_kib(pid));
@@ -78,27 +202,19 @@ async fn main() {
     }
     let with_outbox = consumer_started.elapsed().as_secs_f64();
 
-    println!("{:<46} {:>12}", "", "events/s");
-    println!("{:<46} {:>12.0}", "publisher with confirms (pre-publish)", publish_rate);
-    println!("{:<46} {:>12.0}", "bare consumer (ack multiple every 100)", bare);
-    println!(
-        "{:<46} {:>12.0}   {:.0}% of bare",
-        "service: consumer start -> all committed",
-        rate,
-        100.0 * rate / bare
-    );
-    println!(
-        "ingest {ingest:.2} s; audit rows {audited}; status outbox drained after {with_outbox:.2} s"
-    );
-    println!(
-        "service resident memory: {:.1} MB at consumer start, peak {:.1} MB",
-        rss_start as f64 / 1024.0,
-        peak_rss as f64 / 1024.0
-    );
-
     common::stop(child).await;
     pool.close().await;
     run.finish().await;
+    Ingest {
+        publish_rate,
+        rate: events as f64 / ingest,
+        ingest,
+        with_outbox,
+        audited,
+        refused,
+        rss_start,
+        peak_rss,
+    }
 }
 
 /// Consumes `batch.len()` pre-published messages with prefetch 1000, acknowledging with

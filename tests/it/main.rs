@@ -1,6 +1,7 @@
 //! Integration tests: the real binary against real PostgreSQL, one database per test.
 
 mod auth;
+mod burst;
 mod clients;
 mod cluster;
 mod config;
