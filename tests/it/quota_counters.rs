@@ -228,3 +228,139 @@ async fn creates_stuck_behind_a_locked_counter_are_not_applied_behind_their_call
     );
     assert_counters_match_sql(&app.pool).await;
 }
+
+/// A burst of creates into a database link that stalls, then heals: every caller is
+/// answered within the request timeout while it is stalled, and afterwards a retry of each
+/// with its `request_id` makes at most one instance per request, within the limits, with
+/// the counters exact — whatever was in flight when the link stalled.
+#[tokio::test]
+async fn a_burst_into_a_stalled_database_link_makes_one_instance_per_request_once_healed() {
+    use crate::proxy::{Proxy, target_of};
+    let proxy = Proxy::start(target_of(&crate::helpers::admin_url(), 5432)).await;
+    let app = spawn_app_with(AppOptions {
+        database_via: Some(proxy.addr),
+        env: vec![
+            ("RESOURCE_DATA__DATABASE__QUERY_TIMEOUT".into(), "2s".into()),
+            ("RESOURCE_QUOTA__PER_USER__INSTANCES".into(), "8".into()),
+            ("RESOURCE_QUOTA__GPU_CAPACITY__2".into(), "30".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let post = |n: usize| {
+        let body = json!({"name": format!("req-{n}"), "request_id": format!("req-{n}"),
+                          "user_id": format!("u{}", n % 10),
+                          "spec": {"cpu": 1, "memory": 256, "gpu": 2, "image": "nginx"}});
+        let client = app.client.clone();
+        let url = format!("{}/v1/resources", app.http);
+        async move {
+            let response = client.post(url).json(&body).send().await.expect("an answer");
+            (n, response.status().as_u16())
+        }
+    };
+    for n in 0..10 {
+        assert_eq!(post(n).await.1, 200);
+    }
+
+    proxy.stall();
+    let started = tokio::time::Instant::now();
+    let stalled = join_all((10..120).map(post)).await;
+    let waited = started.elapsed();
+    proxy.restore();
+
+    assert!(waited < std::time::Duration::from_secs(5), "answered within the timeout: {waited:?}");
+    for (n, status) in &stalled {
+        assert!(matches!(status, 200 | 429 | 503 | 504), "req-{n} answered {status}");
+    }
+    let refused = stalled.iter().filter(|(_, status)| matches!(status, 503 | 504)).count();
+    eprintln!("stalled burst: {refused} of {} answered 503/504 in {waited:?}", stalled.len());
+    assert!(refused > 0, "the stall reached the creates");
+    // Once healed, every request is retried with its request_id until it is answered.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut pending: Vec<usize> = (10..120).collect();
+    while !pending.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "still unanswered: {pending:?}");
+        let answers = join_all(pending.iter().copied().map(post)).await;
+        pending = answers
+            .into_iter()
+            .filter(|(_, status)| {
+                assert!(matches!(status, 200 | 429 | 503 | 504), "answered {status}");
+                matches!(status, 503 | 504)
+            })
+            .map(|(n, _)| n)
+            .collect();
+        if !pending.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
+    let per_request: Vec<(String, i64)> =
+        sqlx::query_as("SELECT name, count(*) FROM instances GROUP BY name HAVING count(*) > 1")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(per_request, vec![], "one instance per request id");
+    let (live, per_user_max): (i64, i64) = sqlx::query_as(
+        "SELECT COALESCE(sum(n), 0)::bigint, COALESCE(max(n), 0) FROM \
+         (SELECT user_id, count(*) AS n FROM instances \
+          WHERE status NOT IN ('DELETED', 'FAILED') GROUP BY user_id) per_user",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(live <= 30 && per_user_max <= 8, "{live} live, {per_user_max} for one user");
+    assert_eq!(live, 30, "the capacity (30, under 10 users x 8) was filled");
+    assert_counters_match_sql(&app.pool).await;
+}
+
+/// With a cluster: a FAILED workload frees its GPU place at once, a DELETING instance
+/// holds it until its Pod is gone, and capacity is refused meanwhile.
+#[tokio::test]
+async fn with_a_cluster_failing_frees_and_deleting_holds_until_the_pod_is_gone() {
+    use crate::kube::{app_on, create, wait_status};
+    let opts = fake_kube::Options {
+        failing_images: vec!["nginx:does-not-exist".into()],
+        termination_delay: std::time::Duration::from_secs(2),
+        ..fake_kube::Options::default()
+    };
+    let fake = fake_kube::FakeKube::start(opts).await.expect("start the fake API server");
+    let (app, _cluster) = app_on(fake, None, &[("RESOURCE_QUOTA__GPU_CAPACITY__2", "2")]).await;
+    let a100_used = || async {
+        let (status, body) = app.get_json("/v1/capacity").await;
+        assert_eq!(status, 200, "{body}");
+        let a100 = body["gpus"].as_array().unwrap().iter().find(|g| g["gpu"] == 2).unwrap().clone();
+        a100["used"].as_str().unwrap().parse::<i64>().unwrap()
+    };
+    let refused = || async {
+        let body = json!({"name": "over", "user_id": "u1",
+                          "spec": {"cpu": 1, "memory": 256, "gpu": 2, "image": "nginx:1.25"}});
+        let response =
+            app.client.post(format!("{}/v1/resources", app.http)).json(&body).send().await.unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        (status, body["reason"].as_str().unwrap_or_default().to_owned())
+    };
+
+    let running = create(&app, "runs", 2, "nginx:1.25", json!({})).await;
+    let broken = create(&app, "broken", 2, "nginx:does-not-exist", json!({})).await;
+    wait_status(&app, &running, "RUNNING").await;
+    wait_status(&app, &broken, "FAILED").await;
+    assert_eq!(a100_used().await, 1, "a FAILED instance holds nothing");
+    let second = create(&app, "second", 2, "nginx:1.25", json!({})).await;
+    wait_status(&app, &second, "RUNNING").await;
+
+    let response =
+        app.client.delete(format!("{}/v1/resources/{running}", app.http)).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let deleting: Value = response.json().await.unwrap();
+    assert_eq!(deleting["status"], "DELETING");
+    assert_eq!(
+        refused().await,
+        (429, "CAPACITY_EXHAUSTED".to_owned()),
+        "its Pod still holds the GPU"
+    );
+    wait_status(&app, &running, "DELETED").await;
+    assert_eq!(a100_used().await, 1);
+    create(&app, "third", 2, "nginx:1.25", json!({})).await;
+    assert_counters_match_sql(&app.pool).await;
+}
