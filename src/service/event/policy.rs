@@ -73,7 +73,9 @@ pub enum Attempt {
     Refused(Error),
     /// The instance does not exist (yet).
     Unknown,
-    /// Not applied: the database is unavailable.
+    /// Not applied: the database is unavailable, or the batch lost every race for its
+    /// rows (a usage counter another replica kept moving past a limit): others made
+    /// progress, so it is applied again, never dead-lettered.
     Unavailable,
     /// Not applied: anything else went wrong.
     Internal,
@@ -92,7 +94,7 @@ impl From<Outcome> for Attempt {
 impl Attempt {
     /// The attempt that failed with `error` before anything was applied.
     pub fn failed(error: &Error) -> Self {
-        if error.kind() == ErrorKind::Unavailable {
+        if matches!(error.kind(), ErrorKind::Unavailable | ErrorKind::Conflict) {
             Attempt::Unavailable
         } else {
             Attempt::Internal
@@ -198,6 +200,15 @@ mod tests {
     #[test]
     fn an_unavailable_database_is_waited_for_and_never_dead_letters() {
         let attempt = Attempt::failed(&Error::Unavailable(cause()));
+
+        let steps: Vec<Step> = [0, 2, 100].map(|earlier| policy(&attempt, earlier, RETRIES)).into();
+
+        assert_eq!(steps, [Step::ApplyAgain, Step::ApplyAgain, Step::ApplyAgain]);
+    }
+
+    #[test]
+    fn a_batch_that_kept_losing_races_is_applied_again_and_never_dead_letters() {
+        let attempt = Attempt::failed(&Error::VersionConflict { instance_id: 7 });
 
         let steps: Vec<Step> = [0, 2, 100].map(|earlier| policy(&attempt, earlier, RETRIES)).into();
 
