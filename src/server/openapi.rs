@@ -43,6 +43,10 @@ const RESTRICTED: &[&str] = &["CreateResource", "GetQuota", "SetQuota"];
 /// Messages whose 64-bit integers a request body may write as JSON numbers as well as
 /// strings (the proto3 JSON mapping reads both; responses carry strings).
 const NUMBERS_OR_STRINGS: &[&str] = &["resource.v1.QuotaLimits"];
+/// Messages whose request body refuses a field that is none of theirs (it replaces them
+/// all: an ignored misspelt field would silently remove a value), so the document says
+/// which names it takes.
+const CLOSED: &[&str] = &["resource.v1.QuotaLimits"];
 
 const SCHEMA_PREFIX: &str = "#/components/schemas/";
 

@@ -84,6 +84,27 @@ impl Generator<'_> {
         if !required.is_empty() {
             schema["required"] = json!(required);
         }
+        if super::CLOSED.contains(&message.full_name()) {
+            // Either spelling proto3 JSON reads (`memory_mb`, `memoryMb`), not both at once,
+            // and no other field.
+            let mut one_spelling = Vec::new();
+            for field in message.fields() {
+                if field.json_name() != field.name() {
+                    let same = schema["properties"][field.name()].clone();
+                    schema["properties"][field.json_name()] = same;
+                    // (A null is no value: the server drops it.)
+                    let set = json!({ "not": { "type": "null" } });
+                    one_spelling.push(json!({ "not": {
+                        "required": [field.name(), field.json_name()],
+                        "properties": { field.name(): set, field.json_name(): set },
+                    } }));
+                }
+            }
+            schema["additionalProperties"] = json!(false);
+            if !one_spelling.is_empty() {
+                schema["allOf"] = json!(one_spelling);
+            }
+        }
         schema
     }
 

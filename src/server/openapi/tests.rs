@@ -154,6 +154,15 @@ fn quota_limits_are_numbers_or_strings_from_zero_to_the_largest_int64() {
 
     assert_eq!(gpus[1]["type"], "null", "null is unset");
     assert!(limits.get("required").is_none(), "every limit may be left out");
+    assert_eq!(
+        limits["additionalProperties"],
+        json!(false),
+        "a body with another field is refused"
+    );
+    assert_eq!(
+        limits["properties"]["memoryMb"], limits["properties"]["memory_mb"],
+        "both spellings"
+    );
     assert_eq!((&number["type"], &number["minimum"]), (&json!("integer"), &json!(0)));
     assert_eq!(number["maximum"], json!(i64::MAX));
     for accepted in ["0", "7", "+7", "007", "-0", "9223372036854775807", "0009223372036854775807"] {
