@@ -35,6 +35,9 @@ pub struct Bootstrap {
     /// Instance id generation.
     #[serde(default)]
     pub snowflake: Snowflake,
+    /// WatchResources streams.
+    #[serde(default)]
+    pub watch: Watch,
     /// Logging.
     #[serde(default)]
     pub log: Log,
@@ -469,6 +472,54 @@ pub enum AuthMode {
     Jwt,
 }
 
+/// WatchResources streams and the change log they read.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Watch {
+    /// How long the change log keeps a change: a resume token older than this is
+    /// RESUME_TOKEN_EXPIRED.
+    #[serde(default = "default_watch_retention", deserialize_with = "de_duration")]
+    pub retention: Duration,
+    /// How long a stream may stay silent before it carries a heartbeat (proxies close
+    /// idle connections).
+    #[serde(default = "default_watch_heartbeat", deserialize_with = "de_duration")]
+    pub heartbeat: Duration,
+    /// Most streams open at once on a replica; one more is SERVICE_UNAVAILABLE.
+    #[serde(default = "default_max_watchers")]
+    pub max_watchers: usize,
+}
+
+fn default_watch_retention() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+fn default_watch_heartbeat() -> Duration {
+    Duration::from_secs(15)
+}
+
+fn default_max_watchers() -> usize {
+    10_000
+}
+
+impl Default for Watch {
+    fn default() -> Self {
+        Self {
+            retention: default_watch_retention(),
+            heartbeat: default_watch_heartbeat(),
+            max_watchers: default_max_watchers(),
+        }
+    }
+}
+
+impl From<&Watch> for crate::biz::WatchConf {
+    fn from(conf: &Watch) -> Self {
+        Self {
+            retention: conf.retention,
+            heartbeat: conf.heartbeat,
+            max_watchers: conf.max_watchers,
+        }
+    }
+}
+
 /// Instance id generation.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Snowflake {
@@ -755,6 +806,16 @@ impl Bootstrap {
                     ));
                 }
             }
+        }
+        let w = &self.watch;
+        if w.retention < Duration::from_secs(60) {
+            return Err("watch.retention: must be at least 1m".into());
+        }
+        if w.heartbeat < Duration::from_millis(100) || w.heartbeat > Duration::from_secs(300) {
+            return Err("watch.heartbeat: must be between 100ms and 5m".into());
+        }
+        if w.max_watchers == 0 {
+            return Err("watch.max_watchers: must be at least 1".into());
         }
         if self.snowflake.lease_ttl < Duration::from_secs(3) {
             return Err("snowflake.lease_ttl: must be at least 3s".into());

@@ -7,13 +7,14 @@ use std::{process::ExitCode, sync::Arc, time::Duration};
 use resource::{
     biz::{
         AuditUsecase, GreeterUsecase, HealthUsecase, InstanceUsecase, OutboxRelay, Probe,
-        QuotaUsecase, reconcile::Reconciler, snowflake::Snowflake,
+        QuotaUsecase, WatchHub, WatchUsecase, reconcile::Reconciler, snowflake::Snowflake,
+        watch::ChangeLog,
     },
     cli::{Cli, Command, EXIT_CONFIG, EXIT_FAILURE, EXIT_LEASE_LOST, EXIT_UNAVAILABLE},
     conf::{self, AuthMode},
     data::{
-        AmqpStatusPublisher, Data, PgAuditRepo, PgInstanceRepo, PgOutboxRepo, PgProbe, PgQuotaRepo,
-        PgReconcileRepo,
+        AmqpStatusPublisher, Data, PgAuditRepo, PgChangeLog, PgInstanceRepo, PgOutboxRepo, PgProbe,
+        PgQuotaRepo, PgReconcileRepo, Ticker,
         kube::KubeCluster,
         snowflake::{LeaseEnd, NodeIds},
     },
@@ -133,9 +134,18 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
         None
     };
 
-    // repositories: API requests and background work on pools of their own
-    let instances = Arc::new(PgInstanceRepo::new(data.requests().clone()));
-    let background_instances = PgInstanceRepo::new(data.background().clone());
+    // repositories: API requests and background work on pools of their own; every
+    // commit that changes instances wakes the change log's ticker
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let instances =
+        Arc::new(PgInstanceRepo::new(data.requests().clone()).signalling(changed.clone()));
+    let background_instances =
+        PgInstanceRepo::new(data.background().clone()).signalling(changed.clone());
+    let changes = Arc::new(PgChangeLog::new(data.requests().clone()));
+    let head = match changes.bounds().await {
+        Ok(bounds) => bounds.head,
+        Err(e) => return failed(EXIT_UNAVAILABLE, "cannot read the change log", &e),
+    };
     let claimer = uuid::Uuid::new_v4().to_string();
     let outbox = Arc::new(PgOutboxRepo::new(data.background().clone(), claimer));
     let audits = Arc::new(PgAuditRepo::new(data.requests().clone()));
@@ -155,6 +165,10 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     );
     let quota_uc = Arc::new(QuotaUsecase::new(quotas, quota));
     let audit_uc = Arc::new(AuditUsecase::new(audits));
+    let hub = WatchHub::new(head, shutdown.clone());
+    let watch_uc = Arc::new(WatchUsecase::new(changes, hub.clone(), (&conf.watch).into()));
+    let ticker =
+        Ticker::new(data.background().clone(), data.own_pool(), hub, changed, conf.watch.retention);
     let relay = OutboxRelay::new(outbox, publisher);
     let reconciler = cluster.map(|(cluster, health)| {
         let owner = uuid::Uuid::new_v4().to_string();
@@ -172,7 +186,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     probes.extend(consumer.as_ref().map(|c| Arc::new(c.probe()) as Arc<dyn Probe>));
     probes.extend(reconciler.as_ref().map(|r| r.health() as Arc<dyn Probe>));
     let services = Services {
-        resource: Arc::new(ResourceService::new(instance_uc, audit_uc, quota_uc.clone())),
+        resource: Arc::new(ResourceService::new(instance_uc, audit_uc, quota_uc.clone(), watch_uc)),
         greeter: Arc::new(GreeterService::new(GreeterUsecase)),
         health: HealthService::new(Arc::new(HealthUsecase::new(probes, Duration::from_secs(1)))),
         auth,
@@ -186,6 +200,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     };
     let mut background = Background::default();
     background.spawn(metrics::upkeep(metrics, shutdown.clone()));
+    background.spawn(ticker.run(shutdown.clone()));
     background.spawn(data.clone().keep_gauges(shutdown.clone()));
     background.spawn((*quota_uc).clone().keep_gauges(Duration::from_secs(5), shutdown.clone()));
     let window = conf.data.rabbitmq.dedup_window;

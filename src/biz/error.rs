@@ -67,6 +67,11 @@ pub enum Error {
     /// Every instance of this GPU type the fleet has room for is taken.
     #[error("capacity exhausted: {used} of {capacity} {} instances are live", gpu.model())]
     CapacityExhausted { gpu: super::GpuType, capacity: i64, used: i64 },
+    /// A watch's resume token points before the oldest change still kept.
+    #[error(
+        "resume_token is older than the {retention_s} s the change log keeps; list again and watch from now"
+    )]
+    ResumeTokenExpired { retention_s: u64 },
     /// The instance moved on between read and write.
     #[error("instance {instance_id} was changed concurrently")]
     VersionConflict { instance_id: i64 },
@@ -100,6 +105,8 @@ pub enum ErrorKind {
     Conflict,
     /// 409 / FAILED_PRECONDITION.
     FailedPrecondition,
+    /// 410 / FAILED_PRECONDITION: what was asked for is no longer kept.
+    Gone,
     /// 413 / RESOURCE_EXHAUSTED.
     PayloadTooLarge,
     /// 429 / RESOURCE_EXHAUSTED: a quota or the capacity is used up.
@@ -135,6 +142,7 @@ impl Error {
                 ErrorKind::FailedPrecondition
             }
             Error::VersionConflict { .. } => ErrorKind::Conflict,
+            Error::ResumeTokenExpired { .. } => ErrorKind::Gone,
             Error::QuotaExceeded { .. } | Error::CapacityExhausted { .. } => {
                 ErrorKind::QuotaExhausted
             }
@@ -162,6 +170,7 @@ impl Error {
             Error::PermissionDenied { .. } => "PERMISSION_DENIED",
             Error::IllegalTransition { .. } => "ILLEGAL_TRANSITION",
             Error::VersionConflict { .. } => "VERSION_CONFLICT",
+            Error::ResumeTokenExpired { .. } => "RESUME_TOKEN_EXPIRED",
             Error::QuotaExceeded { .. } => "QUOTA_EXCEEDED",
             Error::CapacityExhausted { .. } => "CAPACITY_EXHAUSTED",
             Error::Timeout { .. } => "TIMEOUT",
@@ -216,6 +225,10 @@ impl Error {
             }
             Error::Timeout { timeout_ms } => {
                 m.insert("timeout_ms".into(), timeout_ms.to_string());
+            }
+            Error::ResumeTokenExpired { retention_s } => {
+                m.insert("field".into(), "resume_token".into());
+                m.insert("retention_s".into(), retention_s.to_string());
             }
             Error::QuotaExceeded { user_id, limit, value, usage, requested } => {
                 m.insert("user_id".into(), user_id.clone());

@@ -21,6 +21,7 @@ pub mod page;
 pub mod quota;
 pub mod reconcile;
 pub mod snowflake;
+pub mod watch;
 
 pub use audit::{Action, Actor, AuditEntry, AuditRecord, AuditRepo, AuditUsecase, Source};
 pub use backoff::Backoff;
@@ -34,3 +35,4 @@ pub use instance::{
 };
 pub use outbox::{OutboxRelay, OutboxRepo, Pending, StatusPublisher};
 pub use quota::{QuotaConf, QuotaRepo, QuotaUsecase};
+pub use watch::{WatchConf, WatchHub, WatchUsecase};

@@ -1,10 +1,11 @@
 //! `InstanceRepo` on PostgreSQL: `instances` joined with `instance_specs`.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{Connection, PgConnection, Postgres, QueryBuilder, types::Json};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -30,12 +31,21 @@ macro_rules! select_instances {
 #[derive(Clone)]
 pub struct PgInstanceRepo {
     db: Db,
+    changed: Arc<Notify>,
 }
 
 impl PgInstanceRepo {
     /// A repository over `db`.
     pub fn new(db: Db) -> Self {
-        Self { db }
+        Self { db, changed: Arc::default() }
+    }
+
+    /// Wakes `changed` after each commit that changed instances (the change log's
+    /// ticker).
+    #[must_use]
+    pub fn signalling(mut self, changed: Arc<Notify>) -> Self {
+        self.changed = changed;
+        self
     }
 
     /// Forgets processed event keys older than the de-duplication `window`, hourly,
@@ -67,8 +77,10 @@ impl PgInstanceRepo {
     }
 }
 
-#[derive(sqlx::FromRow)]
-struct InstanceRow {
+/// An instance as stored: a row of `instances` joined with `instance_specs`, and the
+/// change log's `state`.
+#[derive(sqlx::FromRow, serde::Serialize, serde::Deserialize)]
+pub(super) struct InstanceRow {
     instance_id: i64,
     user_id: String,
     name: String,
@@ -94,6 +106,41 @@ struct PortRow {
     name: String,
     port: i32,
     protocol: String,
+}
+
+impl From<&Instance> for InstanceRow {
+    fn from(i: &Instance) -> Self {
+        InstanceRow {
+            instance_id: i.id.get(),
+            user_id: i.user_id.clone(),
+            name: i.name.clone(),
+            status: i.status.as_str().to_owned(),
+            status_reason: i.status_reason.clone(),
+            pod_name: i.endpoint.pod_name.clone(),
+            pod_ip: i.endpoint.pod_ip.clone(),
+            service_host: i.endpoint.service_host.clone(),
+            ports: Json(
+                i.endpoint
+                    .ports
+                    .iter()
+                    .map(|p| PortRow {
+                        name: p.name.clone(),
+                        port: p.port,
+                        protocol: p.protocol.clone(),
+                    })
+                    .collect(),
+            ),
+            created_at: i.created_at,
+            updated_at: i.updated_at,
+            deleted_at: i.deleted_at,
+            version: i.version,
+            cpu: i.spec.cpu,
+            memory: i.spec.memory_mb,
+            gpu: i.spec.gpu.code(),
+            image: i.spec.image.clone(),
+            config_json: i.spec.config.clone(),
+        }
+    }
 }
 
 impl TryFrom<InstanceRow> for Instance {
@@ -233,9 +280,15 @@ impl InstanceRepo for PgInstanceRepo {
                 if !changes.is_empty() {
                     write(&mut tx, &changes).await?;
                 }
-                tx.commit().await.map_err(map_sqlx)
+                tx.commit().await.map_err(map_sqlx)?;
+                Ok(!changes.inserts.is_empty() || !changes.updates.is_empty())
             })
             .await
+            .map(|changed| {
+                if changed {
+                    self.changed.notify_one();
+                }
+            })
     }
 }
 
@@ -353,6 +406,33 @@ impl InstanceColumns {
     }
 }
 
+/// Appends every instance a unit of work wrote, as it is now, to the change log
+/// (`migrations/0012`). After the instances' writes, so each `seq` is taken under the
+/// instance's row lock and one instance's changes keep their version order.
+async fn log_changes(conn: &mut PgConnection, changes: &Changes) -> Result<(), RepoError> {
+    let written = changes.inserts.iter().chain(changes.updates.iter().map(|u| &u.instance));
+    let (mut ids, mut versions, mut states) = (Vec::new(), Vec::new(), Vec::new());
+    for i in written {
+        ids.push(i.id.get());
+        versions.push(i.version);
+        states.push(Json(InstanceRow::from(i)));
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO instance_changes (instance_id, version, state) \
+         SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::jsonb[])",
+    )
+    .bind(&ids)
+    .bind(&versions)
+    .bind(&states)
+    .execute(conn)
+    .await
+    .map_err(map_sqlx)?;
+    Ok(())
+}
+
 /// Writes a unit of work's changes: a constant number of statements whatever its size.
 async fn write(conn: &mut PgConnection, changes: &Changes) -> Result<(), RepoError> {
     if !changes.inserts.is_empty() {
@@ -457,6 +537,7 @@ async fn write(conn: &mut PgConnection, changes: &Changes) -> Result<(), RepoErr
             .map_err(map_sqlx)?;
         }
     }
+    log_changes(&mut *conn, changes).await?;
     if !changes.audit.is_empty() {
         let a = &changes.audit;
         sqlx::query(

@@ -12,6 +12,7 @@ mod publisher;
 mod quota;
 mod reconcile;
 pub mod snowflake;
+mod watch;
 
 use std::time::Duration;
 
@@ -36,6 +37,7 @@ pub use outbox::PgOutboxRepo;
 pub use publisher::AmqpStatusPublisher;
 pub use quota::PgQuotaRepo;
 pub use reconcile::PgReconcileRepo;
+pub use watch::{PgChangeLog, Ticker};
 
 /// Migrations embedded in the binary, so the image needs no `migrations/` directory.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -122,9 +124,9 @@ impl Data {
         &self.background
     }
 
-    /// A pool of one connection of its own, for the snowflake node lease: neither
-    /// requests nor background work can take it, so renewals always get through.
-    fn lease_pool(&self) -> PgPool {
+    /// A pool of one connection of its own, for the snowflake node lease or the change
+    /// log's listener: neither requests nor background work can take it.
+    pub fn own_pool(&self) -> PgPool {
         PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(5))

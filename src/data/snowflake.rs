@@ -31,7 +31,7 @@ impl NodeIds {
             NodeId::Fixed(node) => Ok(Self::Fixed(node)),
             NodeId::Auto => {
                 let owner = uuid::Uuid::new_v4().to_string();
-                let lease = NodeLease::acquire(data.lease_pool(), owner, conf.lease_ttl).await?;
+                let lease = NodeLease::acquire(data.own_pool(), owner, conf.lease_ttl).await?;
                 tracing::info!(node = lease.node(), "snowflake node id leased");
                 Ok(Self::Leased(lease))
             }

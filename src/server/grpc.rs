@@ -3,7 +3,7 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 use tonic_health::pb::{self as health, health_check_response::ServingStatus};
@@ -44,8 +44,35 @@ impl ResourceApi {
     }
 }
 
+/// The responses of one `WatchResources` call.
+type WatchStream =
+    std::pin::Pin<Box<dyn Stream<Item = Result<pb::WatchResourcesResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::resource_service_server::ResourceService for ResourceApi {
+    type WatchResourcesStream = WatchStream;
+
+    /// Opening the watch is bounded by the call's deadline; the stream then lasts until
+    /// the client goes, the service stops or the connection reaches its maximum age
+    /// (`server.grpc.max_connection_age`): the client watches again from its last token.
+    async fn watch_resources(
+        &self,
+        req: Request<pb::WatchResourcesRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let (timeout, caller) =
+            (deadline(self.timeout, req.metadata()), self.caller(req.metadata())?);
+        let watch = within(timeout, self.svc.watch_resources(&caller, req.into_inner())).await?;
+        let first = watch.start();
+        let rest = futures::stream::unfold(Some(watch), |watch| async move {
+            let mut watch = watch?;
+            match watch.next().await {
+                Ok(response) => Some((Ok(response), Some(watch))),
+                Err(e) => Some((Err(to_status(e)), None)),
+            }
+        });
+        Ok(Response::new(Box::pin(futures::stream::once(async { Ok(first) }).chain(rest))))
+    }
+
     async fn list_resources(
         &self,
         req: Request<pb::ListResourcesRequest>,

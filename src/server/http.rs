@@ -9,9 +9,13 @@ use axum::{
     extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State},
     http::{HeaderName, Method, StatusCode, header, request::Parts},
     middleware::{self, Next},
-    response::{IntoResponse, Response},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, Sse},
+    },
     routing::{any, get, patch},
 };
+use futures::StreamExt;
 use serde::Deserialize;
 use tower::ServiceBuilder;
 use tower_http::{
@@ -65,6 +69,7 @@ pub fn router(state: AppState, conf: &conf::HttpServer) -> Router {
     Router::new()
         .route("/helloworld/{name}", get(say_hello))
         .route("/v1/resources", get(list_resources).post(create_resource))
+        .route("/v1/resources:watch", get(watch_resources))
         .route("/v1/resources/{instance_id}", any(instance_route))
         .route("/v1/resources/{instance_id}/spec", patch(update_resource_spec))
         .route("/v1/resources/{instance_id}/audit-logs", get(list_audit_logs))
@@ -414,6 +419,84 @@ async fn list_resources(
 ) -> Result<ProtoJson<pb::ListResourcesReply>, HttpError> {
     let req = pb::ListResourcesRequest::try_from(params)?;
     Ok(ProtoJson(app.resource.list_resources(&caller, req).await?))
+}
+
+/// Query parameters of `GET /v1/resources:watch`; unknown ones are ignored.
+#[derive(Debug, Default, Deserialize)]
+struct WatchParams {
+    resume_token: Option<String>,
+    user_id: Option<String>,
+    status: Option<String>,
+    name: Option<String>,
+}
+
+impl WatchParams {
+    /// The request; an EventSource that reconnects sends the last event's id (its
+    /// resume token) as `Last-Event-ID`, used when the query names no token.
+    fn into_request(
+        self,
+        last_event_id: Option<&str>,
+    ) -> Result<pb::WatchResourcesRequest, biz::Error> {
+        let status = match self.status.as_deref() {
+            None | Some("") | Some("STATUS_UNSPECIFIED") => pb::Status::Unspecified,
+            Some(raw) => service::status_named(raw)?,
+        };
+        let resume_token = self
+            .resume_token
+            .filter(|t| !t.is_empty())
+            .or_else(|| last_event_id.map(str::to_owned))
+            .unwrap_or_default();
+        Ok(pb::WatchResourcesRequest {
+            resume_token,
+            user_id: self.user_id.unwrap_or_default(),
+            status: status as i32,
+            name: self.name.unwrap_or_default(),
+        })
+    }
+}
+
+/// `GET /v1/resources:watch`: Server-Sent Events. Each change is a `message` event whose
+/// `data` is a `WatchResourcesResponse` as JSON and whose `id` is its resume token; a
+/// silence is broken by a `heartbeat` event of the same shape without `resource`; a
+/// failure ends the stream with an `error` event carrying the error body.
+async fn watch_resources(
+    State(app): State<AppState>,
+    HttpCaller(caller): HttpCaller,
+    headers: axum::http::HeaderMap,
+    ApiQuery(params): ApiQuery<WatchParams>,
+) -> Result<Response, HttpError> {
+    let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let req = params.into_request(last_event_id)?;
+    let watch = app.resource.watch_resources(&caller, req).await?;
+    let first = sse_event(&watch.start(), "heartbeat");
+    let rest = futures::stream::unfold(Some(watch), |watch| async move {
+        let mut watch = watch?;
+        match watch.next().await {
+            Ok(response) => {
+                let kind = if response.resource.is_some() { "message" } else { "heartbeat" };
+                Some((sse_event(&response, kind), Some(watch)))
+            }
+            Err(e) => {
+                let data = super::status::error_json(e);
+                Some((Event::default().event("error").data(data), None))
+            }
+        }
+    });
+    let events =
+        futures::stream::once(async { first }).chain(rest).map(Ok::<_, std::convert::Infallible>);
+    Ok(Sse::new(events).into_response())
+}
+
+fn sse_event(response: &pb::WatchResourcesResponse, kind: &'static str) -> Event {
+    let mut body = Vec::with_capacity(512);
+    let mut serializer = serde_json::Serializer::with_formatter(&mut body, IntegralDoubles);
+    let event = Event::default().event(kind).id(response.resume_token.clone());
+    match serde::Serialize::serialize(response, &mut serializer) {
+        Ok(()) => event.data(String::from_utf8_lossy(&body)),
+        Err(e) => event.event("error").data(super::status::error_json(biz::Error::internal(
+            format!("encoding a response: {e}"),
+        ))),
+    }
 }
 
 /// `/v1/resources/{instance_id}` (GET, DELETE) and its custom methods

@@ -86,7 +86,9 @@ fn constraints(field: &str, limits: &Limits) -> Option<Value> {
         "resource.v1.CreateResourceRequest.user_id"
         | "resource.v1.CreateResourceRequest.request_id"
         | "resource.v1.ListResourcesRequest.user_id"
-        | "resource.v1.ListResourcesRequest.name" => json!({
+        | "resource.v1.ListResourcesRequest.name"
+        | "resource.v1.WatchResourcesRequest.user_id"
+        | "resource.v1.WatchResourcesRequest.name" => json!({
             "maxLength": biz::instance::MAX_TEXT_LEN,
             "pattern": NO_CONTROL_CHARACTERS,
         }),
@@ -337,15 +339,21 @@ impl<'a> Generator<'a> {
     fn responses(&mut self, method: &MethodDescriptor, binding: &Binding) -> Value {
         let output = method.output();
         let mut responses = Map::new();
+        // A server-streaming RPC answers Server-Sent Events, each event's data one message.
+        let media =
+            if method.is_server_streaming() { "text/event-stream" } else { "application/json" };
         responses.insert(
             "200".into(),
             json!({
                 "description": comment(&output.parent_file(), output.path()),
-                "content": { "application/json": { "schema": self.message_ref(&output) } },
+                "content": { media: { "schema": self.message_ref(&output) } },
                 "links": self.links(&output),
             }),
         );
         let mut errors: Vec<&str> = COMMON_ERRORS.to_vec();
+        if method.is_server_streaming() {
+            errors.push("410");
+        }
         if binding.path.contains("{instance_id}") {
             errors.extend(INSTANCE_ERRORS);
         }
@@ -480,6 +488,11 @@ fn error_responses() -> Value {
         ),
         ("404", "The instance does not exist (or belongs to another user)."),
         ("409", "The change conflicts with the instance's state or a previous request."),
+        (
+            "410",
+            "The watch's `resume_token` is older than `watch.retention` \
+             (`RESUME_TOKEN_EXPIRED`): list again, then watch from now.",
+        ),
         ("413", "The body exceeds `server.http.max_body_bytes`."),
         (
             "429",

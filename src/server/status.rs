@@ -69,6 +69,7 @@ pub fn http_status(kind: ErrorKind) -> StatusCode {
         ErrorKind::AlreadyExists | ErrorKind::Conflict | ErrorKind::FailedPrecondition => {
             StatusCode::CONFLICT
         }
+        ErrorKind::Gone => StatusCode::GONE,
         ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorKind::QuotaExhausted => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -88,7 +89,7 @@ pub fn grpc_code(kind: ErrorKind) -> tonic::Code {
         ErrorKind::MethodNotAllowed => tonic::Code::Unimplemented,
         ErrorKind::AlreadyExists => tonic::Code::AlreadyExists,
         ErrorKind::Conflict => tonic::Code::Aborted,
-        ErrorKind::FailedPrecondition => tonic::Code::FailedPrecondition,
+        ErrorKind::FailedPrecondition | ErrorKind::Gone => tonic::Code::FailedPrecondition,
         ErrorKind::PayloadTooLarge | ErrorKind::QuotaExhausted => tonic::Code::ResourceExhausted,
         ErrorKind::RequestTimeout => tonic::Code::DeadlineExceeded,
         ErrorKind::DeadlineExceeded => tonic::Code::DeadlineExceeded,
@@ -128,9 +129,9 @@ struct ErrorBody<'a> {
     metadata: &'a BTreeMap<String, String>,
 }
 
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
-        let err = self.0;
+impl<'a> ErrorBody<'a> {
+    /// The body of `err`, logged once here, at the transport edge.
+    fn of(err: &'a ApiError) -> (StatusCode, Self) {
         err.log();
         let status = http_status(err.kind);
         let body = ErrorBody {
@@ -139,6 +140,20 @@ impl IntoResponse for HttpError {
             message: &err.message,
             metadata: &err.metadata,
         };
+        (status, body)
+    }
+}
+
+/// The JSON error body of `e`, for a failure after the response began (an SSE `error`
+/// event).
+pub fn error_json(e: biz::Error) -> String {
+    let err = ApiError::from(e);
+    serde_json::to_string(&ErrorBody::of(&err).1).unwrap_or_default()
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let (status, body) = ErrorBody::of(&self.0);
         (status, Json(body)).into_response()
     }
 }

@@ -8,6 +8,7 @@ pub mod greeter;
 pub mod health;
 pub mod page_token;
 pub mod resource;
+pub mod resume_token;
 
 pub use event::{BrokerProbe, DeadLetterReason, Disposition, EventService, Inbound, Retries};
 pub use greeter::GreeterService;

@@ -100,7 +100,7 @@ fn fingerprint(filter: &ListFilter) -> u64 {
 }
 
 /// FNV-1a, 64 bit: stable across releases and platforms, unlike `DefaultHasher`.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(super) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes
         .iter()
         .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))

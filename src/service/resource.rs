@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use super::page_token;
+use super::{page_token, resume_token};
 use crate::{
     biz::{
         Actor, AuditRecord, AuditUsecase, Command, Error, GpuType, Instance, InstanceId,
@@ -14,6 +14,7 @@ use crate::{
         access::{self, Access, ListScope},
         instance::Endpoint,
         quota::{self, Amounts, QuotaOverride, UserQuota},
+        watch::{Interest, Watch, WatchConf, WatchItem, WatchUsecase},
     },
     pb::resource::v1 as pb,
 };
@@ -69,16 +70,50 @@ pub struct ResourceService {
     instances: Arc<InstanceUsecase>,
     audits: Arc<AuditUsecase>,
     quotas: Arc<QuotaUsecase>,
+    watches: Arc<WatchUsecase>,
 }
 
 impl ResourceService {
-    /// The API over `instances`, the audit trail and the quotas.
+    /// The API over `instances`, the audit trail, the quotas and the change log.
     pub fn new(
         instances: Arc<InstanceUsecase>,
         audits: Arc<AuditUsecase>,
         quotas: Arc<QuotaUsecase>,
+        watches: Arc<WatchUsecase>,
     ) -> Self {
-        Self { instances, audits, quotas }
+        Self { instances, audits, quotas, watches }
+    }
+
+    /// How watches behave (the transports send heartbeats at its pace).
+    pub fn watch_conf(&self) -> WatchConf {
+        self.watches.conf()
+    }
+
+    /// `WatchResources`: the watch, and the first response to send — a heartbeat with the
+    /// starting position, so a client holds a resume token before any change.
+    ///
+    /// # Errors
+    /// `InvalidArgument` (token, status, user id, name), `ResumeTokenExpired`,
+    /// `Unavailable`.
+    pub async fn watch_resources(
+        &self,
+        caller: &Caller,
+        req: pb::WatchResourcesRequest,
+    ) -> Result<ResourceWatch, Error> {
+        let from = resume_token::decode(&req.resume_token)?;
+        let status = status_filter(req.status)?;
+        let (user_id, name) = (non_empty(req.user_id), non_empty(req.name));
+        for (field, value) in [("user_id", &user_id), ("name", &name)] {
+            if let Some(value) = value {
+                crate::biz::instance::validate_text(field, value)?;
+            }
+        }
+        let interest = match caller.access().list_scope(user_id) {
+            ListScope::Owner(user_id) => Interest::Matching(ListFilter { user_id, status, name }),
+            ListScope::Nothing => Interest::Nothing,
+        };
+        let watch = self.watches.watch(interest, from).await?;
+        Ok(ResourceWatch { watch })
     }
 
     /// The ranges requests are checked against (published in the OpenAPI document).
@@ -257,6 +292,38 @@ impl ResourceService {
         } else {
             Err(Error::InstanceNotFound { instance_id: id.get() })
         }
+    }
+}
+
+/// One open `WatchResources` stream, as messages.
+pub struct ResourceWatch {
+    watch: Watch,
+}
+
+impl ResourceWatch {
+    /// The response that tells where the watch starts (a heartbeat).
+    pub fn start(&self) -> pb::WatchResourcesResponse {
+        pb::WatchResourcesResponse {
+            resource: None,
+            resume_token: resume_token::encode(self.watch.position()),
+        }
+    }
+
+    /// The next response: a change, or a heartbeat after a silence.
+    ///
+    /// # Errors
+    /// `ResumeTokenExpired`, `Unavailable`: the stream ends with it.
+    pub async fn next(&mut self) -> Result<pb::WatchResourcesResponse, Error> {
+        Ok(match self.watch.next().await? {
+            WatchItem::Change(change) => pb::WatchResourcesResponse {
+                resource: Some(pb::Resource::from(change.instance.clone())),
+                resume_token: resume_token::encode(change.position),
+            },
+            WatchItem::Heartbeat(position) => pb::WatchResourcesResponse {
+                resource: None,
+                resume_token: resume_token::encode(position),
+            },
+        })
     }
 }
 

@@ -26,3 +26,4 @@ mod specs;
 mod stalls;
 mod sync_requests;
 mod tracing;
+mod watch;

@@ -1,0 +1,1 @@
+//! The hub and the watch over an in-memory log.
