@@ -472,3 +472,55 @@ async fn rest_streams_server_sent_events_with_heartbeats_and_resumes_from_last_e
     let bad = app.client.get(format!("{}/v1/resources:watch?status=NOPE", app.http));
     assert_eq!(bad.send().await.unwrap().status(), 400);
 }
+
+#[tokio::test]
+async fn a_watcher_behind_a_black_holed_database_link_gets_every_change_once_it_heals() {
+    use crate::{
+        helpers::admin_url,
+        proxy::{Proxy, target_of},
+    };
+    // The watcher's replica reaches the database through a proxy; the other replica, which
+    // makes the changes, directly.
+    let proxy = Proxy::start(target_of(&admin_url(), 5432)).await;
+    let app = spawn_app_with(AppOptions {
+        database_via: Some(proxy.addr),
+        env: env(&[("RESOURCE_DATA__DATABASE__QUERY_TIMEOUT", "2s")]),
+        ..AppOptions::default()
+    })
+    .await;
+    let name = app.pool.connect_options().get_database().unwrap().to_owned();
+    let direct = test_support::database_url(&admin_url(), &name);
+    let writer = app.replica_with(&[("RESOURCE_DATA__DATABASE__SOURCE", &direct)]).await;
+    let mut stream = watch(&app, WatchResourcesRequest::default()).await;
+    let before = create(&app, &writer.http, "u1", "before").await;
+    let (seen, _) = changes(&mut stream, 1).await;
+    assert_eq!(seen[0].instance_id, before);
+
+    // Every connection of the watcher's replica, its listener's included, now swallows
+    // what it is sent and stays dead even after the link heals.
+    proxy.blackhole();
+    let mut made = Vec::new();
+    for i in 0..5 {
+        made.push(create(&app, &writer.http, "u1", &format!("during-{i}")).await);
+    }
+    // A watch cannot start without the log: it is refused, not left hanging.
+    let mut client = ResourceServiceClient::new(app.grpc_channel().await);
+    let refused = tokio::time::timeout(
+        Duration::from_secs(15),
+        client.watch_resources(WatchResourcesRequest::default()),
+    )
+    .await
+    .expect("refused within the request timeout")
+    .unwrap_err();
+    assert!(matches!(refused.code(), Code::Unavailable | Code::DeadlineExceeded), "{refused:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.restore();
+    for i in 0..5 {
+        made.push(create(&app, &writer.http, "u1", &format!("after-{i}")).await);
+    }
+
+    let (seen, _) = changes(&mut stream, 10).await;
+    let seen: Vec<i64> = seen.iter().map(|r| r.instance_id).collect();
+    assert_eq!(seen, made, "every change once, in commit order");
+    no_change_within(&mut stream, Duration::from_millis(500)).await;
+}
