@@ -115,3 +115,26 @@ fn quotas_come_from_the_files_and_the_environment_and_bad_ones_are_refused() {
         assert!(err.contains(says), "{key}={value}: {err}");
     }
 }
+
+#[test]
+fn watch_settings_default_load_and_are_bounded() {
+    use crate::biz::WatchConf;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = std::fs::read_to_string("configs/config.yaml").unwrap();
+    std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
+    let shipped = load_with_env(dir.path(), HashMap::new()).unwrap();
+    assert_eq!(WatchConf::from(&shipped.watch), WatchConf::default(), "the file says the defaults");
+    let env = HashMap::from([("RESOURCE_WATCH__HEARTBEAT".to_owned(), "2s".to_owned())]);
+    let watch = WatchConf::from(&load_with_env(dir.path(), env).unwrap().watch);
+    assert_eq!(watch.heartbeat, Duration::from_secs(2));
+    for (key, value, says) in [
+        ("RESOURCE_WATCH__RETENTION", "30s", "watch.retention"),
+        ("RESOURCE_WATCH__HEARTBEAT", "0s", "watch.heartbeat"),
+        ("RESOURCE_WATCH__HEARTBEAT", "1h", "watch.heartbeat"),
+        ("RESOURCE_WATCH__MAX_WATCHERS", "0", "watch.max_watchers"),
+    ] {
+        let env = HashMap::from([(key.to_owned(), value.to_owned())]);
+        let err = load_with_env(dir.path(), env).unwrap_err().to_string();
+        assert!(err.contains(says), "{key}={value}: {err}");
+    }
+}
