@@ -290,15 +290,10 @@ impl Ticker {
                     .await
                     .map_err(map_sqlx)?;
                     let Some(last) = last else { return Ok(0) };
-                    sqlx::query(
-                        "UPDATE watch_clock SET horizon_tick = $1, horizon_seq = $2 \
-                         WHERE (horizon_tick, horizon_seq) < ($1, $2)",
-                    )
-                    .bind(last)
-                    .bind(i64::MAX)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_sqlx)?;
+                    // The horizon moves in the same transaction as the rows go (a reader
+                    // reads rows, then the horizon, so it never misses rows unawares), and
+                    // last: the clock's row lock, which ticks wait for, is held only for
+                    // the commit.
                     let removed = sqlx::query(
                         "DELETE FROM instance_changes WHERE tick IS NOT NULL AND tick <= $1",
                     )
@@ -312,6 +307,15 @@ impl Ticker {
                         .execute(&mut *tx)
                         .await
                         .map_err(map_sqlx)?;
+                    sqlx::query(
+                        "UPDATE watch_clock SET horizon_tick = $1, horizon_seq = $2 \
+                         WHERE (horizon_tick, horizon_seq) < ($1, $2)",
+                    )
+                    .bind(last)
+                    .bind(i64::MAX)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_sqlx)?;
                     tx.commit().await.map_err(map_sqlx)?;
                     Ok(removed.max(1))
                 })
