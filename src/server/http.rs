@@ -10,7 +10,7 @@ use axum::{
     http::{HeaderName, Method, StatusCode, header, request::Parts},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{any, get, patch},
+    routing::{any, get, patch, put},
 };
 use serde::Deserialize;
 use tower::ServiceBuilder;
@@ -68,6 +68,7 @@ pub fn router(state: AppState, conf: &conf::HttpServer) -> Router {
         .route("/v1/resources/{instance_id}", any(instance_route))
         .route("/v1/resources/{instance_id}/spec", patch(update_resource_spec))
         .route("/v1/resources/{instance_id}/audit-logs", get(list_audit_logs))
+        .route("/v1/resources/{instance_id}/labels", put(set_resource_labels))
         .route("/v1/quotas/{user_id}", get(get_quota).put(set_quota))
         .route("/v1/capacity", get(get_capacity))
         .route("/healthz", get(healthz))
@@ -375,6 +376,12 @@ struct ListParams {
     user_id: Option<String>,
     status: Option<String>,
     name: Option<String>,
+    // --- Filters (issue 16) ---
+    label_selector: Option<String>,
+    gpu_model: Option<String>,
+    image: Option<String>,
+    created_after: Option<String>,
+    created_before: Option<String>,
 }
 
 impl TryFrom<ListParams> for pb::ListResourcesRequest {
@@ -393,7 +400,36 @@ impl TryFrom<ListParams> for pb::ListResourcesRequest {
             user_id: p.user_id.unwrap_or_default(),
             status: status as i32,
             name: p.name.unwrap_or_default(),
+            label_selector: p.label_selector.unwrap_or_default(),
+            gpu_model: p.gpu_model.unwrap_or_default(),
+            image: p.image.unwrap_or_default(),
+            created_after: parse_time("created_after", p.created_after.as_deref())?,
+            created_before: parse_time("created_before", p.created_before.as_deref())?,
         })
+    }
+}
+
+/// A time from a query string (RFC 3339, as the proto3 JSON mapping spells a
+/// `Timestamp`); absent or empty means unset.
+fn parse_time(
+    field: &'static str,
+    raw: Option<&str>,
+) -> Result<Option<pbjson_types::Timestamp>, biz::Error> {
+    match raw.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(raw) => chrono::DateTime::parse_from_rfc3339(raw)
+            .map(|t| {
+                Some(pbjson_types::Timestamp {
+                    seconds: t.timestamp(),
+                    nanos: t.timestamp_subsec_nanos() as i32,
+                })
+            })
+            .map_err(|_| {
+                biz::Error::invalid(
+                    field,
+                    format!("expected an RFC 3339 time such as 2026-01-02T03:04:05Z, got {raw:?}"),
+                )
+            }),
     }
 }
 
@@ -564,6 +600,39 @@ async fn list_audit_logs(
     };
     Ok(ProtoJson(app.resource.list_audit_logs(&caller, req).await?))
 }
+
+// --- Labels (issue 16) ---
+/// `PUT /v1/resources/{instance_id}/labels`: the body is the labels, a JSON object of
+/// strings (`{"team": "a"}`), as the binding's `body: "labels"` says; it replaces them
+/// all (`{}` removes them).
+async fn set_resource_labels(
+    State(app): State<AppState>,
+    HttpCaller(caller): HttpCaller,
+    InstanceIdPath(instance_id): InstanceIdPath,
+    ApiJson(body): ApiJson<serde_json::Value>,
+) -> Result<ProtoJson<pb::Resource>, HttpError> {
+    let serde_json::Value::Object(fields) = body else {
+        return Err(biz::Error::invalid(
+            "body",
+            "must be a JSON object of labels: {\"key\": \"value\", …}",
+        )
+        .into());
+    };
+    let mut labels = std::collections::BTreeMap::new();
+    for (key, value) in fields {
+        let serde_json::Value::String(value) = value else {
+            return Err(biz::Error::InvalidLabels {
+                message: format!("the value of label {key:?} must be a string"),
+                key: Some(key),
+            }
+            .into());
+        };
+        labels.insert(key, value);
+    }
+    let req = pb::SetResourceLabelsRequest { instance_id, labels };
+    Ok(ProtoJson(app.resource.set_resource_labels(&caller, req).await?))
+}
+// --- end Labels ---
 
 async fn get_quota(
     State(app): State<AppState>,
