@@ -167,6 +167,7 @@ fn required(message: &str) -> &'static [&'static str] {
             "endpoint",
             "created_at",
             "updated_at",
+            "labels",
         ],
         "resource.v1.ListResourcesReply" => &["resources", "next_page_token"],
         "resource.v1.ListAuditLogsReply" => &["entries", "next_page_token"],
