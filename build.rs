@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     let wkt_include = protoc_bin_vendored::include_path()?;
+    // Maps (labels) in key order, so JSON and comparisons are deterministic.
+    config.btree_map([".resource.v1"]);
 
     tonic_prost_build::configure()
         // prost's codec, but an undecodable request is INVALID_ARGUMENT (src/server/codec.rs).
@@ -39,6 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .preserve_proto_field_names()
         .emit_fields()
         .ignore_unknown_fields()
+        .btree_map([".resource.v1"])
         .build(&[".helloworld", ".resource", ".mq"])?;
 
     println!("cargo:rerun-if-changed=proto");

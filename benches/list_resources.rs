@@ -1,10 +1,15 @@
 //! ListResources throughput over REST and gRPC on 1,000,000 instances, page_size 50, next
 //! to the rate PostgreSQL itself achieves for the same query (pgbench, same run).
 //!
+//! Then the same load with filters (issue 16): `label_selector=team=a` (every tenth
+//! instance carries the label) and `gpu_model=Tesla A100` (every seventh), each printed
+//! with its ratio to the unfiltered rate of the same run (target ≥ 50 %).
+//!
 //! `make bench` runs it. Environment: `BENCH_DATABASE_URL` (admin URL, default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), `BENCH_SECONDS` per measurement
-//! (default 10), `BENCH_ROWS` (default 1,000,000), `BENCH_CLIENTS` (default 2).
-//! The database `resource_bench` is created and loaded once and reused by later runs.
+//! (default 10), `BENCH_ROWS` (default 1,000,000), `BENCH_CLIENTS` (default 2),
+//! `BENCH_LIST_DATABASE` (default `resource_bench`). That database is created and
+//! loaded once and reused by later runs.
 
 mod common;
 
@@ -15,7 +20,7 @@ use std::{
 
 use common::{backends, env_or};
 use resource::{
-    biz::{InstanceId, ListFilter},
+    biz::{GpuType, InstanceId, ListFilter, instance::LabelSelector},
     pb::resource::v1::{ListResourcesRequest, resource_service_client::ResourceServiceClient},
     service::page_token,
 };
@@ -36,20 +41,73 @@ const LIST_SQL: &str = "SELECT i.instance_id, i.user_id, i.name, i.status, i.sta
 
 struct Settings {
     admin_url: String,
+    database: String,
     seconds: u64,
     rows: i64,
     clients: usize,
+}
+
+/// Which instances a load lists: the query string (REST), the request fields (gRPC) and
+/// the filter its page tokens are bound to.
+#[derive(Clone)]
+struct Filter {
+    query: String,
+    request: ListResourcesRequest,
+    bound: ListFilter,
+    /// Fewest rows below a random position, so that its page is full.
+    min_depth: i64,
+}
+
+impl Filter {
+    fn none() -> Self {
+        Filter {
+            query: String::new(),
+            request: ListResourcesRequest::default(),
+            bound: ListFilter::default(),
+            min_depth: 2,
+        }
+    }
+
+    /// Every tenth instance is labelled `team=a` (see `prepare`).
+    fn team_a() -> Self {
+        Filter {
+            query: "&label_selector=team%3Da".into(),
+            request: ListResourcesRequest {
+                label_selector: "team=a".into(),
+                ..ListResourcesRequest::default()
+            },
+            bound: ListFilter {
+                labels: LabelSelector::parse("team=a").unwrap(),
+                ..ListFilter::default()
+            },
+            min_depth: 20 * i64::from(PAGE_SIZE),
+        }
+    }
+
+    /// Every seventh instance has GPU type 2 (`g % 7` in `prepare`).
+    fn a100() -> Self {
+        Filter {
+            query: "&gpu_model=Tesla%20A100".into(),
+            request: ListResourcesRequest {
+                gpu_model: "Tesla A100".into(),
+                ..ListResourcesRequest::default()
+            },
+            bound: ListFilter { gpu: Some(GpuType::TeslaA100), ..ListFilter::default() },
+            min_depth: 14 * i64::from(PAGE_SIZE),
+        }
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let s = Settings {
         admin_url: backends().admin_url,
+        database: env_or("BENCH_LIST_DATABASE", "resource_bench".to_owned()),
         seconds: env_or("BENCH_SECONDS", 10),
         rows: env_or("BENCH_ROWS", 1_000_000),
         clients: env_or("BENCH_CLIENTS", 2),
     };
-    let url = test_support::database_url(&s.admin_url, "resource_bench");
+    let url = test_support::database_url(&s.admin_url, &s.database);
     prepare(&s, &url).await;
     let (child, http, grpc) = start_service(&url).await;
 
@@ -58,8 +116,8 @@ async fn main() {
         s.rows, s.clients, s.seconds
     );
     let pg_before = pgbench(&s, &url);
-    let rest = run_load(&s, Transport::Rest(http.clone())).await;
-    let grpc_stats = run_load(&s, Transport::Grpc(grpc)).await;
+    let rest = run_load(&s, Transport::Rest(http.clone()), &Filter::none()).await;
+    let grpc_stats = run_load(&s, Transport::Grpc(grpc.clone()), &Filter::none()).await;
     let pg_after = pgbench(&s, &url);
     let pg = (pg_before + pg_after) / 2.0;
 
@@ -84,6 +142,33 @@ async fn main() {
     }
     println!("errors: REST {}, gRPC {}", rest.errors, grpc_stats.errors);
 
+    // Filtered pages (issue 16), against the unfiltered rate of the same transport.
+    println!(
+        "\n{:<36} {:>10} {:>9} {:>9} {:>13}",
+        "filtered", "pages/s", "p50 ms", "p99 ms", "vs unfiltered"
+    );
+    let mut errors = 0;
+    for (name, filter) in
+        [("label_selector=team=a", Filter::team_a()), ("gpu_model=Tesla A100", Filter::a100())]
+    {
+        for (transport, base, unfiltered) in [
+            ("REST", Transport::Rest(http.clone()), &rest),
+            ("gRPC", Transport::Grpc(grpc.clone()), &grpc_stats),
+        ] {
+            let st = run_load(&s, base, &filter).await;
+            errors += st.errors;
+            println!(
+                "{:<36} {:>10.0} {:>9.3} {:>9.3} {:>12.0}%",
+                format!("{transport} {name}"),
+                st.rate,
+                st.p50_ms,
+                st.p99_ms,
+                100.0 * st.rate / unfiltered.rate
+            );
+        }
+    }
+    println!("errors (filtered): {errors}");
+
     // Depth does not matter: page 1 and page 10,000 cost the same.
     let first = depth_latency(&http, None).await;
     let deep = depth_latency(&http, Some(s.rows - 10_000 * i64::from(PAGE_SIZE))).await;
@@ -94,14 +179,16 @@ async fn main() {
 
 async fn prepare(s: &Settings, url: &str) {
     let mut admin = PgConnection::connect(&s.admin_url).await.expect("reach PostgreSQL");
-    let exists: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'resource_bench')",
-    )
-    .fetch_one(&mut admin)
-    .await
-    .unwrap();
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&s.database)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
     if !exists {
-        admin.execute("CREATE DATABASE resource_bench").await.unwrap();
+        // A name of the operator's choosing, quoted as an identifier.
+        let create = format!("CREATE DATABASE \"{}\"", s.database.replace('"', "\"\""));
+        admin.execute(sqlx::AssertSqlSafe(create)).await.unwrap();
     }
     let pool = sqlx::PgPool::connect(url).await.unwrap();
     resource::data::MIGRATOR.run(&pool).await.expect("migrate the bench database");
@@ -136,6 +223,27 @@ async fn prepare(s: &Settings, url: &str) {
         .await
         .unwrap();
         println!("loaded in {:.1} s", started.elapsed().as_secs_f64());
+    }
+    // Every tenth instance is labelled `team=a` (also in a database loaded before labels
+    // existed); the others have no labels.
+    let labelled: i64 = sqlx::query_scalar("SELECT count(*) FROM instances WHERE labels <> '{}'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    if labelled != s.rows / 10 {
+        println!("labelling every tenth instance team=a (once) ...");
+        sqlx::query(
+            "UPDATE instances SET labels = CASE WHEN ((instance_id - $1) / $2) % 10 = 0 \
+             THEN '{\"team\": \"a\"}'::jsonb ELSE '{}'::jsonb END \
+             WHERE labels <> CASE WHEN ((instance_id - $1) / $2) % 10 = 0 \
+             THEN '{\"team\": \"a\"}'::jsonb ELSE '{}'::jsonb END",
+        )
+        .bind(BASE)
+        .bind(STEP)
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.execute("VACUUM instances").await.unwrap();
     }
     // Fresh statistics, and the table in the OS cache for every contender alike.
     pool.execute("ANALYZE").await.unwrap();
@@ -203,21 +311,23 @@ struct Stats {
     errors: usize,
 }
 
-/// A token positioned after a random row, as a client deep in a walk would hold.
-fn random_token(rows: i64, seed: &mut u64) -> String {
+/// A token positioned after a random row at least `filter.min_depth` deep, as a client
+/// deep in a walk would hold.
+fn random_token(rows: i64, filter: &Filter, seed: &mut u64) -> String {
     *seed ^= *seed << 13;
     *seed ^= *seed >> 7;
     *seed ^= *seed << 17;
-    let n = 2 + (*seed % (rows as u64 - 1)) as i64;
-    page_token::encode(InstanceId::try_from(BASE + n * STEP).unwrap(), &ListFilter::default())
+    let n = filter.min_depth + (*seed % (rows - filter.min_depth + 1) as u64) as i64;
+    page_token::encode(InstanceId::try_from(BASE + n * STEP).unwrap(), &filter.bound)
 }
 
-async fn run_load(s: &Settings, transport: Transport) -> Stats {
+async fn run_load(s: &Settings, transport: Transport, filter: &Filter) -> Stats {
     let deadline = Instant::now() + Duration::from_secs(s.seconds);
     let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for c in 0..s.clients {
         let transport = transport.clone();
+        let filter = filter.clone();
         let errors = errors.clone();
         let rows = s.rows;
         tasks.push(tokio::spawn(async move {
@@ -234,8 +344,9 @@ async fn run_load(s: &Settings, transport: Transport) -> Stats {
                         .unwrap();
                     while Instant::now() < deadline {
                         let url = format!(
-                            "{base}/v1/resources?page_size={PAGE_SIZE}&page_token={}",
-                            random_token(rows, &mut seed)
+                            "{base}/v1/resources?page_size={PAGE_SIZE}&page_token={}{}",
+                            random_token(rows, &filter, &mut seed),
+                            filter.query
                         );
                         let t = Instant::now();
                         let ok = match client.get(&url).send().await {
@@ -263,8 +374,8 @@ async fn run_load(s: &Settings, transport: Transport) -> Stats {
                     while Instant::now() < deadline {
                         let req = ListResourcesRequest {
                             page_size: PAGE_SIZE,
-                            page_token: random_token(rows, &mut seed),
-                            ..Default::default()
+                            page_token: random_token(rows, &filter, &mut seed),
+                            ..filter.request.clone()
                         };
                         let t = Instant::now();
                         let ok = client

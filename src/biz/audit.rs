@@ -64,6 +64,8 @@ pub enum Action {
     Stop,
     /// Replace its spec.
     ChangeSpec,
+    /// Replace its labels.
+    SetLabels,
     /// Reconcile it with the cluster.
     K8sSync,
     /// A status change observed asynchronously (reconciler).
@@ -72,12 +74,13 @@ pub enum Action {
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 7] = [
+    pub const ALL: [Action; 8] = [
         Action::Create,
         Action::Delete,
         Action::Start,
         Action::Stop,
         Action::ChangeSpec,
+        Action::SetLabels,
         Action::K8sSync,
         Action::StatusChange,
     ];
@@ -90,6 +93,7 @@ impl Action {
             Action::Start => "START",
             Action::Stop => "STOP",
             Action::ChangeSpec => "CHANGE_SPEC",
+            Action::SetLabels => "SET_LABELS",
             Action::K8sSync => "K8S_SYNC",
             Action::StatusChange => "STATUS_CHANGE",
         }

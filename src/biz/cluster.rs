@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     BoxError, Error, RepoError,
     health::Probe,
-    instance::{Endpoint, GpuType, Instance, InstanceId, Port},
+    instance::{Endpoint, GpuType, Instance, InstanceId, Labels, Port},
 };
 
 /// The container settings `config_json` may carry (every key optional, others ignored):
@@ -155,6 +155,12 @@ pub struct Workload {
     pub container: ContainerConfig,
     /// Digest of everything above: a running workload whose hash differs is replaced.
     pub spec_hash: String,
+    /// The instance's labels, copied onto the Pod and Service (under
+    /// `labels.resource.io/`, see `instance::pod_label_key`).
+    pub labels: Labels,
+    /// Digest of `labels` (empty when there are none): a workload applied with other
+    /// labels is applied again in place, not replaced.
+    pub labels_hash: String,
 }
 
 impl Workload {
@@ -183,8 +189,20 @@ impl Workload {
             gpu: spec.gpu,
             container,
             spec_hash,
+            labels_hash: labels_hash(&instance.labels),
+            labels: instance.labels.clone(),
         })
     }
+}
+
+/// A digest of `labels`, empty for none (so workloads applied before labels existed are
+/// not applied again).
+fn labels_hash(labels: &Labels) -> String {
+    if labels.is_empty() {
+        return String::new();
+    }
+    let digest = Sha256::digest(serde_json::to_vec(labels).unwrap_or_default());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 /// How a workload is doing, as the cluster reports it.
@@ -245,6 +263,8 @@ pub struct Observed {
     pub id: InstanceId,
     /// The spec hash it was applied with (empty: none recorded).
     pub spec_hash: String,
+    /// The labels hash it was applied with (empty: none recorded, or no labels).
+    pub labels_hash: String,
     /// How it is doing.
     pub phase: Phase,
     /// Where it can be reached (pod name and IP, service host and ports).

@@ -30,6 +30,13 @@ pub enum Error {
     /// An event cannot be decoded or has an unknown type.
     #[error("invalid event: {message}")]
     InvalidEvent { message: String },
+    /// An instance label is malformed or reserved, or there are too many (`key`: the
+    /// offending one, if one is).
+    #[error("invalid labels: {message}")]
+    InvalidLabels { key: Option<String>, message: String },
+    /// A list's label selector does not parse or is beyond its bounds.
+    #[error("invalid label_selector: {message}")]
+    InvalidLabelSelector { message: String },
     /// `page_token` is not one this service issued for these filters.
     #[error("invalid page_token: {message}")]
     InvalidPageToken { message: &'static str },
@@ -130,7 +137,9 @@ impl Error {
             | Error::InvalidGpuType { .. }
             | Error::InvalidEvent { .. }
             | Error::InvalidPageSize { .. }
-            | Error::InvalidPageToken { .. } => ErrorKind::InvalidArgument,
+            | Error::InvalidPageToken { .. }
+            | Error::InvalidLabels { .. }
+            | Error::InvalidLabelSelector { .. } => ErrorKind::InvalidArgument,
             Error::InstanceNotFound { .. } => ErrorKind::NotFound,
             Error::Unauthenticated => ErrorKind::Unauthenticated,
             Error::PermissionDenied { .. } => ErrorKind::PermissionDenied,
@@ -165,6 +174,8 @@ impl Error {
             Error::NotAllowed { .. } => "ILLEGAL_TRANSITION",
             Error::InvalidPageSize { .. } => "INVALID_PAGE_SIZE",
             Error::InvalidPageToken { .. } => "INVALID_PAGE_TOKEN",
+            Error::InvalidLabels { .. } => "INVALID_LABELS",
+            Error::InvalidLabelSelector { .. } => "INVALID_LABEL_SELECTOR",
             Error::InstanceNotFound { .. } => "INSTANCE_NOT_FOUND",
             Error::Unauthenticated => "UNAUTHENTICATED",
             Error::PermissionDenied { .. } => "PERMISSION_DENIED",
@@ -214,6 +225,15 @@ impl Error {
             }
             Error::InvalidPageToken { .. } => {
                 m.insert("field".into(), "page_token".into());
+            }
+            Error::InvalidLabels { key, .. } => {
+                m.insert("field".into(), "labels".into());
+                if let Some(key) = key {
+                    m.insert("key".into(), key.clone());
+                }
+            }
+            Error::InvalidLabelSelector { .. } => {
+                m.insert("field".into(), "label_selector".into());
             }
             Error::InstanceNotFound { instance_id } | Error::VersionConflict { instance_id } => {
                 m.insert("instance_id".into(), instance_id.to_string());

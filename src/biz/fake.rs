@@ -19,7 +19,7 @@ use chrono::{DateTime, SubsecRound, TimeZone, Utc};
 use super::{
     AuditRecord, AuditRepo, Changes, EventKey, GpuType, Instance, InstanceId, InstanceRepo,
     InstanceSpec, InstanceStatus, ListQuery, Processed, RepoError, Snapshot, StatusChange,
-    instance::Endpoint,
+    instance::{Endpoint, Labels},
     quota::{Amounts, Held, QuotaOverride, QuotaRepo, Scope},
 };
 
@@ -262,12 +262,7 @@ impl InstanceRepo for FakeInstanceRepo {
             .values()
             .rev()
             .filter(|i| query.before.is_none_or(|before| i.id < before))
-            .filter(|i| match f.status {
-                Some(status) => i.status == status,
-                None => i.deleted_at.is_none(),
-            })
-            .filter(|i| f.user_id.as_ref().is_none_or(|u| *u == i.user_id))
-            .filter(|i| f.name.as_ref().is_none_or(|n| *n == i.name))
+            .filter(|i| f.matches(i))
             .take(query.limit as usize)
             .cloned()
             .collect())
@@ -402,7 +397,14 @@ impl Instance {
             updated_at: at,
             deleted_at: None,
             version: 1,
+            labels: Labels::new(),
         }
+    }
+
+    /// With `labels`.
+    pub(crate) fn labelled(self, labels: &[(&str, &str)]) -> Self {
+        let labels = labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        Self { labels, ..self }
     }
 
     /// With id `id`.

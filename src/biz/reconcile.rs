@@ -241,6 +241,11 @@ pub fn decide(
         {
             Step::Remove
         }
+        // Our own change of the instance's labels: applied in place (labels of a Pod are
+        // mutable), as any apply, and not taken for a change behind our back.
+        Some(o) if wants_workload && !o.terminating && o.labels_hash != d.workload.labels_hash => {
+            Step::Apply(Box::new(d.workload.clone()))
+        }
         Some(o) if wants_workload && !o.drift.is_empty() => {
             Step::Restore(o.drift.clone(), Box::new(d.workload.clone()))
         }

@@ -218,11 +218,7 @@ impl Interest {
     fn wants(&self, instance: &Instance) -> bool {
         match self {
             Interest::Nothing => false,
-            Interest::Matching(filter) => {
-                filter.user_id.as_ref().is_none_or(|u| *u == instance.user_id)
-                    && filter.status.is_none_or(|s| s == instance.status)
-                    && filter.name.as_ref().is_none_or(|n| *n == instance.name)
-            }
+            Interest::Matching(filter) => filter.matches_ignoring_deleted_default(instance),
         }
     }
 }

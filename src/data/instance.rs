@@ -13,7 +13,7 @@ use super::{Db, map_sqlx};
 use crate::biz::{
     Changes, EventKey, GpuType, Instance, InstanceId, InstanceRepo, InstanceSpec, InstanceStatus,
     ListQuery, Processed, RepoError, Snapshot,
-    instance::{Endpoint, Port},
+    instance::{Endpoint, Labels, ListFilter, Port, SelectorOp},
     quota::Scope,
 };
 
@@ -22,7 +22,7 @@ macro_rules! select_instances {
     () => {
         "SELECT i.instance_id, i.user_id, i.name, i.status, i.status_reason, \
      i.pod_name, i.pod_ip, i.service_host, i.ports, i.created_at, i.updated_at, i.deleted_at, \
-     i.version, s.cpu, s.memory, s.gpu, s.image, s.config_json \
+     i.version, i.labels, s.cpu, s.memory, s.gpu, s.image, s.config_json \
      FROM instances i JOIN instance_specs s ON s.instance_id = i.instance_id"
     };
 }
@@ -94,6 +94,7 @@ pub(super) struct InstanceRow {
     updated_at: DateTime<Utc>,
     deleted_at: Option<DateTime<Utc>>,
     version: i64,
+    labels: Json<Labels>,
     cpu: i32,
     memory: i32,
     gpu: i32,
@@ -134,6 +135,7 @@ impl From<&Instance> for InstanceRow {
             updated_at: i.updated_at,
             deleted_at: i.deleted_at,
             version: i.version,
+            labels: Json(i.labels.clone()),
             cpu: i.spec.cpu,
             memory: i.spec.memory_mb,
             gpu: i.spec.gpu.code(),
@@ -182,6 +184,7 @@ impl TryFrom<InstanceRow> for Instance {
             updated_at: row.updated_at,
             deleted_at: row.deleted_at,
             version: row.version,
+            labels: row.labels.0,
         })
     }
 }
@@ -203,30 +206,7 @@ impl InstanceRepo for PgInstanceRepo {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<Instance>, RepoError> {
-        // Only the filters present appear in the SQL, so each combination gets its own
-        // cached prepared statement and a plan that uses the matching index.
-        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(select_instances!());
-        qb.push(" WHERE ");
-        match query.filter.status {
-            Some(status) => qb.push("i.status = ").push_bind(status.as_str()),
-            None => qb.push("i.deleted_at IS NULL"),
-        };
-        if let Some(before) = query.before {
-            // The bound is repeated on the spec table so the join walks its index from
-            // the page's position instead of from the newest row.
-            qb.push(" AND i.instance_id < ").push_bind(before.get());
-            qb.push(" AND s.instance_id < ").push_bind(before.get());
-        }
-        if let Some(user_id) = &query.filter.user_id {
-            qb.push(" AND i.user_id = ").push_bind(user_id.as_str());
-        }
-        if let Some(name) = &query.filter.name {
-            qb.push(" AND i.name = ").push_bind(name.as_str());
-        }
-        // NOTE: LIMIT is a literal, not a parameter: with `LIMIT $n` PostgreSQL's generic
-        // plan assumes a large result, loses to the custom plan, and so re-plans on every
-        // execution. The limit is a validated integer, so this is injection-free.
-        qb.push(" ORDER BY i.instance_id DESC LIMIT ").push(query.limit);
+        let mut qb = list_statement(query);
         let rows: Vec<InstanceRow> = self
             .db
             .run("list instances", async |conn| {
@@ -289,6 +269,96 @@ impl InstanceRepo for PgInstanceRepo {
                     self.changed.notify_one();
                 }
             })
+    }
+}
+
+/// The statement of one list page. Only the filters present appear in the SQL, so each
+/// combination gets its own cached prepared statement and a plan that uses the matching
+/// index; every filter decides as [`ListFilter::matches`] does.
+pub(crate) fn list_statement(query: &ListQuery) -> QueryBuilder<Postgres> {
+    let f = &query.filter;
+    let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(select_instances!());
+    qb.push(" WHERE ");
+    match f.status {
+        Some(status) => qb.push("i.status = ").push_bind(status.as_str()),
+        None => qb.push("i.deleted_at IS NULL"),
+    };
+    if let Some(before) = query.before {
+        // The bound is repeated on the spec table so the join walks its index from
+        // the page's position instead of from the newest row.
+        qb.push(" AND i.instance_id < ").push_bind(before.get());
+        qb.push(" AND s.instance_id < ").push_bind(before.get());
+    }
+    if let Some(user_id) = &f.user_id {
+        qb.push(" AND i.user_id = ").push_bind(user_id.as_str());
+    }
+    if let Some(name) = &f.name {
+        qb.push(" AND i.name = ").push_bind(name.as_str());
+    }
+    push_label_filter(&mut qb, f);
+    if let Some(gpu) = f.gpu {
+        // instance_specs (gpu, instance_id): walked newest first from the page's position.
+        qb.push(" AND s.gpu = ").push_bind(gpu.code());
+    }
+    if let Some(image) = &f.image {
+        // instance_specs (image, instance_id), likewise.
+        qb.push(" AND s.image = ").push_bind(image.as_str());
+    }
+    // instances (created_at, instance_id); the planner also weighs walking the primary
+    // key and checking the time on the rows, when the window holds most of them.
+    if let Some(after) = f.created_after {
+        qb.push(" AND i.created_at > ").push_bind(after);
+    }
+    if let Some(before) = f.created_before {
+        qb.push(" AND i.created_at < ").push_bind(before);
+    }
+    // NOTE: LIMIT is a literal, not a parameter: with `LIMIT $n` PostgreSQL's generic
+    // plan assumes a large result, loses to the custom plan, and so re-plans on every
+    // execution. The limit is a validated integer, so this is injection-free.
+    qb.push(" ORDER BY i.instance_id DESC LIMIT ").push(query.limit);
+    qb
+}
+
+/// The label selector as predicates on `i.labels`. Equality and `in` requirements are
+/// containment (`labels @> '{"k": "v"}'`), which the GIN index (jsonb_path_ops) serves;
+/// `!=`, `notin` and the existence tests are checked on the rows found.
+fn push_label_filter(qb: &mut QueryBuilder<Postgres>, f: &ListFilter) {
+    let Some(selector) = &f.labels else { return };
+    let contains = |key: &str, value: &str| serde_json::json!({ key: value });
+    // Equalities on distinct keys are one containment: one index probe.
+    let mut equal = serde_json::Map::new();
+    for r in &selector.requirements {
+        match &r.op {
+            SelectorOp::Equals(v) if !equal.contains_key(&r.key) => {
+                equal.insert(r.key.clone(), v.clone().into());
+            }
+            SelectorOp::Equals(v) => {
+                qb.push(" AND i.labels @> ").push_bind(contains(&r.key, v));
+            }
+            SelectorOp::NotEquals(v) => {
+                qb.push(" AND NOT i.labels @> ").push_bind(contains(&r.key, v));
+            }
+            SelectorOp::In(set) | SelectorOp::NotIn(set) => {
+                let negated = matches!(r.op, SelectorOp::NotIn(_));
+                qb.push(if negated { " AND NOT (" } else { " AND (" });
+                for (n, v) in set.iter().enumerate() {
+                    if n > 0 {
+                        qb.push(" OR ");
+                    }
+                    qb.push("i.labels @> ").push_bind(contains(&r.key, v));
+                }
+                qb.push(")");
+            }
+            SelectorOp::Exists => {
+                qb.push(" AND i.labels ? ").push_bind(r.key.clone());
+            }
+            SelectorOp::DoesNotExist => {
+                qb.push(" AND NOT i.labels ? ").push_bind(r.key.clone());
+            }
+        }
+    }
+    if !equal.is_empty() {
+        qb.push(" AND i.labels @> ").push_bind(serde_json::Value::Object(equal));
     }
 }
 
@@ -370,6 +440,7 @@ struct InstanceColumns {
     updated_at: Vec<DateTime<Utc>>,
     deleted_at: Vec<Option<DateTime<Utc>>>,
     version: Vec<i64>,
+    labels: Vec<serde_json::Value>,
     cpu: Vec<i32>,
     memory: Vec<i32>,
     gpu: Vec<i32>,
@@ -398,6 +469,7 @@ impl InstanceColumns {
         self.updated_at.push(i.updated_at);
         self.deleted_at.push(i.deleted_at);
         self.version.push(i.version);
+        self.labels.push(serde_json::json!(i.labels));
         self.cpu.push(i.spec.cpu);
         self.memory.push(i.spec.memory_mb);
         self.gpu.push(i.spec.gpu.code());
@@ -440,10 +512,10 @@ async fn write(conn: &mut PgConnection, changes: &Changes) -> Result<(), RepoErr
         changes.inserts.iter().for_each(|i| c.push(i));
         sqlx::query(
             "INSERT INTO instances (instance_id, user_id, name, status, status_reason, pod_name, \
-             pod_ip, service_host, ports, created_at, updated_at, deleted_at, version) \
+             pod_ip, service_host, ports, created_at, updated_at, deleted_at, version, labels) \
              SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], \
              $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::timestamptz[], \
-             $11::timestamptz[], $12::timestamptz[], $13::bigint[])",
+             $11::timestamptz[], $12::timestamptz[], $13::bigint[], $14::jsonb[])",
         )
         .bind(&c.id)
         .bind(&c.user_id)
@@ -458,6 +530,7 @@ async fn write(conn: &mut PgConnection, changes: &Changes) -> Result<(), RepoErr
         .bind(&c.updated_at)
         .bind(&c.deleted_at)
         .bind(&c.version)
+        .bind(&c.labels)
         .execute(&mut *conn)
         .await
         .map_err(map_sqlx)?;
@@ -487,12 +560,12 @@ async fn write(conn: &mut PgConnection, changes: &Changes) -> Result<(), RepoErr
             "UPDATE instances i SET user_id = u.user_id, name = u.name, status = u.status, \
              status_reason = u.status_reason, pod_name = u.pod_name, pod_ip = u.pod_ip, \
              service_host = u.service_host, ports = u.ports, updated_at = u.updated_at, \
-             deleted_at = u.deleted_at, version = u.version \
+             deleted_at = u.deleted_at, version = u.version, labels = u.labels \
              FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], \
              $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::timestamptz[], \
-             $11::timestamptz[], $12::bigint[], $13::bigint[]) \
+             $11::timestamptz[], $12::bigint[], $13::bigint[], $14::jsonb[]) \
              AS u(instance_id, user_id, name, status, status_reason, pod_name, pod_ip, \
-             service_host, ports, updated_at, deleted_at, version, expected_version) \
+             service_host, ports, updated_at, deleted_at, version, expected_version, labels) \
              WHERE i.instance_id = u.instance_id AND i.version = u.expected_version",
         )
         .bind(&c.id)
@@ -508,6 +581,7 @@ async fn write(conn: &mut PgConnection, changes: &Changes) -> Result<(), RepoErr
         .bind(&c.deleted_at)
         .bind(&c.version)
         .bind(&expected)
+        .bind(&c.labels)
         .execute(&mut *conn)
         .await
         .map_err(map_sqlx)?;

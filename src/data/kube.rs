@@ -50,7 +50,7 @@ use crate::{
             Cluster, ClusterError, ClusterHealth, Drift, NamespaceState, Observed, Phase, Stray,
             Workload,
         },
-        instance::{Endpoint, GpuType, InstanceId, Port},
+        instance::{Endpoint, GpuType, InstanceId, Port, pod_label_key},
     },
     conf,
 };
@@ -62,6 +62,8 @@ const INSTANCE_LABEL: &str = "resource.io/instance-id";
 const OWNER_LABEL: &str = "resource.io/owner";
 const OWNER_ANNOTATION: &str = "resource.io/owner";
 const SPEC_HASH: &str = "resource.io/spec-hash";
+/// The digest of the instance labels a workload was applied with (issue 16).
+const LABELS_HASH: &str = "resource.io/labels-hash";
 const GPU_RESOURCE: &str = "nvidia.com/gpu";
 
 /// Container waiting reasons that mean the workload cannot run as asked.
@@ -350,10 +352,7 @@ impl KubeCluster {
                 name: Some(name),
                 namespace: Some(self.settings.namespace.clone()),
                 labels: Some(labels(w)),
-                annotations: Some(BTreeMap::from([
-                    (SPEC_HASH.to_owned(), w.spec_hash.clone()),
-                    (OWNER_ANNOTATION.to_owned(), w.owner.clone()),
-                ])),
+                annotations: Some(annotations(w)),
                 finalizers: Some(vec![FINALIZER.to_owned()]),
                 ..ObjectMeta::default()
             },
@@ -427,6 +426,11 @@ impl KubeCluster {
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(SPEC_HASH).cloned())
+                .unwrap_or_default(),
+            labels_hash: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LABELS_HASH).cloned())
                 .unwrap_or_default(),
             phase: phase(pod),
             terminating,
@@ -732,12 +736,31 @@ fn object_name(id: InstanceId) -> String {
     format!("inst-{}", id.get())
 }
 
+/// The labels of an instance's Pod and Service: ours, then the instance's own under
+/// `labels.resource.io/` (`team` → `labels.resource.io/team`; a prefixed
+/// `example.com/team` → `example.com.labels.resource.io/team`), which cannot collide
+/// with ours (user keys under `resource.io` are refused).
 fn labels(w: &Workload) -> BTreeMap<String, String> {
-    BTreeMap::from([
+    let mut labels = BTreeMap::from([
         (MANAGED_BY.to_owned(), FIELD_MANAGER.to_owned()),
         (INSTANCE_LABEL.to_owned(), w.id.get().to_string()),
         (OWNER_LABEL.to_owned(), label_value(&w.owner)),
-    ])
+    ]);
+    labels.extend(w.labels.iter().map(|(k, v)| (pod_label_key(k), v.clone())));
+    labels
+}
+
+/// The annotations of an instance's Pod: its spec hash, its owner, and the digest of
+/// its labels when it has any (so Pods applied before labels existed stay as they are).
+fn annotations(w: &Workload) -> BTreeMap<String, String> {
+    let mut annotations = BTreeMap::from([
+        (SPEC_HASH.to_owned(), w.spec_hash.clone()),
+        (OWNER_ANNOTATION.to_owned(), w.owner.clone()),
+    ]);
+    if !w.labels_hash.is_empty() {
+        annotations.insert(LABELS_HASH.to_owned(), w.labels_hash.clone());
+    }
+    annotations
 }
 
 /// A label value (at most 63 of `[A-Za-z0-9._-]`, alphanumeric at both ends) for an

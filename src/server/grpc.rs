@@ -135,6 +135,19 @@ impl pb::resource_service_server::ResourceService for ResourceApi {
         Ok(Response::new(reply))
     }
 
+    // --- Labels (issue 16) ---
+    async fn set_resource_labels(
+        &self,
+        req: Request<pb::SetResourceLabelsRequest>,
+    ) -> Result<Response<pb::Resource>, Status> {
+        let (timeout, caller) =
+            (deadline(self.timeout, req.metadata()), self.caller(req.metadata())?);
+        let reply =
+            within(timeout, self.svc.set_resource_labels(&caller, req.into_inner())).await?;
+        Ok(Response::new(reply))
+    }
+    // --- end Labels ---
+
     async fn list_audit_logs(
         &self,
         req: Request<pb::ListAuditLogsRequest>,

@@ -13,7 +13,7 @@ use axum::{
         IntoResponse, Response,
         sse::{Event, Sse},
     },
-    routing::{any, get, patch},
+    routing::{any, get, patch, put},
 };
 use futures::StreamExt;
 use serde::Deserialize;
@@ -73,6 +73,7 @@ pub fn router(state: AppState, conf: &conf::HttpServer) -> Router {
         .route("/v1/resources/{instance_id}", any(instance_route))
         .route("/v1/resources/{instance_id}/spec", patch(update_resource_spec))
         .route("/v1/resources/{instance_id}/audit-logs", get(list_audit_logs))
+        .route("/v1/resources/{instance_id}/labels", put(set_resource_labels))
         .route("/v1/quotas/{user_id}", get(get_quota).put(set_quota))
         .route("/v1/capacity", get(get_capacity))
         .route("/healthz", get(healthz))
@@ -380,6 +381,12 @@ struct ListParams {
     user_id: Option<String>,
     status: Option<String>,
     name: Option<String>,
+    // --- Filters (issue 16) ---
+    label_selector: Option<String>,
+    gpu_model: Option<String>,
+    image: Option<String>,
+    created_after: Option<String>,
+    created_before: Option<String>,
 }
 
 impl TryFrom<ListParams> for pb::ListResourcesRequest {
@@ -398,7 +405,36 @@ impl TryFrom<ListParams> for pb::ListResourcesRequest {
             user_id: p.user_id.unwrap_or_default(),
             status: status as i32,
             name: p.name.unwrap_or_default(),
+            label_selector: p.label_selector.unwrap_or_default(),
+            gpu_model: p.gpu_model.unwrap_or_default(),
+            image: p.image.unwrap_or_default(),
+            created_after: parse_time("created_after", p.created_after.as_deref())?,
+            created_before: parse_time("created_before", p.created_before.as_deref())?,
         })
+    }
+}
+
+/// A time from a query string (RFC 3339, as the proto3 JSON mapping spells a
+/// `Timestamp`); absent or empty means unset.
+fn parse_time(
+    field: &'static str,
+    raw: Option<&str>,
+) -> Result<Option<pbjson_types::Timestamp>, biz::Error> {
+    match raw.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(raw) => chrono::DateTime::parse_from_rfc3339(raw)
+            .map(|t| {
+                Some(pbjson_types::Timestamp {
+                    seconds: t.timestamp(),
+                    nanos: t.timestamp_subsec_nanos() as i32,
+                })
+            })
+            .map_err(|_| {
+                biz::Error::invalid(
+                    field,
+                    format!("expected an RFC 3339 time such as 2026-01-02T03:04:05Z, got {raw:?}"),
+                )
+            }),
     }
 }
 
@@ -425,9 +461,9 @@ async fn list_resources(
 #[derive(Debug, Default, Deserialize)]
 struct WatchParams {
     resume_token: Option<String>,
-    user_id: Option<String>,
-    status: Option<String>,
-    name: Option<String>,
+    /// The filters, spelled as `GET /v1/resources` spells them.
+    #[serde(flatten)]
+    filters: ListParams,
 }
 
 impl WatchParams {
@@ -437,20 +473,22 @@ impl WatchParams {
         self,
         last_event_id: Option<&str>,
     ) -> Result<pb::WatchResourcesRequest, biz::Error> {
-        let status = match self.status.as_deref() {
-            None | Some("") | Some("STATUS_UNSPECIFIED") => pb::Status::Unspecified,
-            Some(raw) => service::status_named(raw)?,
-        };
         let resume_token = self
             .resume_token
             .filter(|t| !t.is_empty())
             .or_else(|| last_event_id.map(str::to_owned))
             .unwrap_or_default();
+        let f = pb::ListResourcesRequest::try_from(self.filters)?;
         Ok(pb::WatchResourcesRequest {
             resume_token,
-            user_id: self.user_id.unwrap_or_default(),
-            status: status as i32,
-            name: self.name.unwrap_or_default(),
+            user_id: f.user_id,
+            status: f.status,
+            name: f.name,
+            label_selector: f.label_selector,
+            gpu_model: f.gpu_model,
+            image: f.image,
+            created_after: f.created_after,
+            created_before: f.created_before,
         })
     }
 }
@@ -647,6 +685,39 @@ async fn list_audit_logs(
     };
     Ok(ProtoJson(app.resource.list_audit_logs(&caller, req).await?))
 }
+
+// --- Labels (issue 16) ---
+/// `PUT /v1/resources/{instance_id}/labels`: the body is the labels, a JSON object of
+/// strings (`{"team": "a"}`), as the binding's `body: "labels"` says; it replaces them
+/// all (`{}` removes them).
+async fn set_resource_labels(
+    State(app): State<AppState>,
+    HttpCaller(caller): HttpCaller,
+    InstanceIdPath(instance_id): InstanceIdPath,
+    ApiJson(body): ApiJson<serde_json::Value>,
+) -> Result<ProtoJson<pb::Resource>, HttpError> {
+    let serde_json::Value::Object(fields) = body else {
+        return Err(biz::Error::invalid(
+            "body",
+            "must be a JSON object of labels: {\"key\": \"value\", …}",
+        )
+        .into());
+    };
+    let mut labels = std::collections::BTreeMap::new();
+    for (key, value) in fields {
+        let serde_json::Value::String(value) = value else {
+            return Err(biz::Error::InvalidLabels {
+                message: format!("the value of label {key:?} must be a string"),
+                key: Some(key),
+            }
+            .into());
+        };
+        labels.insert(key, value);
+    }
+    let req = pb::SetResourceLabelsRequest { instance_id, labels };
+    Ok(ProtoJson(app.resource.set_resource_labels(&caller, req).await?))
+}
+// --- end Labels ---
 
 async fn get_quota(
     State(app): State<AppState>,

@@ -108,10 +108,53 @@ fn constraints(field: &str, limits: &Limits) -> Option<Value> {
             "maximum": i64::MAX,
             "pattern": format!("^(\\+?0*({})|-0+)$", decimal_at_most(i64::MAX.unsigned_abs())),
         }),
+        // --- Labels and filters (issue 16) ---
+        "resource.v1.Resource.labels"
+        | "resource.v1.CreateResourceRequest.labels"
+        | "resource.v1.SetResourceLabelsRequest.labels" => labels_schema(),
+        "resource.v1.ListResourcesRequest.label_selector"
+        | "resource.v1.WatchResourcesRequest.label_selector" => json!({
+            "maxLength": biz::instance::MAX_SELECTOR_LEN,
+            "pattern": NO_CONTROL_CHARACTERS,
+        }),
+        "resource.v1.ListResourcesRequest.image" | "resource.v1.WatchResourcesRequest.image" => {
+            json!({
+                "maxLength": biz::instance::MAX_TEXT_LEN,
+                "pattern": NO_CONTROL_CHARACTERS,
+            })
+        }
+        // --- end Labels and filters ---
         _ if field.ends_with(".instance_id") => json!({ "minimum": 1 }),
         _ => return None,
     })
 }
+
+// --- Labels (issue 16) ---
+/// Label maps exactly as `biz::instance::validate_labels` checks them: at most 64; a key
+/// is an optional lower-case DNS subdomain prefix of at most 234 characters and `/`, then
+/// a name of 1 to 63 of `[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?`, not under the reserved
+/// `resource.io`; a value is empty or like a name.
+fn labels_schema() -> Value {
+    const WORD: &str = "[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?";
+    const DNS: &str =
+        "[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?(?:\\.[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)*";
+    let prefix_len = biz::instance::MAX_LABEL_PREFIX_LEN;
+    json!({
+        "maxProperties": biz::instance::MAX_LABELS,
+        "propertyNames": {
+            "anyOf": [
+                { "pattern": format!("^{WORD}$") },
+                { "allOf": [
+                    { "pattern": format!("^{DNS}/{WORD}$") },
+                    { "pattern": format!("^[^/]{{1,{prefix_len}}}/") },
+                ] },
+            ],
+            "not": { "pattern": "^(?:[^/]*\\.)?resource\\.io/" },
+        },
+        "additionalProperties": { "type": "string", "pattern": format!("^(?:{WORD})?$") },
+    })
+}
+// --- end Labels ---
 
 /// Fields a request must carry and a response always carries (pbjson writes every
 /// field but an unset message), by message.
@@ -129,6 +172,7 @@ fn required(message: &str) -> &'static [&'static str] {
             "endpoint",
             "created_at",
             "updated_at",
+            "labels",
         ],
         "resource.v1.ListResourcesReply" => &["resources", "next_page_token"],
         "resource.v1.ListAuditLogsReply" => &["entries", "next_page_token"],
@@ -267,7 +311,7 @@ impl<'a> Generator<'a> {
         if binding.body != "*" {
             for field in input.fields() {
                 let in_path = path_fields.contains(field.name());
-                if in_path || field.name() == binding.body || !is_scalar(&field) {
+                if in_path || field.name() == binding.body || !is_query_parameter(&field) {
                     continue;
                 }
                 let mut schema = self.field_schema(&field);
@@ -454,8 +498,20 @@ fn path_schema(field: &FieldDescriptor) -> Value {
     }
 }
 
+/// Whether a field can be a query parameter: a scalar, or a `Timestamp` (RFC 3339).
 fn is_scalar(field: &FieldDescriptor) -> bool {
-    !field.is_list() && !matches!(field.kind(), Kind::Message(_))
+    !field.is_list()
+        && match field.kind() {
+            Kind::Message(m) => m.full_name() == "google.protobuf.Timestamp",
+            _ => true,
+        }
+}
+
+/// A field a query string can carry: a scalar, or a `Timestamp` (RFC 3339 text).
+fn is_query_parameter(field: &FieldDescriptor) -> bool {
+    is_scalar(field)
+        || (!field.is_list()
+            && matches!(field.kind(), Kind::Message(m) if m.full_name() == "google.protobuf.Timestamp"))
 }
 
 /// The leading comment of a descriptor, joined into one paragraph per blank line.

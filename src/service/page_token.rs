@@ -87,16 +87,41 @@ fn fingerprint(filter: &ListFilter) -> u64 {
     for part in
         [filter.user_id.as_deref(), filter.status.map(|s| s.as_str()), filter.name.as_deref()]
     {
-        match part {
-            Some(s) => {
-                bytes.push(1);
-                bytes.extend_from_slice(&(s.len() as u64).to_be_bytes());
-                bytes.extend_from_slice(s.as_bytes());
-            }
-            None => bytes.push(0),
+        push_part(&mut bytes, part);
+    }
+    // The filters of issue 16, appended only when present: a token issued without any of
+    // them (before they existed) keeps its fingerprint. The selector is bound by its
+    // canonical text, so `team = a` and `team=a` page alike.
+    let gpu = filter.gpu.map(|g| g.code().to_string());
+    let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true))
+    };
+    let extra = [
+        filter.labels.as_ref().map(ToString::to_string),
+        gpu,
+        filter.image.clone(),
+        time(filter.created_after),
+        time(filter.created_before),
+    ];
+    if extra.iter().any(Option::is_some) {
+        bytes.extend_from_slice(b"\0issue16");
+        for part in &extra {
+            push_part(&mut bytes, part.as_deref());
         }
     }
     fnv1a(&bytes)
+}
+
+/// One filter's part of the fingerprint: length-prefixed, so parts cannot run together.
+fn push_part(bytes: &mut Vec<u8>, part: Option<&str>) {
+    match part {
+        Some(s) => {
+            bytes.push(1);
+            bytes.extend_from_slice(&(s.len() as u64).to_be_bytes());
+            bytes.extend_from_slice(s.as_bytes());
+        }
+        None => bytes.push(0),
+    }
 }
 
 /// FNV-1a, 64 bit: stable across releases and platforms, unlike `DefaultHasher`.
@@ -112,7 +137,11 @@ mod tests {
     use crate::biz::InstanceStatus;
 
     fn filter() -> ListFilter {
-        ListFilter { user_id: Some("u1".into()), status: Some(InstanceStatus::Running), name: None }
+        ListFilter {
+            user_id: Some("u1".into()),
+            status: Some(InstanceStatus::Running),
+            ..ListFilter::default()
+        }
     }
 
     #[test]
@@ -133,6 +162,33 @@ mod tests {
         let result = decode(&token, &other);
 
         assert!(matches!(result, Err(Error::InvalidPageToken { .. })));
+    }
+
+    #[test]
+    fn every_filter_of_issue_16_is_bound() {
+        use crate::biz::{GpuType, instance::LabelSelector};
+        let token = encode(InstanceId::try_from(7).unwrap(), &filter());
+        let selector = |s: &str| LabelSelector::parse(s).unwrap();
+        let at = |s: i64| chrono::DateTime::from_timestamp(s, 0);
+        let others = [
+            ListFilter { labels: selector("team=a"), ..filter() },
+            ListFilter { gpu: Some(GpuType::TeslaA100), ..filter() },
+            ListFilter { gpu: Some(GpuType::None), ..filter() },
+            ListFilter { image: Some("nginx".into()), ..filter() },
+            ListFilter { created_after: at(1), ..filter() },
+            ListFilter { created_before: at(1), ..filter() },
+        ];
+        for other in &others {
+            assert!(matches!(decode(&token, other), Err(Error::InvalidPageToken { .. })));
+            let theirs = encode(InstanceId::try_from(7).unwrap(), other);
+            assert!(decode(&theirs, other).is_ok());
+            for another in others.iter().filter(|a| *a != other) {
+                assert!(decode(&theirs, another).is_err(), "{other:?} vs {another:?}");
+            }
+        }
+        let spaced = ListFilter { labels: selector(" team = a "), ..filter() };
+        let theirs = encode(InstanceId::try_from(7).unwrap(), &others[0]);
+        assert!(decode(&theirs, &spaced).is_ok(), "one selector, two spellings");
     }
 
     #[test]

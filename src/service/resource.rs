@@ -13,6 +13,7 @@ use crate::{
         SpecPatch,
         access::{self, Access, ListScope},
         instance::Endpoint,
+        instance::{LabelSelector, Labels},
         quota::{self, Amounts, QuotaOverride, UserQuota},
         watch::{Interest, Watch, WatchConf, WatchItem, WatchUsecase},
     },
@@ -101,16 +102,24 @@ impl ResourceService {
         req: pb::WatchResourcesRequest,
     ) -> Result<ResourceWatch, Error> {
         let from = resume_token::decode(&req.resume_token)?;
-        let status = status_filter(req.status)?;
-        let (user_id, name) = (non_empty(req.user_id), non_empty(req.name));
-        for (field, value) in [("user_id", &user_id), ("name", &name)] {
-            if let Some(value) = value {
-                crate::biz::instance::validate_text(field, value)?;
+        // The same filters as a list's, checked the same way.
+        let filters = pb::ListResourcesRequest {
+            user_id: req.user_id,
+            status: req.status,
+            name: req.name,
+            label_selector: req.label_selector,
+            gpu_model: req.gpu_model,
+            image: req.image,
+            created_after: req.created_after,
+            created_before: req.created_before,
+            ..pb::ListResourcesRequest::default()
+        };
+        let interest = match filter_of(caller, filters)? {
+            Some(filter) => {
+                filter.validate()?;
+                Interest::Matching(filter)
             }
-        }
-        let interest = match caller.access().list_scope(user_id) {
-            ListScope::Owner(user_id) => Interest::Matching(ListFilter { user_id, status, name }),
-            ListScope::Nothing => Interest::Nothing,
+            None => Interest::Nothing,
         };
         let watch = self.watches.watch(interest, from).await?;
         Ok(ResourceWatch { watch })
@@ -132,8 +141,13 @@ impl ResourceService {
     ) -> Result<pb::Resource, Error> {
         let spec = spec_from(req.spec)?;
         let user_id = caller.access().owner_of_new(non_empty(req.user_id))?;
-        let new =
-            NewInstance { user_id, name: req.name, spec, request_id: non_empty(req.request_id) };
+        let new = NewInstance {
+            user_id,
+            name: req.name,
+            spec,
+            request_id: non_empty(req.request_id),
+            labels: labels_from(req.labels),
+        };
         let instance =
             self.instances.create(caller.actor(), caller.request_id.clone(), new).await?;
         Ok(pb::Resource::from(instance))
@@ -180,6 +194,28 @@ impl ResourceService {
         Ok(pb::Resource::from(instance))
     }
 
+    // --- Labels (issue 16) ---
+    /// `SetResourceLabels`: replaces the labels as a whole.
+    ///
+    /// # Errors
+    /// `InvalidArgument` (id), `InvalidLabels`, `InstanceNotFound`, `NotAllowed`
+    /// (deleted), `Unavailable`.
+    pub async fn set_resource_labels(
+        &self,
+        caller: &Caller,
+        req: pb::SetResourceLabelsRequest,
+    ) -> Result<pb::Resource, Error> {
+        let id = InstanceId::try_from(req.instance_id)?;
+        let labels = labels_from(req.labels);
+        crate::biz::instance::validate_labels(&labels)?;
+        self.visible(caller, id).await?;
+        let command = Command::SetLabels { id, labels };
+        let instance =
+            self.instances.act(caller.actor(), caller.request_id.clone(), command).await?;
+        Ok(pb::Resource::from(instance))
+    }
+    // --- end Labels ---
+
     /// `ListAuditLogs`.
     ///
     /// # Errors
@@ -212,14 +248,12 @@ impl ResourceService {
         caller: &Caller,
         req: pb::ListResourcesRequest,
     ) -> Result<pb::ListResourcesReply, Error> {
-        let user_id = match caller.access().list_scope(non_empty(req.user_id)) {
-            ListScope::Owner(owner) => owner,
-            ListScope::Nothing => return Ok(pb::ListResourcesReply::default()),
+        let (page_token, page_size) = (req.page_token.clone(), req.page_size);
+        let Some(filter) = filter_of(caller, req)? else {
+            return Ok(pb::ListResourcesReply::default());
         };
-        let filter =
-            ListFilter { user_id, status: status_filter(req.status)?, name: non_empty(req.name) };
-        let before = page_token::decode(&req.page_token, &filter)?;
-        let page = self.instances.list(filter.clone(), i64::from(req.page_size), before).await?;
+        let before = page_token::decode(&page_token, &filter)?;
+        let page = self.instances.list(filter.clone(), i64::from(page_size), before).await?;
         Ok(pb::ListResourcesReply {
             resources: page.items.into_iter().map(pb::Resource::from).collect(),
             next_page_token: page
@@ -293,6 +327,28 @@ impl ResourceService {
             Err(Error::InstanceNotFound { instance_id: id.get() })
         }
     }
+}
+
+/// The filters of a list (or a watch) as `caller` may see them; `None` when they name
+/// another user's instances, which are not there for a user.
+///
+/// # Errors
+/// `InvalidArgument` (status, times), `InvalidLabelSelector`, `InvalidGpuType`.
+fn filter_of(caller: &Caller, req: pb::ListResourcesRequest) -> Result<Option<ListFilter>, Error> {
+    let user_id = match caller.access().list_scope(non_empty(req.user_id)) {
+        ListScope::Owner(owner) => owner,
+        ListScope::Nothing => return Ok(None),
+    };
+    Ok(Some(ListFilter {
+        user_id,
+        status: status_filter(req.status)?,
+        name: non_empty(req.name),
+        labels: LabelSelector::parse(&req.label_selector)?,
+        gpu: gpu_filter(&req.gpu_model)?,
+        image: non_empty(req.image),
+        created_after: req.created_after.map(|t| time_from("created_after", t)).transpose()?,
+        created_before: req.created_before.map(|t| time_from("created_before", t)).transpose()?,
+    }))
 }
 
 /// One open `WatchResources` stream, as messages.
@@ -492,6 +548,31 @@ impl From<AuditRecord> for pb::AuditEntry {
     }
 }
 
+// --- Labels and filters (issue 16) ---
+
+/// Labels from the wire (validated by the use case).
+fn labels_from(labels: impl IntoIterator<Item = (String, String)>) -> Labels {
+    labels.into_iter().collect()
+}
+
+/// The `gpu_model` filter: a model name or code; empty means none.
+fn gpu_filter(raw: &str) -> Result<Option<GpuType>, Error> {
+    if raw.trim().is_empty() {
+        return Ok(None);
+    }
+    GpuType::parse(raw).map(Some)
+}
+
+/// A timestamp from the wire.
+fn time_from(field: &'static str, t: pbjson_types::Timestamp) -> Result<DateTime<Utc>, Error> {
+    u32::try_from(t.nanos)
+        .ok()
+        .filter(|nanos| *nanos < 1_000_000_000)
+        .and_then(|nanos| DateTime::from_timestamp(t.seconds, nanos))
+        .ok_or_else(|| Error::invalid(field, "is not a valid timestamp"))
+}
+// --- end Labels and filters ---
+
 fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
@@ -520,6 +601,7 @@ impl From<Instance> for pb::Resource {
             created_at: Some(timestamp(i.created_at)),
             updated_at: Some(timestamp(i.updated_at)),
             deleted_at: i.deleted_at.map(timestamp),
+            labels: i.labels.into_iter().collect(),
         }
     }
 }

@@ -218,6 +218,7 @@ async fn the_lifecycle_over_grpc_is_audited_as_grpc() {
             spec: Some(spec.clone()),
             user_id: "u9".into(),
             request_id: "x".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -9,6 +9,7 @@ mod grpc;
 mod helpers;
 mod http;
 mod kube;
+mod labels;
 mod lifecycle;
 mod metrics;
 mod mq;

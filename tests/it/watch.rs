@@ -524,3 +524,49 @@ async fn a_watcher_behind_a_black_holed_database_link_gets_every_change_once_it_
     assert_eq!(seen, made, "every change once, in commit order");
     no_change_within(&mut stream, Duration::from_millis(500)).await;
 }
+
+#[tokio::test]
+async fn label_gpu_and_image_filters_and_label_changes_reach_watchers() {
+    let app = app(&[]).await;
+    let mut team_a = watch(
+        &app,
+        WatchResourcesRequest { label_selector: "team=a,env!=prod".into(), ..Default::default() },
+    )
+    .await;
+    let mut a100 =
+        watch(&app, WatchResourcesRequest { gpu_model: "Tesla A100".into(), ..Default::default() })
+            .await;
+    let body = |name: &str, labels: Value, gpu: i32| {
+        json!({"name": name, "user_id": "u1", "labels": labels,
+               "spec": {"cpu": 1, "memory": 64, "gpu": gpu, "image": "nginx:1.25"}})
+    };
+    let labelled = app.create_at(&app.http, &body("a-dev", json!({"team": "a"}), 2)).await;
+    app.create_at(&app.http, &body("a-prod", json!({"team": "a", "env": "prod"}), 0)).await;
+    app.create_at(&app.http, &body("b", json!({"team": "b"}), 0)).await;
+    let id: i64 = labelled["instance_id"].as_str().unwrap().parse().unwrap();
+
+    let (seen, _) = changes(&mut team_a, 1).await;
+    assert_eq!(seen[0].name, "a-dev");
+    assert_eq!(seen[0].labels.get("team").map(String::as_str), Some("a"));
+    let (seen, _) = changes(&mut a100, 1).await;
+    assert_eq!(seen[0].instance_id, id);
+
+    // A label change is a change: it moves the instance out of the selector.
+    let put = app
+        .client
+        .put(format!("{}/v1/resources/{id}/labels", app.http))
+        .json(&json!({"team": "a", "env": "prod"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200, "{}", put.text().await.unwrap());
+    let (seen, _) = changes(&mut a100, 1).await;
+    assert_eq!(seen[0].labels.get("env").map(String::as_str), Some("prod"));
+    no_change_within(&mut team_a, Duration::from_millis(500)).await;
+
+    for bad in ["label_selector=team%20in%20(a", "gpu_model=Voodoo", "created_after=yesterday"] {
+        let url = format!("{}/v1/resources:watch?{bad}", app.http);
+        let response = app.client.get(url).send().await.unwrap();
+        assert_eq!(response.status(), 400, "{bad}");
+    }
+}

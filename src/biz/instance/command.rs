@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use chrono::{DateTime, Utc};
 
 use super::{
-    Endpoint, Instance, InstanceId, InstanceSpec, InstanceStatus, Limits, SpecPatch, validate_name,
-    validate_text,
+    Endpoint, Instance, InstanceId, InstanceSpec, InstanceStatus, Labels, Limits, SpecPatch,
+    validate_labels, validate_name, validate_text,
 };
 use crate::biz::{
     Error,
@@ -25,7 +25,7 @@ pub struct EventKey(pub [u8; 16]);
 #[derive(Debug, Clone)]
 pub enum Command {
     /// Create the instance (id chosen by the caller).
-    Create { id: InstanceId, user_id: String, name: String, spec: InstanceSpec },
+    Create { id: InstanceId, user_id: String, name: String, spec: InstanceSpec, labels: Labels },
     /// Delete it.
     Delete { id: InstanceId },
     /// Start it.
@@ -35,6 +35,8 @@ pub enum Command {
     /// Change some or all fields of its spec; the others keep their current values
     /// (read under the row lock, so a concurrent change of another field is kept).
     ChangeSpec { id: InstanceId, patch: SpecPatch },
+    /// Replace its labels as a whole.
+    SetLabels { id: InstanceId, labels: Labels },
     /// Reconcile it (or every instance) with the cluster.
     Sync { id: Option<InstanceId> },
     /// Refused before it reached an instance (malformed input); audited when the
@@ -75,6 +77,7 @@ impl Command {
             | Command::Start { id }
             | Command::Stop { id }
             | Command::ChangeSpec { id, .. }
+            | Command::SetLabels { id, .. }
             | Command::Observe { id, .. } => Some(*id),
             Command::Sync { id } | Command::Refused { id, .. } => *id,
         }
@@ -88,6 +91,7 @@ impl Command {
             Command::Start { .. } => Action::Start,
             Command::Stop { .. } => Action::Stop,
             Command::ChangeSpec { .. } => Action::ChangeSpec,
+            Command::SetLabels { .. } => Action::SetLabels,
             Command::Sync { .. } => Action::K8sSync,
             Command::Refused { action, .. } => *action,
             Command::Observe { observation: Observation::Corrected(_), .. } => Action::K8sSync,
@@ -317,8 +321,8 @@ impl Planner<'_> {
 
     fn run(&mut self, envelope: &Envelope) -> Outcome {
         match &envelope.command {
-            Command::Create { id, user_id, name, spec } => {
-                self.create(envelope, *id, user_id, name, spec)
+            Command::Create { id, user_id, name, spec, labels } => {
+                self.create(envelope, *id, user_id, name, spec, labels)
             }
             Command::Refused { id, error, .. } => self.reject(envelope, *id, error.clone()),
             Command::Observe { id, observation } => self.observe(envelope, *id, observation),
@@ -376,6 +380,7 @@ impl Planner<'_> {
                     Ok(Some(()))
                 }
             }),
+            Command::SetLabels { id, labels } => self.set_labels(envelope, *id, labels),
             Command::ChangeSpec { id, patch } => {
                 self.lifecycle(envelope, *id, |i, ctx| {
                     if matches!(i.status, InstanceStatus::Deleting | InstanceStatus::Deleted) {
@@ -422,6 +427,32 @@ impl Planner<'_> {
         }
     }
 
+    /// Replaces the labels of an instance that is not (being) deleted; the cluster
+    /// copies them onto its workload on the next look (asked for here).
+    fn set_labels(&mut self, envelope: &Envelope, id: InstanceId, labels: &Labels) -> Outcome {
+        if let Err(e) = validate_labels(labels) {
+            return self.reject(envelope, Some(id), e);
+        }
+        let outcome = self.lifecycle(envelope, id, |i, _| {
+            if matches!(i.status, InstanceStatus::Deleting | InstanceStatus::Deleted) {
+                return Err(Error::NotAllowed {
+                    instance_id: i.id.get(),
+                    action: "change its labels",
+                    status: i.status,
+                });
+            }
+            if i.labels == *labels {
+                return Ok(None);
+            }
+            i.labels.clone_from(labels);
+            Ok(Some(()))
+        });
+        if matches!(outcome, Outcome::Applied(_)) {
+            self.request_sync(envelope, Some(id));
+        }
+        outcome
+    }
+
     fn create(
         &mut self,
         envelope: &Envelope,
@@ -429,9 +460,11 @@ impl Planner<'_> {
         user_id: &str,
         name: &str,
         spec: &InstanceSpec,
+        labels: &Labels,
     ) -> Outcome {
-        if let Err(e) =
-            validate_name(name, &self.ctx.limits).and_then(|()| spec.validate(&self.ctx.limits))
+        if let Err(e) = validate_name(name, &self.ctx.limits)
+            .and_then(|()| spec.validate(&self.ctx.limits))
+            .and_then(|()| validate_labels(labels))
         {
             return self.reject(envelope, Some(id), e);
         }
@@ -442,8 +475,10 @@ impl Planner<'_> {
             return self.reject(envelope, Some(id), e);
         }
         if let Some(existing) = self.state.get(&id).cloned() {
-            let same =
-                existing.user_id == user_id && existing.name == name && existing.spec == *spec;
+            let same = existing.user_id == user_id
+                && existing.name == name
+                && existing.spec == *spec
+                && existing.labels == *labels;
             if same && existing.deleted_at.is_none() {
                 let note = "instance already exists with the same owner, name and spec".to_owned();
                 let json = Some(snapshot_json(&existing));
@@ -475,6 +510,7 @@ impl Planner<'_> {
             updated_at: self.ctx.now,
             deleted_at: None,
             version: 1,
+            labels: labels.clone(),
         };
         let (outcome, reason) = match self.admit(None, &instance) {
             Ok(()) => {
@@ -586,6 +622,7 @@ impl Planner<'_> {
             Ok(None) => {
                 let note = match envelope.command {
                     Command::ChangeSpec { .. } => "the spec is already as asked".to_owned(),
+                    Command::SetLabels { .. } => "the labels are already as asked".to_owned(),
                     _ => format!("already {}", current.status),
                 };
                 let json = Some(snapshot_json(&current));
@@ -754,6 +791,7 @@ pub fn snapshot_json(i: &Instance) -> serde_json::Value {
             "image": i.spec.image,
         },
         "config_json": i.spec.config,
+        "labels": i.labels,
         "version": i.version,
     })
 }

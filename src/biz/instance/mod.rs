@@ -18,11 +18,13 @@ use super::{
 };
 
 mod command;
+mod label;
 mod spec;
 #[cfg(test)]
 mod usecase_tests;
 
 pub use command::*;
+pub use label::*;
 pub use spec::*;
 
 use super::page::{page_limit, split_page};
@@ -180,6 +182,8 @@ pub struct Instance {
     pub deleted_at: Option<DateTime<Utc>>,
     /// Optimistic-concurrency version, bumped by every change.
     pub version: i64,
+    /// Its labels (valid by [`validate_labels`]).
+    pub labels: Labels,
 }
 
 // === impl Instance ===
@@ -207,7 +211,8 @@ impl Instance {
     }
 }
 
-/// Which instances a list returns.
+/// Which instances a list returns. Every filter present must hold; the SQL of
+/// `InstanceRepo::list` and [`ListFilter::matches`] decide alike.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ListFilter {
     /// Only this owner's.
@@ -216,6 +221,70 @@ pub struct ListFilter {
     pub status: Option<InstanceStatus>,
     /// Only with exactly this name.
     pub name: Option<String>,
+    // --- Filters (issue 16) ---
+    /// Only those whose labels match this selector.
+    pub labels: Option<LabelSelector>,
+    /// Only with this GPU type (`GpuType::None`: without a GPU).
+    pub gpu: Option<GpuType>,
+    /// Only running exactly this image reference.
+    pub image: Option<String>,
+    /// Only created strictly after this time.
+    pub created_after: Option<DateTime<Utc>>,
+    /// Only created strictly before this time.
+    pub created_before: Option<DateTime<Utc>>,
+}
+
+// === impl ListFilter ===
+
+impl ListFilter {
+    /// Whether `instance` is one this filter lists, exactly as the list's SQL decides:
+    /// with `status: None`, every status but `DELETED` (a deleted instance has
+    /// `deleted_at` set).
+    pub fn matches(&self, instance: &Instance) -> bool {
+        let status_ok = match self.status {
+            Some(status) => instance.status == status,
+            None => instance.deleted_at.is_none(),
+        };
+        status_ok && self.matches_ignoring_deleted_default(instance)
+    }
+
+    /// Like [`ListFilter::matches`], but `status: None` means any status, `DELETED`
+    /// included — what a watch wants, since a deletion is news. (`Some(status)` still
+    /// asks for that status.)
+    pub fn matches_ignoring_deleted_default(&self, instance: &Instance) -> bool {
+        self.status.is_none_or(|status| instance.status == status)
+            && self.user_id.as_ref().is_none_or(|u| *u == instance.user_id)
+            && self.name.as_ref().is_none_or(|n| *n == instance.name)
+            && self.labels.as_ref().is_none_or(|s| s.matches(&instance.labels))
+            && self.gpu.is_none_or(|g| g == instance.spec.gpu)
+            && self.image.as_ref().is_none_or(|i| *i == instance.spec.image)
+            && self.created_after.is_none_or(|t| instance.created_at > t)
+            && self.created_before.is_none_or(|t| instance.created_at < t)
+    }
+
+    /// Checks what the types do not: text fields within bounds, and a time window that
+    /// is not empty.
+    ///
+    /// # Errors
+    /// `InvalidArgument` naming the field.
+    pub fn validate(&self) -> Result<(), Error> {
+        for (field, value) in
+            [("user_id", &self.user_id), ("name", &self.name), ("image", &self.image)]
+        {
+            if let Some(value) = value {
+                validate_text(field, value)?;
+            }
+        }
+        if let (Some(after), Some(before)) = (self.created_after, self.created_before)
+            && after >= before
+        {
+            return Err(Error::invalid(
+                "created_after",
+                format!("must be earlier than created_before ({after} is not before {before})"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One keyset-paginated read.
@@ -410,6 +479,8 @@ pub struct NewInstance {
     pub spec: InstanceSpec,
     /// Optional idempotency key, unique per owner.
     pub request_id: Option<String>,
+    /// Its labels.
+    pub labels: Labels,
 }
 
 // === impl InstanceUsecase ===
@@ -482,12 +553,14 @@ impl InstanceUsecase {
         let key = new.request_id.as_deref().map(|r| idempotency_key(&new.user_id, r));
         let id = InstanceId::generated(self.ids.next_id());
         // What this request asks for: a retry asks for the same, whatever happened since.
-        let fingerprint = key.map(|_| create_fingerprint(&new.user_id, &new.name, &new.spec));
+        let fingerprint =
+            key.map(|_| create_fingerprint(&new.user_id, &new.name, &new.spec, &new.labels));
         let command = Command::Create {
             id,
             user_id: new.user_id.clone(),
             name: new.name.clone(),
             spec: new.spec.clone(),
+            labels: new.labels.clone(),
         };
         let envelope = Envelope { key, fingerprint, actor, request_id: audit_id, command };
         match self.execute_combined(envelope.clone(), gone).await? {
@@ -499,7 +572,8 @@ impl InstanceUsecase {
                 let same = prior.fingerprint.is_some()
                     || (instance.user_id == new.user_id
                         && instance.name == new.name
-                        && instance.spec == new.spec);
+                        && instance.spec == new.spec
+                        && instance.labels == new.labels);
                 if same {
                     return Ok(instance);
                 }
@@ -788,12 +862,7 @@ impl InstanceUsecase {
         before: Option<InstanceId>,
     ) -> Result<Page<Instance>, Error> {
         let size = page_limit(page_size)?;
-        if let Some(user_id) = &filter.user_id {
-            validate_text("user_id", user_id)?;
-        }
-        if let Some(name) = &filter.name {
-            validate_text("name", name)?;
-        }
+        filter.validate()?;
         // One extra row tells whether another page follows without a second query.
         let query = ListQuery { filter, before, limit: size + 1 };
         let (items, next) = split_page(self.repo.list(&query).await?, size, |i| i.id);
@@ -831,12 +900,17 @@ fn count_refusals(batch: &[Envelope], outcomes: &[Outcome]) {
     }
 }
 
-/// What a create asks for (owner, name, the whole spec), as a digest: equal for equal
-/// requests, whatever order their `config_json` keys came in.
-pub fn create_fingerprint(user_id: &str, name: &str, spec: &InstanceSpec) -> [u8; 16] {
+/// What a create asks for (owner, name, the whole spec, the labels), as a digest: equal
+/// for equal requests, whatever order their `config_json` keys came in.
+pub fn create_fingerprint(
+    user_id: &str,
+    name: &str,
+    spec: &InstanceSpec,
+    labels: &Labels,
+) -> [u8; 16] {
     use sha2::Digest;
     // serde_json maps are ordered by key, so this text is canonical.
-    let canonical = serde_json::json!({
+    let mut canonical = serde_json::json!({
         "user_id": user_id,
         "name": name,
         "spec": {
@@ -847,6 +921,11 @@ pub fn create_fingerprint(user_id: &str, name: &str, spec: &InstanceSpec) -> [u8
             "config_json": spec.config,
         },
     });
+    // Only when there are labels: the digests of requests made before labels existed
+    // (recorded for their retries) stay the same.
+    if !labels.is_empty() {
+        canonical["labels"] = serde_json::json!(labels);
+    }
     let digest = sha2::Sha256::digest(canonical.to_string().as_bytes());
     let mut out = [0u8; 16];
     out.copy_from_slice(&digest[..16]);
@@ -945,6 +1024,80 @@ mod tests {
         assert!(InstanceId::try_from(1).is_ok());
         assert!(InstanceId::try_from(0).is_err());
         assert!(InstanceId::try_from(-5).is_err());
+    }
+
+    #[test]
+    fn a_list_filter_matches_every_filter_in_memory() {
+        let at = |s: i64| DateTime::from_timestamp(1_767_225_600 + s, 0).unwrap();
+        let mut instance = Instance::fixture().labelled(&[("team", "a"), ("env", "prod")]);
+        instance.spec.gpu = GpuType::TeslaA100;
+        instance.created_at = at(10);
+        let selector = |s: &str| LabelSelector::parse(s).unwrap();
+        let yes = [
+            ListFilter::default(),
+            ListFilter {
+                user_id: Some("u1".into()),
+                name: Some("demo".into()),
+                ..Default::default()
+            },
+            ListFilter { status: Some(Running), ..Default::default() },
+            ListFilter {
+                labels: selector("team=a,env in (prod,dev),!gone,tier notin (x)"),
+                ..Default::default()
+            },
+            ListFilter { gpu: Some(GpuType::TeslaA100), ..Default::default() },
+            ListFilter { image: Some("ubuntu:22.04".into()), ..Default::default() },
+            ListFilter {
+                created_after: Some(at(9)),
+                created_before: Some(at(11)),
+                ..Default::default()
+            },
+        ];
+        let no = [
+            ListFilter { user_id: Some("u2".into()), ..Default::default() },
+            ListFilter { name: Some("other".into()), ..Default::default() },
+            ListFilter { status: Some(Stopped), ..Default::default() },
+            ListFilter { labels: selector("team!=a"), ..Default::default() },
+            ListFilter { labels: selector("team,gone"), ..Default::default() },
+            ListFilter { gpu: Some(GpuType::None), ..Default::default() },
+            ListFilter { image: Some("nginx".into()), ..Default::default() },
+            ListFilter { created_after: Some(at(10)), ..Default::default() },
+            ListFilter { created_before: Some(at(10)), ..Default::default() },
+        ];
+
+        for f in &yes {
+            assert!(f.matches(&instance), "{f:?}");
+        }
+        for f in &no {
+            assert!(!f.matches(&instance), "{f:?}");
+        }
+    }
+
+    #[test]
+    fn without_a_status_a_list_leaves_deleted_instances_out_and_a_watch_does_not() {
+        let deleted = Instance::fixture().with_status(Deleted);
+        let any = ListFilter::default();
+        let asked = ListFilter { status: Some(Deleted), ..ListFilter::default() };
+
+        assert!(!any.matches(&deleted));
+        assert!(any.matches_ignoring_deleted_default(&deleted));
+        assert!(asked.matches(&deleted) && asked.matches_ignoring_deleted_default(&deleted));
+        let running = ListFilter { status: Some(Running), ..ListFilter::default() };
+        assert!(!running.matches_ignoring_deleted_default(&deleted));
+    }
+
+    #[test]
+    fn an_empty_time_window_is_refused() {
+        let at = |s: i64| DateTime::from_timestamp(s, 0);
+        let empty =
+            ListFilter { created_after: at(5), created_before: at(5), ..Default::default() };
+        let fine = ListFilter { created_after: at(4), created_before: at(5), ..Default::default() };
+
+        assert!(matches!(
+            empty.validate(),
+            Err(Error::InvalidArgument { field: "created_after", .. })
+        ));
+        assert!(fine.validate().is_ok());
     }
 
     fn fixture() -> Instance {

@@ -50,6 +50,7 @@ fn new_instance(request_id: Option<&str>) -> NewInstance {
         name: "demo".into(),
         spec: spec(),
         request_id: request_id.map(Into::into),
+        labels: Labels::new(),
     }
 }
 
@@ -68,7 +69,7 @@ fn event(key: u8, command: Command) -> Envelope {
 fn winner(name: &str) -> Envelope {
     Envelope {
         key: Some(idempotency_key("u1", "req-1")),
-        fingerprint: Some(create_fingerprint("u1", name, &spec())),
+        fingerprint: Some(create_fingerprint("u1", name, &spec(), &Labels::new())),
         actor: alice(),
         request_id: "audit-winner".into(),
         command: Command::Create {
@@ -76,6 +77,7 @@ fn winner(name: &str) -> Envelope {
             user_id: "u1".into(),
             name: name.into(),
             spec: spec(),
+            labels: Labels::new(),
         },
     }
 }
@@ -133,7 +135,7 @@ async fn a_create_stores_the_instance_with_one_audit_row_one_status_event_and_it
     assert_eq!((change.instance_id, change.user_id.as_str()), (instance.id, "u1"));
     assert_eq!((change.status, change.version), (InstanceStatus::Creating, 1));
     let key = idempotency_key("u1", "req-1");
-    let fingerprint = Some(create_fingerprint("u1", "demo", &spec()));
+    let fingerprint = Some(create_fingerprint("u1", "demo", &spec(), &Labels::new()));
     assert_eq!(
         state.processed,
         HashMap::from([(key, Processed { instance_id: instance.id.get(), fingerprint })])
@@ -391,8 +393,13 @@ async fn a_create_while_the_store_is_unavailable_fails_at_once_and_writes_nothin
 async fn a_batch_says_how_each_command_ended_and_commits_them_together() {
     let repo = Arc::new(FakeInstanceRepo::new());
     let uc = usecase(&repo, false);
-    let create =
-        Command::Create { id: id(1), user_id: "u1".into(), name: "demo".into(), spec: spec() };
+    let create = Command::Create {
+        id: id(1),
+        user_id: "u1".into(),
+        name: "demo".into(),
+        spec: spec(),
+        labels: Labels::new(),
+    };
     let bad_spec = SpecPatch { cpu: Some(0), ..SpecPatch::default() };
     let batch = [
         event(1, create.clone()),
@@ -630,6 +637,7 @@ async fn lists_filter_by_owner_status_and_name_on_every_page() {
         user_id: user.map(Into::into),
         status,
         name: name.map(Into::into),
+        ..ListFilter::default()
     };
     let ids = async |f: ListFilter| every_page(&uc, &f, 2).await.concat();
 

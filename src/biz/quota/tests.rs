@@ -39,7 +39,13 @@ fn api(user: &str) -> Actor {
 }
 
 fn new(user: &str, cpu: i32, gpu: GpuType) -> NewInstance {
-    NewInstance { user_id: user.into(), name: "n".into(), spec: spec(cpu, gpu), request_id: None }
+    NewInstance {
+        user_id: user.into(),
+        name: "n".into(),
+        spec: spec(cpu, gpu),
+        request_id: None,
+        labels: Default::default(),
+    }
 }
 
 fn id(n: i64) -> InstanceId {
@@ -58,6 +64,7 @@ fn created(n: u8, user: &str, cpu: i32, gpu: GpuType) -> Envelope {
             user_id: user.into(),
             name: "n".into(),
             spec: spec(cpu, gpu),
+            labels: Default::default(),
         },
     }
 }

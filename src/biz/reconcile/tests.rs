@@ -14,6 +14,8 @@ fn workload(hash: &str) -> Workload {
         gpu: GpuType::None,
         container: ContainerConfig::default(),
         spec_hash: hash.into(),
+        labels: Default::default(),
+        labels_hash: String::new(),
     }
 }
 
@@ -21,6 +23,7 @@ fn observed(hash: &str, phase: Phase) -> Observed {
     Observed {
         id: InstanceId::try_from(1).unwrap(),
         spec_hash: hash.into(),
+        labels_hash: String::new(),
         phase,
         endpoint: Endpoint { pod_ip: "10.0.0.1".into(), ..Endpoint::default() },
         terminating: false,
@@ -231,4 +234,25 @@ fn a_workload_applied_a_moment_ago_is_waited_for_not_applied_again() {
     let restore = Step::Restore(vec![Drift::Metadata], Box::new(workload("h")));
     assert!(matches!(settling(claimed(just), Some(3), restore), Step::Wait(Some(_))));
     assert_eq!(settling(claimed(just), Some(3), Step::Remove), Step::Remove);
+}
+
+#[test]
+fn a_label_change_of_our_own_is_applied_in_place_not_restored_as_drift() {
+    let mut w = workload("a");
+    w.labels_hash = "new".into();
+    let o = Observed {
+        labels_hash: "old".into(),
+        drift: vec![Drift::Metadata],
+        ..observed("a", Phase::Running)
+    };
+    let desired = Desired {
+        status: InstanceStatus::Running,
+        reason: "",
+        endpoint: &o.endpoint,
+        workload: &w,
+    };
+
+    let step = decide(Some(desired), Some(&o), false);
+
+    assert_eq!(step, Step::Apply(Box::new(w.clone())));
 }

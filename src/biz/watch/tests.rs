@@ -82,6 +82,7 @@ fn instance(id: i64, user: &str, status: InstanceStatus, version: i64) -> Instan
         updated_at: at,
         deleted_at: None,
         version,
+        labels: Default::default(),
     }
 }
 

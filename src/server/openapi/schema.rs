@@ -70,8 +70,9 @@ impl Generator<'_> {
             if !description.is_empty() {
                 schema = with_description(schema, description);
             }
-            // proto3 JSON reads `null` as "unset" (the HTTP server drops such fields).
-            if !field.is_list() && !field.is_map() && !required.contains(&field.name()) {
+            // proto3 JSON reads `null` as "unset" (the HTTP server drops such fields), a
+            // map's (labels) included.
+            if !field.is_list() && !required.contains(&field.name()) {
                 schema = nullable(schema);
             }
             properties.insert(field.name().to_owned(), schema);

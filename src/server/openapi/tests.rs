@@ -31,6 +31,7 @@ fn every_rest_route_is_documented_from_the_proto() {
             "POST /v1/resources/{instance_id}:start",
             "POST /v1/resources/{instance_id}:stop",
             "PUT /v1/quotas/{user_id}",
+            "PUT /v1/resources/{instance_id}/labels",
         ]
     );
 }
@@ -61,7 +62,21 @@ fn parameters_and_bodies_follow_the_http_rules() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(query, ["page_size", "page_token", "user_id", "status", "name"]);
+    assert_eq!(
+        query,
+        [
+            "page_size",
+            "page_token",
+            "user_id",
+            "status",
+            "name",
+            "label_selector",
+            "gpu_model",
+            "image",
+            "created_after",
+            "created_before"
+        ]
+    );
     let patch = &doc["paths"]["/v1/resources/{instance_id}/spec"]["patch"];
     let body = &patch["requestBody"]["content"]["application/json"]["schema"];
     assert!(body["properties"]["cpu"].is_object(), "body: \"spec\" sends the spec alone");
@@ -174,4 +189,55 @@ fn quota_limits_are_numbers_or_strings_from_zero_to_the_largest_int64() {
         assert!(!pattern.is_match(refused), "{refused:?} is no limit");
         assert!(refused.parse::<i64>().is_err() || refused.starts_with('-'));
     }
+}
+
+#[test]
+fn labels_are_a_map_of_strings_with_the_kubernetes_rules() {
+    let doc = document(&Limits::default(), false);
+    let put = &doc["paths"]["/v1/resources/{instance_id}/labels"]["put"];
+    let body = &put["requestBody"]["content"]["application/json"]["schema"];
+    assert_eq!(body["type"], "object", "body: \"labels\" sends the map alone");
+    assert_eq!(body["maxProperties"], 64);
+    assert_eq!(body["additionalProperties"]["type"], "string");
+    assert!(put["responses"]["409"].is_object() && put["responses"]["404"].is_object());
+    let resource = &doc["components"]["schemas"]["resource.v1.Resource"]["properties"];
+    assert_eq!(resource["labels"]["maxProperties"], 64);
+    let list = doc["paths"]["/v1/resources"]["get"]["parameters"].as_array().unwrap().clone();
+    let after = list.iter().find(|p| p["name"] == "created_after").unwrap();
+    assert_eq!(after["schema"]["anyOf"][0]["format"], "date-time");
+
+    let key = regex_lite(&body["propertyNames"]);
+    for ok in ["team", "example.com/team", "a.b-c/x_y.z"] {
+        assert!(key(ok), "{ok}");
+    }
+    for bad in ["-a", "a/b/c", "Example.com/x", "resource.io/x", "x.resource.io/y", ""] {
+        assert!(!key(bad), "{bad}");
+    }
+}
+
+/// Evaluates the key schema of the labels (anyOf of patterns, allOf, not) with the
+/// `regex` crate, as a JSON Schema validator would.
+fn regex_lite(schema: &Value) -> impl Fn(&str) -> bool + '_ {
+    fn holds(schema: &Value, text: &str) -> bool {
+        if let Some(p) = schema["pattern"].as_str()
+            && !regex::Regex::new(p).unwrap().is_match(text)
+        {
+            return false;
+        }
+        if let Some(any) = schema["anyOf"].as_array()
+            && !any.iter().any(|s| holds(s, text))
+        {
+            return false;
+        }
+        if let Some(all) = schema["allOf"].as_array()
+            && !all.iter().all(|s| holds(s, text))
+        {
+            return false;
+        }
+        if schema.get("not").is_some() && holds(&schema["not"], text) {
+            return false;
+        }
+        true
+    }
+    move |text| holds(schema, text)
 }

@@ -87,6 +87,8 @@ fn command(e: &pb::Event) -> Command {
                     user_id: e.user_id.to_string(),
                     name: e.name.clone(),
                     spec,
+                    // Events carry no labels (mq.v1.Event has none).
+                    labels: Default::default(),
                 },
                 Err(error) => refused(error),
             }
@@ -130,7 +132,7 @@ mod tests {
     fn the_seed_example_maps_to_a_create() {
         let event: pb::Event = serde_json::from_str(SEED_JSON).unwrap();
 
-        let Command::Create { id, user_id, name, spec } = command(&event) else {
+        let Command::Create { id, user_id, name, spec, .. } = command(&event) else {
             panic!("not a create");
         };
 

@@ -69,7 +69,7 @@ proptest! {
                 config: serde_json::json!({}),
             };
             let command = match op {
-                Op::Create(cpu) => Command::Create { id, user_id: "u".into(), name: "n".into(), spec: spec(*cpu) },
+                Op::Create(cpu) => Command::Create { id, user_id: "u".into(), name: "n".into(), spec: spec(*cpu), labels: Default::default() },
                 Op::Delete => Command::Delete { id },
                 Op::Start => Command::Start { id },
                 Op::Stop => Command::Stop { id },

@@ -39,7 +39,13 @@ fn env(key: u8, command: Command) -> Envelope {
 }
 
 fn create(n: i64) -> Command {
-    Command::Create { id: id(n), user_id: "u1".into(), name: "demo".into(), spec: spec(2) }
+    Command::Create {
+        id: id(n),
+        user_id: "u1".into(),
+        name: "demo".into(),
+        spec: spec(2),
+        labels: Labels::new(),
+    }
 }
 
 fn run(batch: &[Envelope], snapshot: Snapshot, cluster: bool) -> (Vec<Outcome>, Changes) {
@@ -167,8 +173,13 @@ fn a_command_for_an_unknown_instance_is_unknown_and_not_audited() {
 #[test]
 fn a_second_create_is_ignored_when_equal_and_rejected_when_not() {
     let same = run(&[env(1, create(1))], existing(InstanceStatus::Running), false).0;
-    let other =
-        Command::Create { id: id(1), user_id: "u2".into(), name: "demo".into(), spec: spec(2) };
+    let other = Command::Create {
+        id: id(1),
+        user_id: "u2".into(),
+        name: "demo".into(),
+        spec: spec(2),
+        labels: Labels::new(),
+    };
     let different = run(&[env(2, other)], existing(InstanceStatus::Running), false).0;
     let reused = run(&[env(3, create(1))], existing(InstanceStatus::Deleted), false).0;
 
@@ -198,10 +209,20 @@ fn a_spec_change_bumps_the_version_and_keeps_the_config_when_asked() {
 
 #[test]
 fn invalid_specs_and_names_are_rejected_before_anything_is_written() {
-    let bad_cpu =
-        Command::Create { id: id(2), user_id: "u".into(), name: "n".into(), spec: spec(0) };
-    let bad_name =
-        Command::Create { id: id(3), user_id: "u".into(), name: String::new(), spec: spec(1) };
+    let bad_cpu = Command::Create {
+        id: id(2),
+        user_id: "u".into(),
+        name: "n".into(),
+        spec: spec(0),
+        labels: Labels::new(),
+    };
+    let bad_name = Command::Create {
+        id: id(3),
+        user_id: "u".into(),
+        name: String::new(),
+        spec: spec(1),
+        labels: Labels::new(),
+    };
 
     let (outcomes, changes) = run(&[env(1, bad_cpu), env(2, bad_name)], Snapshot::default(), false);
 
@@ -234,4 +255,86 @@ fn sync_requests_are_written_for_the_reconciler_only_when_there_is_one() {
 
     let only_requests = Changes { sync_requests: vec![None], ..Changes::default() };
     assert!(!only_requests.is_empty(), "a unit of work with only a sync request writes it");
+}
+
+fn set_labels(pairs: &[(&str, &str)]) -> Command {
+    let labels = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    Command::SetLabels { id: id(1), labels }
+}
+
+#[test]
+fn setting_labels_replaces_them_bumps_the_version_and_audits_before_and_after() {
+    let snapshot = existing(InstanceStatus::Running);
+
+    let (outcomes, changes) = run(&[env(1, set_labels(&[("team", "a")]))], snapshot, true);
+
+    let Outcome::Applied(after) = &outcomes[0] else { panic!("{outcomes:?}") };
+    assert_eq!(after.labels, Labels::from([("team".into(), "a".into())]));
+    assert_eq!(after.version, 2);
+    assert_eq!(after.status, InstanceStatus::Running, "labels change no status");
+    assert_eq!(changes.updates.len(), 1);
+    assert!(!changes.updates[0].spec_changed);
+    assert!(changes.outbox.is_empty(), "no status event");
+    let audit = &changes.audit[0];
+    assert_eq!((audit.action, audit.outcome), (Action::SetLabels, AuditOutcome::Ok));
+    assert_eq!(audit.before.as_ref().unwrap()["labels"], serde_json::json!({}));
+    assert_eq!(audit.after.as_ref().unwrap()["labels"], serde_json::json!({"team": "a"}));
+    assert_eq!(changes.sync_requests, vec![Some(id(1))], "the reconciler copies them");
+}
+
+#[test]
+fn setting_the_same_labels_is_an_audited_no_op() {
+    let (_, first) =
+        run(&[env(1, set_labels(&[("team", "a")]))], existing(InstanceStatus::Running), false);
+    let mut snapshot = existing(InstanceStatus::Running);
+    snapshot.instances.insert(id(1), first.updates[0].instance.clone());
+
+    let (outcomes, changes) = run(&[env(2, set_labels(&[("team", "a")]))], snapshot, false);
+
+    assert!(matches!(outcomes[0], Outcome::Ignored { .. }));
+    assert!(changes.updates.is_empty());
+    assert_eq!(changes.audit[0].outcome, AuditOutcome::Ignored);
+}
+
+#[test]
+fn a_deleted_instance_refuses_label_changes_and_bad_labels_are_refused() {
+    for status in [InstanceStatus::Deleted, InstanceStatus::Deleting] {
+        let (outcomes, changes) =
+            run(&[env(1, set_labels(&[("team", "a")]))], existing(status), false);
+        assert!(matches!(outcomes[0], Outcome::Rejected(Error::NotAllowed { .. })), "{status}");
+        assert_eq!(changes.audit[0].outcome, AuditOutcome::Rejected);
+        assert!(changes.updates.is_empty());
+    }
+
+    let (outcomes, changes) = run(
+        &[env(1, set_labels(&[("resource.io/x", "a")]))],
+        existing(InstanceStatus::Running),
+        false,
+    );
+    assert!(matches!(outcomes[0], Outcome::Rejected(Error::InvalidLabels { .. })));
+    assert!(changes.updates.is_empty());
+}
+
+#[test]
+fn a_create_keeps_its_labels_and_refuses_bad_ones() {
+    let labelled = |pairs: &[(&str, &str)]| Command::Create {
+        id: id(1),
+        user_id: "u1".into(),
+        name: "demo".into(),
+        spec: spec(2),
+        labels: pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+    };
+
+    let (outcomes, changes) =
+        run(&[env(1, labelled(&[("team", "a")]))], Snapshot::default(), false);
+    assert!(matches!(&outcomes[0], Outcome::Applied(i) if i.labels["team"] == "a"));
+    assert_eq!(
+        changes.audit[0].after.as_ref().unwrap()["labels"],
+        serde_json::json!({"team": "a"})
+    );
+
+    let (outcomes, changes) =
+        run(&[env(1, labelled(&[("bad key", "a")]))], Snapshot::default(), false);
+    assert!(matches!(outcomes[0], Outcome::Rejected(Error::InvalidLabels { .. })));
+    assert!(changes.inserts.is_empty());
 }
