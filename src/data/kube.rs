@@ -1047,5 +1047,6 @@ impl Cluster for KubeCluster {
     }
 }
 
+mod evidence;
 #[cfg(test)]
 mod tests;

@@ -106,6 +106,8 @@ fn constraints(field: &str, limits: &Limits) -> Option<Value> {
             "maximum": i64::MAX,
             "pattern": format!("^(\\+?0*({})|-0+)$", decimal_at_most(i64::MAX.unsigned_abs())),
         }),
+        "resource.v1.Explanation.source" => json!({ "enum": ["cluster", "database"] }),
+        "resource.v1.Condition.status" => json!({ "enum": ["True", "False", "Unknown"] }),
         _ if field.ends_with(".instance_id") => json!({ "minimum": 1 }),
         _ => return None,
     })
@@ -137,6 +139,10 @@ fn required(message: &str) -> &'static [&'static str] {
         "resource.v1.QuotaAmounts" => &["instances", "cpu", "memory_mb", "gpus"],
         "resource.v1.Capacity" => &["gpus"],
         "resource.v1.GpuCapacity" => &["gpu", "gpu_model", "used"],
+        // Explain (issue 16, item 4).
+        "resource.v1.Explanation" => &["resource", "summary", "conditions", "events", "source"],
+        "resource.v1.Condition" => &["type", "status", "reason", "message"],
+        "resource.v1.ClusterEvent" => &["type", "reason", "message", "count"],
         _ => &[],
     }
 }

@@ -1,11 +1,12 @@
-//! `resource.v1.resourceService`: message mapping over `InstanceUsecase`, `AuditUsecase`
-//! and `QuotaUsecase`.
+//! `resource.v1.resourceService`: message mapping over `InstanceUsecase`, `AuditUsecase`,
+//! `QuotaUsecase` and `ExplainUsecase`.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
 use super::page_token;
+use crate::biz::explain::ExplainUsecase;
 use crate::{
     biz::{
         Actor, AuditRecord, AuditUsecase, Command, Error, GpuType, Instance, InstanceId,
@@ -69,6 +70,7 @@ pub struct ResourceService {
     instances: Arc<InstanceUsecase>,
     audits: Arc<AuditUsecase>,
     quotas: Arc<QuotaUsecase>,
+    explains: Arc<ExplainUsecase>,
 }
 
 impl ResourceService {
@@ -78,7 +80,15 @@ impl ResourceService {
         audits: Arc<AuditUsecase>,
         quotas: Arc<QuotaUsecase>,
     ) -> Self {
-        Self { instances, audits, quotas }
+        let explains = Arc::new(ExplainUsecase::new(None, std::time::Duration::ZERO));
+        Self { instances, audits, quotas, explains }
+    }
+
+    /// Explains instances with `explains` (by default from the database only).
+    #[must_use]
+    pub fn with_explain(mut self, explains: Arc<ExplainUsecase>) -> Self {
+        self.explains = explains;
+        self
     }
 
     /// The ranges requests are checked against (published in the OpenAPI document).
@@ -259,6 +269,8 @@ impl ResourceService {
         }
     }
 }
+
+mod explain;
 
 /// The actions of `act_on_resource`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
