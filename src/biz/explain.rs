@@ -365,6 +365,12 @@ fn cluster_cause(instance: &Instance, evidence: &PodEvidence) -> Option<String> 
             return Some(pod_ended(pod));
         }
     }
+    // The kubelet's pull failures, when the Pod's status (read a moment apart) does not
+    // show them yet or any more.
+    if let Some(e) = latest_warning(evidence, is_pull_failure) {
+        let image = &instance.spec.image;
+        return Some(format!("its Pod cannot pull image {image:?} ({})", event_said(e)));
+    }
     if let Some(e) = latest_warning(evidence, |e| VOLUME_EVENT_REASONS.contains(&e.reason.as_str()))
     {
         return Some(format!("its volumes are not ready ({})", event_said(e)));
@@ -373,7 +379,7 @@ fn cluster_cause(instance: &Instance, evidence: &PodEvidence) -> Option<String> 
         return Some(scheduling_cause(instance, &e.reason, &e.message));
     }
     if evidence.pod.is_none() {
-        // An earlier Pod's image-pull or crash events still say what went wrong.
+        // An earlier Pod's crash events still say what went wrong.
         if let Some(e) =
             latest_warning(evidence, |e| matches!(e.reason.as_str(), "Failed" | "BackOff"))
         {
@@ -425,6 +431,12 @@ fn container_cause(instance: &Instance, pod: &PodState) -> Option<String> {
         }
     }
     None
+}
+
+/// An event of the kubelet saying an image cannot be pulled.
+fn is_pull_failure(e: &ClusterEvent) -> bool {
+    matches!(e.reason.as_str(), "Failed" | "BackOff" | "ErrImagePull" | "ImagePullBackOff")
+        && (e.message.contains("pull image") || e.message.contains("pulling image"))
 }
 
 fn crash_loop(instance: &Instance, c: &ContainerEvidence) -> String {

@@ -423,7 +423,35 @@ fn the_summary_names_the_cause_from_the_cluster() {
                     3,
                 )],
             },
-            "Instance 123 is FAILED: its last Pod failed (Failed: Failed to pull image \"nope:1\": not found).",
+            "Instance 123 is FAILED: its Pod cannot pull image \"ubuntu:22.04\" (Failed: Failed to pull image \"nope:1\": not found).",
+        ),
+        (
+            "FAILED without a reason, the last Pod crashed",
+            instance(InstanceStatus::Failed),
+            PodEvidence {
+                pod: None,
+                events: vec![event(
+                    "Warning",
+                    "BackOff",
+                    "Back-off restarting failed container main",
+                    3,
+                )],
+            },
+            "Instance 123 is FAILED: its last Pod failed (BackOff: Back-off restarting failed container main).",
+        ),
+        (
+            "pull events before the Pod's status shows them",
+            creating.clone(),
+            with_pod(
+                pending(vec![waiting("ubuntu:22.04", "ContainerCreating", "")]),
+                vec![event(
+                    "Warning",
+                    "Failed",
+                    "Failed to pull image \"ubuntu:22.04\": not found",
+                    3,
+                )],
+            ),
+            "Instance 123 is CREATING: its Pod cannot pull image \"ubuntu:22.04\" (Failed: Failed to pull image \"ubuntu:22.04\": not found).",
         ),
     ];
 
