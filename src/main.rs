@@ -7,7 +7,10 @@ use std::{process::ExitCode, sync::Arc, time::Duration};
 use resource::{
     biz::{
         AuditUsecase, GreeterUsecase, HealthUsecase, InstanceUsecase, OutboxRelay, Probe,
-        QuotaUsecase, WatchHub, WatchUsecase, reconcile::Reconciler, snowflake::Snowflake,
+        QuotaUsecase, WatchHub, WatchUsecase,
+        explain::{ClusterEvidence, ExplainUsecase},
+        reconcile::Reconciler,
+        snowflake::Snowflake,
         watch::ChangeLog,
     },
     cli::{Cli, Command, EXIT_CONFIG, EXIT_FAILURE, EXIT_LEASE_LOST, EXIT_UNAVAILABLE},
@@ -127,7 +130,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     };
     let cluster = if conf.data.kubernetes.enabled {
         match KubeCluster::start(&conf.data.kubernetes).await {
-            Ok(cluster) => Some(cluster),
+            Ok((cluster, health)) => Some((Arc::new(cluster), health)),
             Err(e) => return failed(EXIT_UNAVAILABLE, "cannot reach the Kubernetes cluster", &e),
         }
     } else {
@@ -170,11 +173,17 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     let ticker =
         Ticker::new(data.background().clone(), data.own_pool(), hub, changed, conf.watch.retention);
     let relay = OutboxRelay::new(outbox, publisher);
+    // An explanation waits for the cluster at most half a request's time, so that a
+    // stalled cluster is said in the answer rather than answered 504 / DEADLINE_EXCEEDED.
+    let explain_wait = (conf.server.http.timeout.min(conf.server.grpc.timeout) / 2)
+        .min(conf.data.kubernetes.call_timeout);
+    let evidence = cluster.as_ref().map(|(c, _)| c.clone() as Arc<dyn ClusterEvidence>);
+    let explain_uc = Arc::new(ExplainUsecase::new(evidence, explain_wait));
     let reconciler = cluster.map(|(cluster, health)| {
         let owner = uuid::Uuid::new_v4().to_string();
         tracing::info!(namespace = %conf.data.kubernetes.namespace, owner, "reconciling instances with the cluster");
         let pacing = (&conf.data.kubernetes).into();
-        let (uc, cluster) = (background_uc.clone(), Arc::new(cluster));
+        let uc = background_uc.clone();
         Arc::new(Reconciler::new(uc, reconciles, cluster, health, pacing, owner))
     });
 
@@ -186,7 +195,10 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     probes.extend(consumer.as_ref().map(|c| Arc::new(c.probe()) as Arc<dyn Probe>));
     probes.extend(reconciler.as_ref().map(|r| r.health() as Arc<dyn Probe>));
     let services = Services {
-        resource: Arc::new(ResourceService::new(instance_uc, audit_uc, quota_uc.clone(), watch_uc)),
+        resource: Arc::new(
+            ResourceService::new(instance_uc, audit_uc, quota_uc.clone(), watch_uc)
+                .with_explain(explain_uc),
+        ),
         greeter: Arc::new(GreeterService::new(GreeterUsecase)),
         health: HealthService::new(Arc::new(HealthUsecase::new(probes, Duration::from_secs(1)))),
         auth,

@@ -10,6 +10,7 @@ pub mod audit;
 pub mod backoff;
 pub mod cluster;
 pub mod error;
+pub mod explain;
 #[cfg(test)]
 pub(crate) mod fake;
 pub mod greeter;

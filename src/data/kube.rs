@@ -1070,5 +1070,6 @@ impl Cluster for KubeCluster {
     }
 }
 
+mod evidence;
 #[cfg(test)]
 mod tests;

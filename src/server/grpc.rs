@@ -187,6 +187,16 @@ impl pb::resource_service_server::ResourceService for ResourceApi {
         let reply = within(timeout, self.svc.get_capacity(&caller, req.into_inner())).await?;
         Ok(Response::new(reply))
     }
+
+    async fn explain_resource(
+        &self,
+        req: Request<pb::ExplainResourceRequest>,
+    ) -> Result<Response<pb::Explanation>, Status> {
+        let (timeout, caller) =
+            (deadline(self.timeout, req.metadata()), self.caller(req.metadata())?);
+        let reply = within(timeout, self.svc.explain_resource(&caller, req.into_inner())).await?;
+        Ok(Response::new(reply))
+    }
 }
 
 impl ResourceApi {

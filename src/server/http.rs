@@ -538,7 +538,8 @@ fn sse_event(response: &pb::WatchResourcesResponse, kind: &'static str) -> Event
 }
 
 /// `/v1/resources/{instance_id}` (GET, DELETE) and its custom methods
-/// `{instance_id}:start` and `{instance_id}:stop` (POST). axum allows one parameter per
+/// `{instance_id}:start` and `{instance_id}:stop` (POST) and `{instance_id}:explain`
+/// (GET). axum allows one parameter per
 /// path segment and no suffix after it, so one route takes the segment and dispatches
 /// here, answering 405 with the `Allow` header of the resource that was addressed.
 async fn instance_route(
@@ -553,6 +554,14 @@ async fn instance_route(
             Method::DELETE => act(&app, &caller, ResourceAction::Delete, &segment).await,
             _ => return not_allowed(&method, &segment, "GET, HEAD, DELETE"),
         },
+        Some((raw_id, "explain")) => {
+            return match method {
+                Method::GET | Method::HEAD => {
+                    explain_resource(&app, &caller, raw_id).await.map(ProtoJson).into_response()
+                }
+                _ => not_allowed(&method, &segment, "GET, HEAD"),
+            };
+        }
         Some((raw_id, verb)) => {
             let action = match verb {
                 "start" => ResourceAction::Start,
@@ -561,7 +570,7 @@ async fn instance_route(
                     return HttpError(ApiError::new(
                         ErrorKind::NotFound,
                         "NOT_FOUND",
-                        format!("unknown custom method {other:?}; use :start or :stop"),
+                        format!("unknown custom method {other:?}; use :start, :stop or :explain"),
                     ))
                     .into_response();
                 }
@@ -589,6 +598,15 @@ async fn get_resource(
 ) -> Result<pb::Resource, HttpError> {
     let req = pb::GetResourceRequest { instance_id: parse_instance_id(raw_id)? };
     Ok(app.resource.get_resource(caller, req).await?)
+}
+
+async fn explain_resource(
+    app: &AppState,
+    caller: &Caller,
+    raw_id: &str,
+) -> Result<pb::Explanation, HttpError> {
+    let req = pb::ExplainResourceRequest { instance_id: parse_instance_id(raw_id)? };
+    Ok(app.resource.explain_resource(caller, req).await?)
 }
 
 async fn act(

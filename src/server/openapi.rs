@@ -124,6 +124,8 @@ fn constraints(field: &str, limits: &Limits) -> Option<Value> {
             })
         }
         // --- end Labels and filters ---
+        "resource.v1.Explanation.source" => json!({ "enum": ["cluster", "database"] }),
+        "resource.v1.Condition.status" => json!({ "enum": ["True", "False", "Unknown"] }),
         _ if field.ends_with(".instance_id") => json!({ "minimum": 1 }),
         _ => return None,
     })
@@ -183,6 +185,10 @@ fn required(message: &str) -> &'static [&'static str] {
         "resource.v1.QuotaAmounts" => &["instances", "cpu", "memory_mb", "gpus"],
         "resource.v1.Capacity" => &["gpus"],
         "resource.v1.GpuCapacity" => &["gpu", "gpu_model", "used"],
+        // Explain (issue 16, item 4).
+        "resource.v1.Explanation" => &["resource", "summary", "conditions", "events", "source"],
+        "resource.v1.Condition" => &["type", "status", "reason", "message"],
+        "resource.v1.ClusterEvent" => &["type", "reason", "message", "count"],
         _ => &[],
     }
 }

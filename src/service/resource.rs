@@ -1,11 +1,12 @@
-//! `resource.v1.resourceService`: message mapping over `InstanceUsecase`, `AuditUsecase`
-//! and `QuotaUsecase`.
+//! `resource.v1.resourceService`: message mapping over `InstanceUsecase`, `AuditUsecase`,
+//! `QuotaUsecase` and `ExplainUsecase`.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
 use super::{page_token, resume_token};
+use crate::biz::explain::ExplainUsecase;
 use crate::{
     biz::{
         Actor, AuditRecord, AuditUsecase, Command, Error, GpuType, Instance, InstanceId,
@@ -72,6 +73,7 @@ pub struct ResourceService {
     audits: Arc<AuditUsecase>,
     quotas: Arc<QuotaUsecase>,
     watches: Arc<WatchUsecase>,
+    explains: Arc<ExplainUsecase>,
 }
 
 impl ResourceService {
@@ -82,7 +84,15 @@ impl ResourceService {
         quotas: Arc<QuotaUsecase>,
         watches: Arc<WatchUsecase>,
     ) -> Self {
-        Self { instances, audits, quotas, watches }
+        let explains = Arc::new(ExplainUsecase::new(None, std::time::Duration::ZERO));
+        Self { instances, audits, quotas, watches, explains }
+    }
+
+    /// Explains instances with `explains` (by default from the database only).
+    #[must_use]
+    pub fn with_explain(mut self, explains: Arc<ExplainUsecase>) -> Self {
+        self.explains = explains;
+        self
     }
 
     /// How watches behave (the transports send heartbeats at its pace).
@@ -382,6 +392,8 @@ impl ResourceWatch {
         })
     }
 }
+
+mod explain;
 
 /// The actions of `act_on_resource`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,6 +5,7 @@ mod burst;
 mod clients;
 mod cluster;
 mod config;
+mod explain;
 mod grpc;
 mod helpers;
 mod http;

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use crate::selector::Selector;
+use crate::selector::{FieldSelector, Selector};
 use crate::store::{ApiError, Change, Event, Origin, Scope, Shared, WatchStart, watch_line};
 use crate::{FaultAction, Kind, RequestRecord, Verb};
 
@@ -161,6 +161,7 @@ fn api_resources() -> Value {
         resource("services", "service", Kind::Service, &all, "svc"),
         status("services/status", Kind::Service),
         resource("namespaces", "namespace", Kind::Namespace, &all, "ns"),
+        resource("events", "event", Kind::Event, &all, "ev"),
     ]})
 }
 
@@ -181,6 +182,7 @@ struct Target {
 struct Params {
     watch: Option<String>,
     label_selector: Option<String>,
+    field_selector: Option<String>,
     resource_version: Option<String>,
     timeout_seconds: Option<u64>,
     send_initial_events: Option<String>,
@@ -295,10 +297,13 @@ fn selector(params: &Params) -> Result<Selector, ApiError> {
 
 fn list(shared: &Shared, t: &Target, params: &Params) -> Result<Response, ApiError> {
     let limit = params.limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
+    let fields = FieldSelector::parse(params.field_selector.as_deref().unwrap_or_default())
+        .map_err(ApiError::bad_request)?;
     let page = shared.list_page(
         t.kind,
         t.ns.as_deref(),
         &selector(params)?,
+        &fields,
         limit,
         params.continue_token.as_deref(),
     )?;

@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::Options;
-use crate::store::{Key, Shared, finalizers_empty, images, is_deleting, now, uid};
+use crate::store::{Key, Shared, State, finalizers_empty, images, is_deleting, now, uid};
+use crate::{Kind, Options};
 
 const NODE_NAME: &str = "fake-node";
 const HOST_IP: &str = "10.0.0.10";
 const FIRST_POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 0);
+const GPU: &str = "nvidia.com/gpu";
 
 #[derive(Debug, Clone, Copy)]
 enum Step {
@@ -25,20 +26,74 @@ enum Step {
 }
 
 /// The status of a pod just created: scheduled onto the node, or `Unschedulable` when its
-/// `nodeSelector` asks for labels the node does not have.
-pub(crate) fn set_initial_status(opts: &Options, pod: &mut Value) {
+/// `nodeSelector` asks for labels the node does not have, or it asks for more GPUs than
+/// the node has free.
+pub(crate) fn set_initial_status(st: &State, pod: &mut Value) {
     let at = now();
-    if is_schedulable(opts, &pod["spec"]) {
-        pod["spec"]["nodeName"] = json!(NODE_NAME);
-        pod["status"] = json!({"phase": "Pending", "qosClass": "BestEffort", "conditions": [
-            {"type": "PodScheduled", "status": "True", "lastTransitionTime": at}]});
-    } else {
-        let message =
-            "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector.";
-        pod["status"] = json!({"phase": "Pending", "qosClass": "BestEffort", "conditions": [
-            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-             "message": message, "lastTransitionTime": at}]});
+    match unschedulable_because(st, &pod["spec"]) {
+        None => {
+            pod["spec"]["nodeName"] = json!(NODE_NAME);
+            pod["status"] = json!({"phase": "Pending", "qosClass": "BestEffort", "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": at}]});
+        }
+        Some(message) => {
+            pod["status"] = json!({"phase": "Pending", "qosClass": "BestEffort", "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": message, "lastTransitionTime": at}]});
+        }
     }
+}
+
+/// The scheduler's event about a pod just created: `Scheduled`, or `FailedScheduling`.
+pub(crate) fn record_scheduling(st: &mut State, pod: &Value) {
+    let meta = &pod["metadata"];
+    let (ns, name) = (text(&meta["namespace"]), text(&meta["name"]));
+    let unscheduled = pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "PodScheduled" && c["status"] == "False");
+    match unscheduled {
+        Some(c) => {
+            let message = text(&c["message"]);
+            st.record_event(pod, "Warning", "FailedScheduling", &message);
+        }
+        None => {
+            let message = format!("Successfully assigned {ns}/{name} to {NODE_NAME}");
+            st.record_event(pod, "Normal", "Scheduled", &message);
+        }
+    }
+}
+
+/// Why the node cannot take a pod with `spec`, as the scheduler says it; `None`: it can.
+fn unschedulable_because(st: &State, spec: &Value) -> Option<String> {
+    if !is_schedulable(&st.opts, spec) {
+        return Some(
+            "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector.".into(),
+        );
+    }
+    let (Some(gpus), wanted) = (st.opts.node_gpus, gpus_of(spec)) else { return None };
+    let used: u64 = st
+        .objects
+        .iter()
+        .filter(|(k, p)| k.0 == Kind::Pod && p["spec"]["nodeName"].is_string())
+        .map(|(_, p)| gpus_of(&p["spec"]))
+        .sum();
+    (wanted > 0 && used + wanted > gpus)
+        .then(|| format!("0/1 nodes are available: 1 Insufficient {GPU}."))
+}
+
+/// The GPUs a pod spec asks for (limits, else requests, of every container).
+fn gpus_of(spec: &Value) -> u64 {
+    let containers = spec["containers"].as_array().cloned().unwrap_or_default();
+    containers
+        .iter()
+        .map(|c| {
+            let resources = &c["resources"];
+            let amount = resources["limits"][GPU].as_str().or(resources["requests"][GPU].as_str());
+            amount.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0)
+        })
+        .sum()
 }
 
 fn is_schedulable(opts: &Options, spec: &Value) -> bool {
@@ -97,13 +152,15 @@ fn run(shared: &Arc<Shared>, step: Step, key: Key, pod_uid: &str) {
         Step::Sync if is_deleting(&pod) => {}
         Step::Sync => {
             let wanted = wanted_states(&pod, &st.opts.failing_images);
-            if wanted != current_states(&pod) {
+            let current = current_states(&pod);
+            if wanted != current {
                 let ip = pod["status"]["podIP"].as_str().map(str::to_string).unwrap_or_else(|| {
                     st.next_pod_ip += 1;
                     Ipv4Addr::from(u32::from(FIRST_POD_IP) + st.next_pod_ip).to_string()
                 });
                 pod["status"] = pod_status(&pod["status"], &wanted, &ip);
-                st.commit(key.clone(), pod, "MODIFIED");
+                let written = st.commit(key.clone(), pod, "MODIFIED");
+                record_container_events(&mut st, &written, &current, &wanted);
             }
             let delay = st.opts.kubelet_delay;
             drop(st);
@@ -139,6 +196,37 @@ fn wanted_states(pod: &Value, failing: &[String]) -> Vec<ContainerState> {
             ContainerState { name, image, waiting }
         })
         .collect()
+}
+
+/// The kubelet's events for the containers whose state changed.
+fn record_container_events(
+    st: &mut State,
+    pod: &Value,
+    before: &[ContainerState],
+    after: &[ContainerState],
+) {
+    for c in after {
+        let was = before.iter().find(|b| b.name == c.name && b.image == c.image);
+        if was.is_some_and(|w| w.waiting == c.waiting) {
+            continue;
+        }
+        let image = &c.image;
+        match c.waiting {
+            None => st.record_event(pod, "Normal", "Started", &format!("Started container {}", c.name)),
+            Some("ErrImagePull") => st.record_event(
+                pod,
+                "Warning",
+                "Failed",
+                &format!("Failed to pull image {image:?}: failed to pull and unpack image {image:?}: not found"),
+            ),
+            Some(_) => st.record_event(
+                pod,
+                "Warning",
+                "BackOff",
+                &format!("Back-off pulling image {image:?}"),
+            ),
+        };
+    }
 }
 
 fn current_states(pod: &Value) -> Vec<ContainerState> {

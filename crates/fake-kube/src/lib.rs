@@ -59,7 +59,15 @@
 //!   change of a Service's `spec.clusterIP` once set (also to or from `None`, headless).
 //! - A kubelet: a pod is `Pending` when created, `Running` with a pod IP after
 //!   [`Options::kubelet_delay`], or stuck in `ErrImagePull` / `ImagePullBackOff` when an image
-//!   is failing, or `Unschedulable` when its `nodeSelector` is not met.
+//!   is failing, or `Unschedulable` when its `nodeSelector` is not met or it asks for more
+//!   `nvidia.com/gpu` than the node has free ([`Options::node_gpus`]).
+//! - core/v1 `events`, recorded as the scheduler and kubelet do: `Scheduled` or
+//!   `FailedScheduling` when a pod is created, `Failed` (`Failed to pull image …`) and
+//!   `BackOff` when its image fails, `Started` when its container runs; a repeat of the
+//!   same reason and message for the same pod bumps `count` and `lastTimestamp`. Tests add
+//!   their own with [`FakeKube::record_event`] (a `FailedMount`, say), and script a pod's
+//!   status with [`FakeKube::patch_out_of_band`]. Lists honour `fieldSelector`
+//!   (`involvedObject.name=p,involvedObject.kind=Pod`; `=`, `==`, `!=` on any field path).
 //!
 //! # What it simplifies
 //! - Server-side apply has no managed fields: labels and annotations are merged, finalizers
@@ -72,7 +80,9 @@
 //! - A watch filters each event by the object's labels at that moment (an object that
 //!   stops matching produces no `DELETED`). `BOOKMARK` is sent only to end the initial
 //!   events of a streaming list.
-//! - `dryRun`, `fieldSelector`, `propagationPolicy` and preconditions are ignored.
+//! - `dryRun`, `propagationPolicy`, preconditions and a watch's `fieldSelector` are ignored.
+//! - Events are core/v1 only (no `events.k8s.io`), kept until their namespace goes, and
+//!   recorded only when a container's state changes (the kubelet's back-off repeats are not).
 //!
 //! # What it does not do
 //! No authentication or authorisation, no TLS, no other API groups, no owner-reference
@@ -118,6 +128,10 @@ pub struct Options {
     pub node_labels: Option<BTreeMap<String, String>>,
     /// Watch events kept for resuming watches; older versions answer 410 Gone.
     pub watch_history: usize,
+    /// `nvidia.com/gpu` devices of the node; `None`: as many as pods ask for. A pod that
+    /// asks for more than the pods scheduled before it left free is `Unschedulable`
+    /// (`0/1 nodes are available: 1 Insufficient nvidia.com/gpu.`).
+    pub node_gpus: Option<u64>,
 }
 
 impl Default for Options {
@@ -128,6 +142,7 @@ impl Default for Options {
             failing_images: Vec::new(),
             node_labels: None,
             watch_history: 10_000,
+            node_gpus: None,
         }
     }
 }
@@ -138,6 +153,7 @@ pub enum Kind {
     Pod,
     Service,
     Namespace,
+    Event,
 }
 
 impl Kind {
@@ -147,6 +163,7 @@ impl Kind {
             Kind::Pod => "pods",
             Kind::Service => "services",
             Kind::Namespace => "namespaces",
+            Kind::Event => "events",
         }
     }
 
@@ -156,6 +173,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Service => "Service",
             Kind::Namespace => "Namespace",
+            Kind::Event => "Event",
         }
     }
 
@@ -165,7 +183,7 @@ impl Kind {
     }
 
     /// Every kind the fake stores.
-    pub(crate) const ALL: [Kind; 3] = [Kind::Pod, Kind::Service, Kind::Namespace];
+    pub(crate) const ALL: [Kind; 4] = [Kind::Pod, Kind::Service, Kind::Namespace, Kind::Event];
 
     fn from_plural(plural: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.plural() == plural)
@@ -365,6 +383,22 @@ impl FakeKube {
     /// Creates namespace `name` unless it exists.
     pub fn ensure_namespace(&self, name: &str) {
         self.shared.ensure_namespace(name);
+    }
+
+    /// Records an event about pod `pod` in `ns` as a kubelet or controller would
+    /// (`kind_of_event` `Normal` or `Warning`): the same reason and message again bumps the
+    /// event's `count`. Returns the event, or `None` when there is no such pod.
+    pub fn record_event(
+        &self,
+        ns: &str,
+        pod: &str,
+        kind_of_event: &str,
+        reason: &str,
+        message: &str,
+    ) -> Option<Value> {
+        let mut st = self.shared.lock();
+        let pod = st.objects.get(&(Kind::Pod, ns.to_string(), pod.to_string()))?.clone();
+        Some(st.record_event(&pod, kind_of_event, reason, message))
     }
 
     /// Makes pulls of `image` fail (or succeed again); pods already backing off recover.

@@ -1,7 +1,10 @@
-//! Label selectors as the API accepts them in `labelSelector`.
+//! Label selectors as the API accepts them in `labelSelector`, and field selectors as in
+//! `fieldSelector`.
 //!
-//! Supports `k=v`, `k==v`, `k!=v`, `k`, `!k`, `k in (a,b)` and `k notin (a,b)`, joined by
-//! commas; that is every form `kube`'s `Selector` writes.
+//! Labels: `k=v`, `k==v`, `k!=v`, `k`, `!k`, `k in (a,b)` and `k notin (a,b)`, joined by
+//! commas; that is every form `kube`'s `Selector` writes. Fields: `path=v`, `path==v` and
+//! `path!=v` joined by commas, where `path` is a dotted field path (`involvedObject.name`,
+//! `metadata.namespace`, `status.phase`) and a missing field reads as empty.
 
 use serde_json::Value;
 
@@ -39,6 +42,49 @@ impl Selector {
             Requirement::Absent(k) => label(k).is_none(),
             Requirement::In(k, vs) => label(k).is_some_and(|l| vs.iter().any(|v| v == l)),
             Requirement::NotIn(k, vs) => label(k).is_none_or(|l| vs.iter().all(|v| v != l)),
+        })
+    }
+}
+
+/// One parsed `fieldSelector`; empty matches everything.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct FieldSelector(Vec<(String, bool, String)>);
+
+impl FieldSelector {
+    /// Parses a field selector string.
+    ///
+    /// # Errors
+    /// A message naming the term that is not `path=value`, `path==value` or `path!=value`.
+    pub(crate) fn parse(text: &str) -> Result<FieldSelector, String> {
+        let term = |t: &str| {
+            let (path, equal, value) = if let Some((p, v)) = t.split_once("!=") {
+                (p, false, v)
+            } else if let Some((p, v)) = t.split_once("==").or_else(|| t.split_once('=')) {
+                (p, true, v)
+            } else {
+                return Err(format!(
+                    "invalid selector: {t:?}; expected field=value or field!=value"
+                ));
+            };
+            let path = path.trim();
+            if !is_key(path) {
+                return Err(format!("invalid field path {path:?}"));
+            }
+            Ok((path.to_string(), equal, value.trim().to_string()))
+        };
+        split_terms(text).into_iter().map(term).collect::<Result<_, _>>().map(FieldSelector)
+    }
+
+    /// Whether every term holds for `object` (a missing field is the empty string).
+    pub(crate) fn matches(&self, object: &Value) -> bool {
+        self.0.iter().all(|(path, equal, value)| {
+            let field = path.split('.').fold(object, |v, part| &v[part]);
+            let text = match field {
+                Value::String(s) => s.clone(),
+                Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            (text == *value) == *equal
         })
     }
 }
@@ -116,6 +162,25 @@ mod tests {
             let selector = Selector::parse(text).expect(text);
             assert_eq!(selector.matches(&pod), expected, "{text}");
         }
+    }
+
+    #[test]
+    fn field_selectors_match_dotted_paths() {
+        let event = json!({"involvedObject": {"kind": "Pod", "name": "inst-1"}, "count": 2});
+        let cases = [
+            ("", true),
+            ("involvedObject.name=inst-1,involvedObject.kind=Pod", true),
+            ("involvedObject.name==inst-2", false),
+            ("involvedObject.kind!=Service", true),
+            ("count=2", true),
+            ("involvedObject.uid=", true),
+        ];
+
+        for (text, expected) in cases {
+            let selector = FieldSelector::parse(text).expect(text);
+            assert_eq!(selector.matches(&event), expected, "{text}");
+        }
+        assert!(FieldSelector::parse("involvedObject.name").is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 
 use crate::fault::Faults;
-use crate::selector::Selector;
+use crate::selector::{FieldSelector, Selector};
 use crate::{Kind, Options, REQUEST_LOG_CAPACITY, RequestCounts, RequestRecord, kubelet, patch};
 
 /// Kind, namespace (empty for namespaces) and name.
@@ -311,7 +311,70 @@ impl State {
         meta["creationTimestamp"] = json!(now());
         meta["generation"] = json!(1);
         self.set_defaults(kind, &mut obj, id);
-        Ok(self.commit(key, obj, "ADDED"))
+        let created = self.commit(key, obj, "ADDED");
+        if kind == Kind::Pod {
+            kubelet::record_scheduling(self, &created);
+        }
+        Ok(created)
+    }
+
+    /// Records an event about `pod` as its kubelet or the scheduler would: the same
+    /// reason and message for the same pod again bumps `count` and `lastTimestamp`.
+    pub(crate) fn record_event(
+        &mut self,
+        pod: &Value,
+        kind_of_event: &str,
+        reason: &str,
+        message: &str,
+    ) -> Value {
+        let meta = &pod["metadata"];
+        let (ns, name, pod_uid) = (
+            meta["namespace"].as_str().unwrap_or_default().to_string(),
+            meta["name"].as_str().unwrap_or_default().to_string(),
+            uid(pod),
+        );
+        let at = now();
+        // The pod's events are named `<pod>.<id>`: only those are looked at.
+        let prefix = format!("{name}.");
+        let existing = self
+            .objects
+            .range(key(Kind::Event, &ns, &prefix)..)
+            .take_while(|(k, _)| k.0 == Kind::Event && k.1 == ns && k.2.starts_with(&prefix))
+            .find(|(_, e)| {
+                e["involvedObject"]["uid"] == pod_uid.as_str()
+                    && e["reason"] == reason
+                    && e["message"] == message
+            })
+            .map(|(k, e)| (k.clone(), e.clone()));
+        if let Some((key, mut event)) = existing {
+            event["count"] = json!(event["count"].as_i64().unwrap_or(1) + 1);
+            event["lastTimestamp"] = json!(at);
+            return self.commit(key, event, "MODIFIED");
+        }
+        let id = self.next_id();
+        let event_name = format!("{name}.{id:016x}");
+        let component = if reason.contains("Scheduling") || reason == "Scheduled" {
+            "default-scheduler"
+        } else {
+            "kubelet"
+        };
+        let event = json!({
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": event_name, "namespace": ns, "creationTimestamp": at,
+                         "uid": format!("00000000-0000-4000-9000-{id:012x}")},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": ns,
+                               "name": name, "uid": pod_uid},
+            "reason": reason,
+            "message": message,
+            "type": kind_of_event,
+            "count": 1,
+            "firstTimestamp": at,
+            "lastTimestamp": at,
+            "source": {"component": component},
+            "reportingComponent": component,
+        });
+        self.commit(key(Kind::Event, &ns, &event_name), event, "ADDED")
     }
 
     fn name_for(&mut self, kind: Kind, obj: &Value) -> Result<String, ApiError> {
@@ -331,7 +394,7 @@ impl State {
 
     fn set_defaults(&self, kind: Kind, obj: &mut Value, id: u64) {
         match kind {
-            Kind::Pod => kubelet::set_initial_status(&self.opts, obj),
+            Kind::Pod => kubelet::set_initial_status(self, obj),
             Kind::Service => {
                 let spec = &mut obj["spec"];
                 if spec["type"].is_null() {
@@ -345,6 +408,7 @@ impl State {
                 obj["status"] = json!({"loadBalancer": {}});
             }
             Kind::Namespace => obj["status"] = json!({"phase": "Active"}),
+            Kind::Event => {}
         }
     }
 
@@ -670,6 +734,7 @@ impl Shared {
         kind: Kind,
         ns: Option<&str>,
         selector: &Selector,
+        fields: &FieldSelector,
         limit: usize,
         continue_token: Option<&str>,
     ) -> Result<Value, ApiError> {
@@ -681,7 +746,7 @@ impl Shared {
         let mut matching = st
             .objects
             .iter()
-            .filter(|(k, v)| in_scope(k, kind, ns) && selector.matches(v))
+            .filter(|(k, v)| in_scope(k, kind, ns) && selector.matches(v) && fields.matches(v))
             .filter(|(k, _)| after.as_ref().is_none_or(|a| (&k.1, &k.2) > (&a.0, &a.1)));
         let items: Vec<Value> = matching.by_ref().take(limit).map(|(_, v)| v.clone()).collect();
         let mut meta = json!({"resourceVersion": list_rv.to_string()});

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use fake_kube::{FakeKube, Kind, Options};
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Event, Pod, Service};
 use kube::api::{
     Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
@@ -123,6 +123,92 @@ async fn a_pod_whose_node_selector_is_not_met_is_unschedulable() {
     let conditions = stored.status.as_ref().and_then(|s| s.conditions.clone()).expect("conditions");
     assert_eq!(phase(&stored), "Pending");
     assert_eq!(conditions[0].reason.as_deref(), Some("Unschedulable"));
+}
+
+/// The events of pod `name`, as `kubectl describe` lists them.
+async fn events_of(client: &Client, name: &str) -> Vec<Event> {
+    let events: Api<Event> = Api::namespaced(client.clone(), NS);
+    let selector = format!("involvedObject.name={name},involvedObject.kind=Pod");
+    events.list(&ListParams::default().fields(&selector)).await.expect("list events").items
+}
+
+fn reasons(events: &[Event]) -> Vec<(String, String)> {
+    let mut reasons: Vec<(String, String)> = events
+        .iter()
+        .map(|e| (e.type_.clone().unwrap_or_default(), e.reason.clone().unwrap_or_default()))
+        .collect();
+    reasons.sort();
+    reasons
+}
+
+#[tokio::test]
+async fn a_failing_image_is_told_by_events_of_its_pod_only() {
+    let opts = Options { failing_images: vec!["broken:1".into()], ..Options::default() };
+    let (fake, client) = start(opts).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+
+    apply_pod(&pods, &pod("p", "broken:1", "1")).await.expect("apply");
+    apply_pod(&pods, &pod("q", "nginx:1", "1")).await.expect("apply");
+    wait_for(&pods, "p", |p| waiting_reason(p).as_deref() == Some("ImagePullBackOff")).await;
+    wait_for(&pods, "q", |p| phase(p) == "Running").await;
+    let mounting = fake.record_event(NS, "p", "Warning", "FailedMount", "secret \"s\" not found");
+    fake.record_event(NS, "p", "Warning", "FailedMount", "secret \"s\" not found");
+    let events = events_of(&client, "p").await;
+
+    let warning = |r: &str| ("Warning".to_string(), r.to_string());
+    assert_eq!(
+        reasons(&events),
+        [
+            ("Normal".into(), "Scheduled".into()),
+            warning("BackOff"),
+            warning("Failed"),
+            warning("FailedMount")
+        ]
+    );
+    let failed = events.iter().find(|e| e.reason.as_deref() == Some("Failed")).unwrap();
+    assert_eq!(
+        failed.message.as_deref(),
+        Some(
+            "Failed to pull image \"broken:1\": failed to pull and unpack image \"broken:1\": not found"
+        )
+    );
+    assert_eq!(failed.involved_object.name.as_deref(), Some("p"));
+    let mount = events.iter().find(|e| e.reason.as_deref() == Some("FailedMount")).unwrap();
+    assert_eq!(mount.count, Some(2), "a repeat is counted");
+    assert!(mounting.is_some());
+    assert_eq!(
+        reasons(&events_of(&client, "q").await),
+        [("Normal".into(), "Scheduled".into()), ("Normal".into(), "Started".into())]
+    );
+    assert!(fake.record_event(NS, "missing", "Warning", "X", "y").is_none());
+}
+
+#[tokio::test]
+async fn a_pod_asking_for_more_gpus_than_the_node_has_free_is_unschedulable() {
+    let (_fake, client) = start(Options { node_gpus: Some(1), ..Options::default() }).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let gpu_pod = |name: &str| {
+        let mut p = pod(name, "nginx:1", "1");
+        let resources = p.spec.as_mut().unwrap().containers[0].resources.as_mut().unwrap();
+        resources.limits.as_mut().unwrap().insert(
+            "nvidia.com/gpu".into(),
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity("1".into()),
+        );
+        p
+    };
+
+    apply_pod(&pods, &gpu_pod("first")).await.expect("apply");
+    apply_pod(&pods, &gpu_pod("second")).await.expect("apply");
+    wait_for(&pods, "first", |p| phase(p) == "Running").await;
+    let second = pods.get("second").await.expect("get");
+
+    let conditions = second.status.as_ref().and_then(|s| s.conditions.clone()).expect("conditions");
+    assert_eq!(conditions[0].reason.as_deref(), Some("Unschedulable"));
+    let message = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.";
+    assert_eq!(conditions[0].message.as_deref(), Some(message));
+    let events = events_of(&client, "second").await;
+    assert_eq!(reasons(&events), [("Warning".into(), "FailedScheduling".into())]);
+    assert_eq!(events[0].message.as_deref(), Some(message));
 }
 
 #[tokio::test]

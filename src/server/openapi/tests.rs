@@ -25,6 +25,7 @@ fn every_rest_route_is_documented_from_the_proto() {
             "GET /v1/resources",
             "GET /v1/resources/{instance_id}",
             "GET /v1/resources/{instance_id}/audit-logs",
+            "GET /v1/resources/{instance_id}:explain",
             "GET /v1/resources:watch",
             "PATCH /v1/resources/{instance_id}/spec",
             "POST /v1/resources",
