@@ -176,6 +176,9 @@ async fn bad_labels_are_refused_with_a_reason_naming_the_key() {
             assert!(body["message"].as_str().unwrap().contains(key), "{body}");
         }
     }
+    let rows = audit_rows(&app, &id).await;
+    let refused = rows.iter().filter(|r| r["action"] == "SET_LABELS" && r["outcome"] == "rejected");
+    assert_eq!(refused.count(), 6, "refusals of the planner are audited: {rows:?}");
     let (status, body) = put_labels(&app, &id, json!(["team"])).await;
     assert_eq!((status, body["reason"].as_str()), (400, Some("INVALID_ARGUMENT")));
 
