@@ -195,7 +195,7 @@ async fn prepare(s: &Settings, url: &str) {
     let count: i64 =
         sqlx::query_scalar("SELECT count(*) FROM instances").fetch_one(&pool).await.unwrap();
     if count != s.rows {
-        println!("loading {} instances into resource_bench (once) ...", s.rows);
+        println!("loading {} instances into {} (once) ...", s.rows, s.database);
         let started = Instant::now();
         pool.execute("TRUNCATE instance_specs, instances").await.unwrap();
         sqlx::query(

@@ -5,6 +5,36 @@ ALTER TABLE instances
     ADD COLUMN labels JSONB NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(labels) = 'object');
 CREATE INDEX instances_labels_idx ON instances USING GIN (labels jsonb_path_ops);
 
+-- The labels again, one row per label, kept with `labels` by every write: a selector's
+-- first equality walks this primary key newest first from a page's position, reading
+-- only the instances that carry the label (as the GPU filter reads instance_specs_gpu_idx),
+-- where the GIN index could only hand over every match, unordered.
+CREATE TABLE instance_labels (
+    key         TEXT   NOT NULL,
+    value       TEXT   NOT NULL,
+    instance_id BIGINT NOT NULL REFERENCES instances (instance_id),
+    PRIMARY KEY (key, value, instance_id)
+);
+CREATE INDEX instance_labels_instance_idx ON instance_labels (instance_id);
+
+-- Kept by the database, whoever writes `labels`: a trigger fires only for an instance
+-- inserted with labels or whose labels change, so other writes pay nothing.
+CREATE FUNCTION instance_labels_sync() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        DELETE FROM instance_labels WHERE instance_id = OLD.instance_id;
+    END IF;
+    INSERT INTO instance_labels (key, value, instance_id)
+    SELECT e.key, e.value, NEW.instance_id FROM jsonb_each_text(NEW.labels) AS e;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER instance_labels_on_insert AFTER INSERT ON instances
+    FOR EACH ROW WHEN (NEW.labels <> '{}') EXECUTE FUNCTION instance_labels_sync();
+CREATE TRIGGER instance_labels_on_update AFTER UPDATE OF labels ON instances
+    FOR EACH ROW WHEN (OLD.labels IS DISTINCT FROM NEW.labels)
+    EXECUTE FUNCTION instance_labels_sync();
+
 -- The other list filters: GPU type and image on the spec, creation time on the instance,
 -- each with the instance id so a newest-first keyset walk can read the index in order.
 CREATE INDEX instance_specs_gpu_idx ON instance_specs (gpu, instance_id);

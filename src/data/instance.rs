@@ -295,7 +295,7 @@ pub(crate) fn list_statement(query: &ListQuery) -> QueryBuilder<Postgres> {
     if let Some(name) = &f.name {
         qb.push(" AND i.name = ").push_bind(name.as_str());
     }
-    push_label_filter(&mut qb, f);
+    push_label_filter(&mut qb, f, query.before);
     if let Some(gpu) = f.gpu {
         // instance_specs (gpu, instance_id): walked newest first from the page's position.
         qb.push(" AND s.gpu = ").push_bind(gpu.code());
@@ -322,12 +322,37 @@ pub(crate) fn list_statement(query: &ListQuery) -> QueryBuilder<Postgres> {
 /// The label selector as predicates on `i.labels`. Equality and `in` requirements are
 /// containment (`labels @> '{"k": "v"}'`), which the GIN index (jsonb_path_ops) serves;
 /// `!=`, `notin` and the existence tests are checked on the rows found.
-fn push_label_filter(qb: &mut QueryBuilder<Postgres>, f: &ListFilter) {
+fn push_label_filter(
+    qb: &mut QueryBuilder<Postgres>,
+    f: &ListFilter,
+    before: Option<crate::biz::InstanceId>,
+) {
     let Some(selector) = &f.labels else { return };
     let contains = |key: &str, value: &str| serde_json::json!({ key: value });
+    // The first equality is looked up in instance_labels, whose primary key (key, value,
+    // instance_id) is walked newest first from the page's position: a page reads only
+    // instances with that label, however few carry it.
+    let first = selector.requirements.iter().position(|r| matches!(r.op, SelectorOp::Equals(_)));
+    if let Some(r) = first.map(|n| &selector.requirements[n])
+        && let SelectorOp::Equals(v) = &r.op
+    {
+        qb.push(
+            " AND i.instance_id IN (SELECT l.instance_id FROM instance_labels l WHERE l.key = ",
+        )
+        .push_bind(r.key.clone())
+        .push(" AND l.value = ")
+        .push_bind(v.clone());
+        if let Some(before) = before {
+            qb.push(" AND l.instance_id < ").push_bind(before.get());
+        }
+        qb.push(")");
+    }
     // Equalities on distinct keys are one containment: one index probe.
     let mut equal = serde_json::Map::new();
-    for r in &selector.requirements {
+    for (n, r) in selector.requirements.iter().enumerate() {
+        if Some(n) == first {
+            continue;
+        }
         match &r.op {
             SelectorOp::Equals(v) if !equal.contains_key(&r.key) => {
                 equal.insert(r.key.clone(), v.clone().into());

@@ -78,6 +78,14 @@ async fn labels_are_set_on_create_returned_and_replaced_as_a_whole_with_an_audit
     assert_eq!(replaced["labels"], json!({"team": "b", "env": ""}), "replaced, not merged");
     let (status, same) = put_labels(&app, &id, json!({"env": "", "team": "b"})).await;
     assert_eq!(status, 200, "{same}");
+    let indexed: Vec<(String, String)> = sqlx::query_as(
+        "SELECT key, value FROM instance_labels WHERE instance_id = $1 ORDER BY key",
+    )
+    .bind(id.parse::<i64>().unwrap())
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(indexed, [("env".into(), String::new()), ("team".into(), "b".into())]);
     let (status, cleared) = put_labels(&app, &id, json!({})).await;
     assert_eq!(status, 200);
     assert_eq!(cleared["labels"], json!({}));
@@ -98,6 +106,11 @@ async fn labels_are_set_on_create_returned_and_replaced_as_a_whole_with_an_audit
     let versions: Vec<i64> = rows.iter().map(|r| r["after"]["version"].as_i64().unwrap()).collect();
     assert_eq!(versions, [1, 2, 2, 3], "each change bumps the version, a no-op does not");
     assert_eq!(rows[3]["after"]["labels"], json!({}));
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM instance_labels")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the label rows follow the labels");
 }
 
 #[tokio::test]
@@ -176,6 +189,9 @@ async fn bad_labels_are_refused_with_a_reason_naming_the_key() {
             assert!(body["message"].as_str().unwrap().contains(key), "{body}");
         }
     }
+    let rows = audit_rows(&app, &id).await;
+    let refused = rows.iter().filter(|r| r["action"] == "SET_LABELS" && r["outcome"] == "rejected");
+    assert_eq!(refused.count(), 6, "refusals of the planner are audited: {rows:?}");
     let (status, body) = put_labels(&app, &id, json!(["team"])).await;
     assert_eq!((status, body["reason"].as_str()), (400, Some("INVALID_ARGUMENT")));
 
@@ -572,6 +588,11 @@ async fn filtered_lists_read_indexes_at_a_few_thousand_rows() {
     let select = "SELECT i.instance_id FROM instances i JOIN instance_specs s ON s.instance_id = i.instance_id \
                   WHERE i.deleted_at IS NULL AND i.instance_id < 4000 AND s.instance_id < 4000";
     for (filter, index) in [
+        (
+            "i.instance_id IN (SELECT l.instance_id FROM instance_labels l \
+             WHERE l.key = 'team' AND l.value = 'rare' AND l.instance_id < 4000)",
+            "instance_labels_pkey",
+        ),
         ("i.labels @> '{\"team\": \"rare\"}'", "instances_labels_idx"),
         ("s.gpu = 2", "instance_specs_gpu_idx"),
         ("s.image = 'rare:1'", "instance_specs_image_idx"),
