@@ -503,13 +503,13 @@ impl InstanceColumns {
     }
 }
 
-/// Appends every instance a unit of work wrote, as it is now, to the change log
-/// (`migrations/0012`). After the instances' writes, so each `seq` is taken under the
-/// instance's row lock and one instance's changes keep their version order.
+/// Appends every version of an instance a unit of work made to the change log
+/// (`migrations/0012`), in the order made. After the instances' writes, so each `seq` is
+/// taken under the instance's row lock and one instance's changes keep their version
+/// order.
 async fn log_changes(conn: &mut PgConnection, changes: &Changes) -> Result<(), RepoError> {
-    let written = changes.inserts.iter().chain(changes.updates.iter().map(|u| &u.instance));
     let (mut ids, mut versions, mut states) = (Vec::new(), Vec::new(), Vec::new());
-    for i in written {
+    for i in &changes.versions {
         ids.push(i.id.get());
         versions.push(i.version);
         states.push(Json(InstanceRow::from(i)));
@@ -519,7 +519,8 @@ async fn log_changes(conn: &mut PgConnection, changes: &Changes) -> Result<(), R
     }
     sqlx::query(
         "INSERT INTO instance_changes (instance_id, version, state) \
-         SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::jsonb[])",
+         SELECT i, v, s FROM UNNEST($1::bigint[], $2::bigint[], $3::jsonb[]) \
+         WITH ORDINALITY AS u(i, v, s, n) ORDER BY n",
     )
     .bind(&ids)
     .bind(&versions)

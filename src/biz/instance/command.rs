@@ -181,6 +181,10 @@ pub struct Changes {
     pub sync_requests: Vec<Option<InstanceId>>,
     /// Usage counters changed, one entry per counter.
     pub usage: Vec<UsageChange>,
+    /// Every version of an instance the batch made, in the order made: the change log
+    /// holds each one, not only the final state (a watcher sees every status an instance
+    /// passed through, as the audit trail does).
+    pub versions: Vec<Instance>,
 }
 
 /// An instance changed by a batch.
@@ -216,6 +220,7 @@ impl Changes {
             && self.seen.is_empty()
             && self.sync_requests.is_empty()
             && self.usage.is_empty()
+            && self.versions.is_empty()
     }
 }
 
@@ -536,6 +541,7 @@ impl Planner<'_> {
         };
         self.audit(envelope, id.get(), outcome, reason, None, Some(snapshot_json(&instance)));
         self.publish(&instance);
+        self.changes.versions.push(instance.clone());
         self.state.insert(id, instance.clone());
         self.created.push(id);
         Outcome::Applied(instance)
@@ -660,6 +666,7 @@ impl Planner<'_> {
                 if next.spec != current.spec {
                     self.respecced.insert(id);
                 }
+                self.changes.versions.push(next.clone());
                 self.state.insert(id, next.clone());
                 Outcome::Applied(next)
             }
