@@ -25,9 +25,12 @@ CREATE INDEX instance_changes_unstamped_idx ON instance_changes (seq) WHERE tick
 CREATE INDEX instance_changes_position_idx ON instance_changes (tick, seq) WHERE tick IS NOT NULL;
 
 -- The last tick handed out, and the horizon: every change at or before
--- (horizon_tick, horizon_seq) has been pruned.
+-- (horizon_tick, horizon_seq) has been pruned. `epoch` names this log, drawn once: a
+-- resume token carries it, so a position in another deployment's log (or in a log the
+-- database was since restored over or recreated) is refused, not taken for one here.
 CREATE TABLE watch_clock (
     id           BOOLEAN PRIMARY KEY DEFAULT true CHECK (id),
+    epoch        BIGINT  NOT NULL DEFAULT floor(random() * 9007199254740991)::bigint,
     tick         BIGINT  NOT NULL DEFAULT 0,
     horizon_tick BIGINT  NOT NULL DEFAULT 0,
     horizon_seq  BIGINT  NOT NULL DEFAULT 0

@@ -145,8 +145,8 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     let background_instances =
         PgInstanceRepo::new(data.background().clone()).signalling(changed.clone());
     let changes = Arc::new(PgChangeLog::new(data.requests().clone()));
-    let head = match changes.bounds().await {
-        Ok(bounds) => bounds.head,
+    let bounds = match changes.bounds().await {
+        Ok(bounds) => bounds,
         Err(e) => return failed(EXIT_UNAVAILABLE, "cannot read the change log", &e),
     };
     let claimer = uuid::Uuid::new_v4().to_string();
@@ -168,7 +168,7 @@ async fn serve(conf: conf::Bootstrap) -> ExitCode {
     );
     let quota_uc = Arc::new(QuotaUsecase::new(quotas, quota));
     let audit_uc = Arc::new(AuditUsecase::new(audits));
-    let hub = WatchHub::new(head, shutdown.clone());
+    let hub = WatchHub::new(bounds, shutdown.clone());
     let watch_uc = Arc::new(WatchUsecase::new(changes, hub.clone(), (&conf.watch).into()));
     let ticker =
         Ticker::new(data.background().clone(), data.own_pool(), hub, changed, conf.watch.retention);

@@ -79,6 +79,13 @@ pub enum Error {
         "resume_token is older than the {retention_s} s the change log keeps; list again and watch from now"
     )]
     ResumeTokenExpired { retention_s: u64 },
+    /// A watch's resume token names a position in another change log: another
+    /// deployment's, or one the database was restored over. As for an expired token,
+    /// the client lists again.
+    #[error(
+        "resume_token was issued by another change log (another deployment, or a database restored since); list again and watch from now"
+    )]
+    ResumeTokenForeign,
     /// The instance moved on between read and write.
     #[error("instance {instance_id} was changed concurrently")]
     VersionConflict { instance_id: i64 },
@@ -151,7 +158,7 @@ impl Error {
                 ErrorKind::FailedPrecondition
             }
             Error::VersionConflict { .. } => ErrorKind::Conflict,
-            Error::ResumeTokenExpired { .. } => ErrorKind::Gone,
+            Error::ResumeTokenExpired { .. } | Error::ResumeTokenForeign => ErrorKind::Gone,
             Error::QuotaExceeded { .. } | Error::CapacityExhausted { .. } => {
                 ErrorKind::QuotaExhausted
             }
@@ -181,7 +188,7 @@ impl Error {
             Error::PermissionDenied { .. } => "PERMISSION_DENIED",
             Error::IllegalTransition { .. } => "ILLEGAL_TRANSITION",
             Error::VersionConflict { .. } => "VERSION_CONFLICT",
-            Error::ResumeTokenExpired { .. } => "RESUME_TOKEN_EXPIRED",
+            Error::ResumeTokenExpired { .. } | Error::ResumeTokenForeign => "RESUME_TOKEN_EXPIRED",
             Error::QuotaExceeded { .. } => "QUOTA_EXCEEDED",
             Error::CapacityExhausted { .. } => "CAPACITY_EXHAUSTED",
             Error::Timeout { .. } => "TIMEOUT",
@@ -245,6 +252,9 @@ impl Error {
             }
             Error::Timeout { timeout_ms } => {
                 m.insert("timeout_ms".into(), timeout_ms.to_string());
+            }
+            Error::ResumeTokenForeign => {
+                m.insert("field".into(), "resume_token".into());
             }
             Error::ResumeTokenExpired { retention_s } => {
                 m.insert("field".into(), "resume_token".into());

@@ -10,7 +10,7 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -56,6 +56,18 @@ pub struct Bounds {
     pub horizon: Position,
     /// The last tick handed out.
     pub head: i64,
+    /// Which log this is: drawn once when the log is created, so a position in another
+    /// deployment's log (or a log the database was restored over) is told apart.
+    pub epoch: i64,
+}
+
+/// Where a watch resumes: a position in the log named by `epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    /// The log the position is in ([`Bounds::epoch`]).
+    pub epoch: i64,
+    /// Every change at or before it was seen.
+    pub position: Position,
 }
 
 /// The change log, as watchers read it.
@@ -95,6 +107,8 @@ const READ_AT_ONCE: u32 = 500;
 /// Shares each tick of changes with every watcher of this replica: ticks are read from
 /// the store once, whatever the number of watchers.
 pub struct WatchHub {
+    epoch: i64,
+    horizon: Mutex<Position>,
     head: watch::Sender<i64>,
     stopping: CancellationToken,
     recent: Mutex<Recent>,
@@ -109,10 +123,12 @@ struct Recent {
 }
 
 impl WatchHub {
-    /// A hub whose log's last tick is `head`; its watches end when `stopping` is
-    /// cancelled.
-    pub fn new(head: i64, stopping: CancellationToken) -> Arc<Self> {
+    /// A hub over a log with `bounds`; its watches end when `stopping` is cancelled.
+    pub fn new(bounds: Bounds, stopping: CancellationToken) -> Arc<Self> {
+        let head = bounds.head;
         Arc::new(Self {
+            epoch: bounds.epoch,
+            horizon: Mutex::new(bounds.horizon),
             head: watch::Sender::new(head),
             stopping,
             recent: Mutex::new(Recent { floor: head, ticks: VecDeque::new(), len: 0 }),
@@ -123,6 +139,19 @@ impl WatchHub {
     /// The last tick this replica knows of.
     pub fn head(&self) -> i64 {
         *self.head.borrow()
+    }
+
+    /// The horizon as last read: a watch resuming behind it is refused without a read.
+    /// It may lag a prune by another replica; a watch that resumes there then learns it
+    /// from the log's answer.
+    fn horizon(&self) -> Position {
+        *self.horizon.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The log's horizon moved to `horizon` (it never moves back).
+    pub fn pruned_to(&self, horizon: Position) {
+        let mut h = self.horizon.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *h = (*h).max(horizon);
     }
 
     /// Tick `tick` was handed out with `changes` (all of them, in order). The next tick
@@ -194,6 +223,34 @@ pub struct WatchUsecase {
     log: Arc<dyn ChangeLog>,
     hub: Arc<WatchHub>,
     conf: WatchConf,
+    settler: Settler,
+}
+
+/// Settles the log for watches opening "from now", once for all that arrive together:
+/// a burst of opens costs a round or two, not one transaction each on the clock's lock.
+#[derive(Default)]
+struct Settler {
+    /// How many rounds have started.
+    started: AtomicU64,
+    /// The last round to finish, and what it found.
+    done: tokio::sync::Mutex<(u64, Option<Result<i64, Error>>)>,
+}
+
+impl Settler {
+    /// The head after a settle that started after this call did.
+    async fn head(&self, log: &dyn ChangeLog) -> Result<i64, Error> {
+        let arrived = self.started.load(Ordering::Acquire);
+        let mut done = self.done.lock().await;
+        if done.0 > arrived
+            && let Some(result) = &done.1
+        {
+            return result.clone(); // that round started after this call: it covers it
+        }
+        let round = self.started.fetch_add(1, Ordering::AcqRel) + 1;
+        let result = log.settle().await.map(|b| b.head).map_err(Error::from);
+        *done = (round, Some(result.clone()));
+        result
+    }
 }
 
 /// What a watch yields.
@@ -226,7 +283,7 @@ impl Interest {
 impl WatchUsecase {
     /// Watches over `log`, sharing ticks through `hub`.
     pub fn new(log: Arc<dyn ChangeLog>, hub: Arc<WatchHub>, conf: WatchConf) -> Self {
-        Self { log, hub, conf }
+        Self { log, hub, conf, settler: Settler::default() }
     }
 
     /// How watches behave.
@@ -236,21 +293,35 @@ impl WatchUsecase {
 
     /// A watch of the changes `interest` names, after `from` (`None`: from now).
     ///
+    /// Resuming reads nothing from the store unless the position is ahead of this
+    /// replica's hub (another replica's newer tick); from now settles the log, once for
+    /// every watch that opens meanwhile.
+    ///
     /// # Errors
-    /// `ResumeTokenExpired` when `from` is behind the retention, `InvalidArgument` when
-    /// it is ahead of the log, `Unavailable` when the store does not answer or too many
-    /// watches are open.
-    pub async fn watch(&self, interest: Interest, from: Option<Position>) -> Result<Watch, Error> {
+    /// `ResumeTokenExpired` when `from` is behind the retention or in another log,
+    /// `InvalidArgument` when it is ahead of the log, `Unavailable` when the store does
+    /// not answer or too many watches are open.
+    pub async fn watch(&self, interest: Interest, from: Option<Resume>) -> Result<Watch, Error> {
         let guard = WatcherGuard::take(&self.hub, self.conf.max_watchers)?;
-        let bounds =
-            if from.is_none() { self.log.settle().await? } else { self.log.bounds().await? };
         let position = match from {
-            None => Position::end_of(bounds.head.max(self.hub.head())),
-            Some(p) if p < bounds.horizon => return Err(self.expired()),
-            Some(p) if p.tick > bounds.head.max(self.hub.head()) => {
-                return Err(Error::invalid("resume_token", "names a change this log never had"));
+            None => Position::end_of(self.settler.head(&*self.log).await?.max(self.hub.head())),
+            Some(r) if r.epoch != self.hub.epoch => return Err(Error::ResumeTokenForeign),
+            Some(r) if r.position < self.hub.horizon() => return Err(self.expired()),
+            Some(r) if r.position.tick > self.hub.head() => {
+                let bounds = self.log.bounds().await?;
+                self.hub.pruned_to(bounds.horizon);
+                if r.position < bounds.horizon {
+                    return Err(self.expired());
+                }
+                if r.position.tick > bounds.head.max(self.hub.head()) {
+                    return Err(Error::invalid(
+                        "resume_token",
+                        "names a change this log never had",
+                    ));
+                }
+                r.position
             }
-            Some(p) => p,
+            Some(r) => r.position,
         };
         Ok(Watch {
             log: self.log.clone(),
@@ -314,6 +385,11 @@ impl Watch {
         self.position
     }
 
+    /// The log it reads ([`Bounds::epoch`]).
+    pub fn epoch(&self) -> i64 {
+        self.hub.epoch
+    }
+
     /// The next item.
     ///
     /// # Errors
@@ -363,6 +439,7 @@ impl Watch {
             return Ok(());
         }
         let (changes, horizon) = self.log.after(self.position, head, READ_AT_ONCE).await?;
+        self.hub.pruned_to(horizon);
         if self.position < horizon {
             return Err(Error::ResumeTokenExpired { retention_s: self.retention.as_secs() });
         }

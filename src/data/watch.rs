@@ -88,12 +88,12 @@ impl ChangeLog for PgChangeLog {
 }
 
 async fn bounds(conn: &mut PgConnection) -> Result<Bounds, RepoError> {
-    let (head, tick, seq): (i64, i64, i64) =
-        sqlx::query_as("SELECT tick, horizon_tick, horizon_seq FROM watch_clock")
+    let (head, tick, seq, epoch): (i64, i64, i64, i64) =
+        sqlx::query_as("SELECT tick, horizon_tick, horizon_seq, epoch FROM watch_clock")
             .fetch_one(conn)
             .await
             .map_err(map_sqlx)?;
-    Ok(Bounds { horizon: Position { tick, seq }, head })
+    Ok(Bounds { horizon: Position { tick, seq }, head, epoch })
 }
 
 fn decode(rows: Vec<(i64, i64, Json<InstanceRow>)>) -> Result<Vec<Change>, RepoError> {
@@ -152,7 +152,11 @@ impl Ticker {
                     if self.unplaced().await {
                         self.tick().await;
                     }
-                    match self.db.run("read the watch clock", async |c| bounds(c).await).await {
+                    let read = self.db.run("read the watch clock", async |c| bounds(c).await).await;
+                    if let Ok(bounds) = &read {
+                        self.hub.pruned_to(bounds.horizon); // perhaps by another replica
+                    }
+                    match read {
                         Ok(bounds) if bounds.head > self.hub.head() => {
                             // Not told: the listener may hang on a stalled link.
                             if listener.is_some() {
@@ -289,7 +293,7 @@ impl Ticker {
                     .fetch_one(&mut *tx)
                     .await
                     .map_err(map_sqlx)?;
-                    let Some(last) = last else { return Ok(0) };
+                    let Some(last) = last else { return Ok(None) };
                     // The horizon moves in the same transaction as the rows go (a reader
                     // reads rows, then the horizon, so it never misses rows unawares), and
                     // last: the clock's row lock, which ticks wait for, is held only for
@@ -317,12 +321,16 @@ impl Ticker {
                     .await
                     .map_err(map_sqlx)?;
                     tx.commit().await.map_err(map_sqlx)?;
-                    Ok(removed.max(1))
+                    Ok(Some((removed, last)))
                 })
                 .await;
             match pruned {
-                Ok(0) => return,
-                Ok(n) => tracing::info!(removed = n, "pruned the change log past its retention"),
+                Ok(None) => return,
+                Ok(Some((n, last))) => {
+                    // Tokens behind it are refused from now on, without a read.
+                    self.hub.pruned_to(Position::end_of(last));
+                    tracing::info!(removed = n, "pruned the change log past its retention");
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not prune the change log");
                     return;

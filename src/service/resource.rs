@@ -371,7 +371,7 @@ impl ResourceWatch {
     pub fn start(&self) -> pb::WatchResourcesResponse {
         pb::WatchResourcesResponse {
             resource: None,
-            resume_token: resume_token::encode(self.watch.position()),
+            resume_token: resume_token::encode(self.watch.epoch(), self.watch.position()),
         }
     }
 
@@ -383,11 +383,11 @@ impl ResourceWatch {
         Ok(match self.watch.next().await? {
             WatchItem::Change(change) => pb::WatchResourcesResponse {
                 resource: Some(pb::Resource::from(change.instance.clone())),
-                resume_token: resume_token::encode(change.position),
+                resume_token: resume_token::encode(self.watch.epoch(), change.position),
             },
             WatchItem::Heartbeat(position) => pb::WatchResourcesResponse {
                 resource: None,
-                resume_token: resume_token::encode(position),
+                resume_token: resume_token::encode(self.watch.epoch(), position),
             },
         })
     }

@@ -1,21 +1,25 @@
-//! Opaque resume tokens of WatchResources: a position in the change log.
+//! Opaque resume tokens of WatchResources: a position in a change log.
 //!
-//! Layout before base64url: version (1 byte) | tick (8, big endian) | seq (8) | check
-//! (4). The check detects tampering and truncation; it is not a secret, since a token
+//! Layout before base64url: version (1 byte) | epoch of the log (8, big endian) | tick
+//! (8) | seq (8) | check (4). The check detects tampering and truncation; it is not a secret, since a token
 //! only positions a watch of what the caller may already see.
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 
 use super::page_token::fnv1a;
-use crate::biz::{Error, watch::Position};
+use crate::biz::{
+    Error,
+    watch::{Position, Resume},
+};
 
-const VERSION: u8 = 0x57;
-const LEN: usize = 1 + 8 + 8 + 4;
+const VERSION: u8 = 0x58;
+const LEN: usize = 1 + 8 + 8 + 8 + 4;
 
-/// Encodes `position`.
-pub fn encode(position: Position) -> String {
+/// Encodes `position` in the log `epoch`.
+pub fn encode(epoch: i64, position: Position) -> String {
     let mut buf = Vec::with_capacity(LEN);
     buf.push(VERSION);
+    buf.extend_from_slice(&epoch.to_be_bytes());
     buf.extend_from_slice(&position.tick.to_be_bytes());
     buf.extend_from_slice(&position.seq.to_be_bytes());
     let check = (fnv1a(&buf) >> 32) as u32;
@@ -27,7 +31,7 @@ pub fn encode(position: Position) -> String {
 ///
 /// # Errors
 /// `InvalidArgument` when the token is malformed or tampered with.
-pub fn decode(token: &str) -> Result<Option<Position>, Error> {
+pub fn decode(token: &str) -> Result<Option<Resume>, Error> {
     if token.is_empty() {
         return Ok(None);
     }
@@ -43,11 +47,11 @@ pub fn decode(token: &str) -> Result<Option<Position>, Error> {
     let word = |at: usize| {
         i64::from_be_bytes(body[at..at + 8].try_into().expect("8 bytes by the length check"))
     };
-    let position = Position { tick: word(1), seq: word(9) };
+    let position = Position { tick: word(9), seq: word(17) };
     if position.tick < 0 || position.seq < 0 {
         return Err(malformed());
     }
-    Ok(Some(position))
+    Ok(Some(Resume { epoch: word(1), position }))
 }
 
 #[cfg(test)]
@@ -58,10 +62,12 @@ mod tests {
     fn round_trips_and_refuses_what_it_did_not_issue() {
         for p in [Position { tick: 0, seq: 0 }, Position { tick: 7, seq: 42 }, Position::end_of(9)]
         {
-            assert_eq!(decode(&encode(p)).unwrap(), Some(p));
+            for epoch in [0, -5, i64::MAX] {
+                assert_eq!(decode(&encode(epoch, p)).unwrap(), Some(Resume { epoch, position: p }));
+            }
         }
         assert_eq!(decode("").unwrap(), None);
-        let token = encode(Position { tick: 3, seq: 4 });
+        let token = encode(11, Position { tick: 3, seq: 4 });
         let mut raw = URL_SAFE_NO_PAD.decode(&token).unwrap();
         raw[8] ^= 1;
         for bad in

@@ -17,6 +17,15 @@ struct MemoryLog {
     head: Mutex<i64>,
     horizon: Mutex<Option<Position>>,
     reads: Mutex<usize>,
+    settles: Mutex<usize>,
+}
+
+/// The epoch of every [`MemoryLog`].
+const EPOCH: i64 = 7;
+
+/// Resuming at `position` of the memory log.
+fn at(position: Position) -> Option<Resume> {
+    Some(Resume { epoch: EPOCH, position })
 }
 
 impl MemoryLog {
@@ -35,10 +44,12 @@ impl MemoryLog {
 impl ChangeLog for MemoryLog {
     async fn bounds(&self) -> Result<Bounds, RepoError> {
         let horizon = self.horizon.lock().unwrap().unwrap_or(Position { tick: 0, seq: 0 });
-        Ok(Bounds { horizon, head: *self.head.lock().unwrap() })
+        Ok(Bounds { horizon, head: *self.head.lock().unwrap(), epoch: EPOCH })
     }
 
     async fn settle(&self) -> Result<Bounds, RepoError> {
+        *self.settles.lock().unwrap() += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await; // a round trip
         self.bounds().await
     }
 
@@ -100,7 +111,10 @@ fn conf() -> WatchConf {
 fn setup() -> (Arc<MemoryLog>, Arc<WatchHub>, WatchUsecase, CancellationToken) {
     let log = Arc::new(MemoryLog::default());
     let stopping = CancellationToken::new();
-    let hub = WatchHub::new(0, stopping.clone());
+    let hub = WatchHub::new(
+        Bounds { horizon: Position { tick: 0, seq: 0 }, head: 0, epoch: EPOCH },
+        stopping.clone(),
+    );
     let uc = WatchUsecase::new(log.clone(), hub.clone(), conf());
     (log, hub, uc, stopping)
 }
@@ -147,7 +161,7 @@ async fn resuming_mid_tick_yields_the_rest_of_it_then_what_follows() {
     let (log, hub, uc, _) = setup();
     tick(&log, &hub, 1, vec![change(1, 1, 1, "u", 1), change(1, 2, 2, "u", 1)]);
     tick(&log, &hub, 2, vec![change(2, 3, 3, "u", 1)]);
-    let mut watch = uc.watch(everyone(), Some(Position { tick: 1, seq: 1 })).await.unwrap();
+    let mut watch = uc.watch(everyone(), at(Position { tick: 1, seq: 1 })).await.unwrap();
     assert_eq!(next_change(&mut watch).await.position, Position { tick: 1, seq: 2 });
     assert_eq!(next_change(&mut watch).await.position, Position { tick: 2, seq: 3 });
 }
@@ -159,7 +173,7 @@ async fn a_watch_behind_the_hubs_memory_reads_the_log_and_then_follows_the_hub()
     log.append(1, &[change(1, 1, 1, "u", 1)]);
     log.append(2, &[change(2, 2, 2, "u", 1)]);
     hub.publish(2, Vec::new());
-    let mut watch = uc.watch(everyone(), Some(Position { tick: 0, seq: 0 })).await.unwrap();
+    let mut watch = uc.watch(everyone(), at(Position { tick: 0, seq: 0 })).await.unwrap();
     assert_eq!(next_change(&mut watch).await.position.tick, 1);
     assert_eq!(next_change(&mut watch).await.position.tick, 2);
     assert!(*log.reads.lock().unwrap() >= 1);
@@ -179,7 +193,7 @@ async fn the_hub_keeps_a_bounded_memory_and_old_positions_fall_back_to_the_log()
     }
     assert!(hub.recent.lock().unwrap().len <= RECENT_CHANGES);
     assert!(hub.recent_after(Position { tick: 1, seq: 0 }, 10).is_none(), "forgotten");
-    let mut watch = uc.watch(everyone(), Some(Position { tick: 1, seq: 0 })).await.unwrap();
+    let mut watch = uc.watch(everyone(), at(Position { tick: 1, seq: 0 })).await.unwrap();
     let first = next_change(&mut watch).await;
     assert_eq!(first.position, Position { tick: 1, seq: 10_000 });
     assert_eq!(*log.reads.lock().unwrap(), 1);
@@ -236,15 +250,16 @@ async fn tokens_behind_the_horizon_or_ahead_of_the_log_are_refused() {
     tick(&log, &hub, 1, vec![change(1, 1, 1, "u", 1)]);
     tick(&log, &hub, 2, vec![change(2, 2, 1, "u", 2)]);
     log.prune_through(1);
-    let e = uc.watch(everyone(), Some(Position { tick: 1, seq: 0 })).await.err().unwrap();
+    hub.pruned_to(Position::end_of(1)); // as the ticker learns it
+    let e = uc.watch(everyone(), at(Position { tick: 1, seq: 0 })).await.err().unwrap();
     assert_eq!(e.reason(), "RESUME_TOKEN_EXPIRED");
-    assert!(uc.watch(everyone(), Some(Position::end_of(1))).await.is_ok(), "nothing lost");
-    let e = uc.watch(everyone(), Some(Position { tick: 9, seq: 0 })).await.err().unwrap();
+    assert!(uc.watch(everyone(), at(Position::end_of(1))).await.is_ok(), "nothing lost");
+    let e = uc.watch(everyone(), at(Position { tick: 9, seq: 0 })).await.err().unwrap();
     assert_eq!(e.reason(), "INVALID_ARGUMENT");
 
     // Pruned while a watch catches up from the log: it ends expired, skipping nothing.
     hub.publish(5, Vec::new()); // forget the memory
-    let mut behind = uc.watch(everyone(), Some(Position::end_of(1))).await.unwrap();
+    let mut behind = uc.watch(everyone(), at(Position::end_of(1))).await.unwrap();
     log.prune_through(2);
     let e = behind.next().await.unwrap_err();
     assert_eq!(e.reason(), "RESUME_TOKEN_EXPIRED");
@@ -253,7 +268,10 @@ async fn tokens_behind_the_horizon_or_ahead_of_the_log_are_refused() {
 #[tokio::test]
 async fn too_many_watches_are_refused_and_a_closed_one_frees_its_place() {
     let log = Arc::new(MemoryLog::default());
-    let hub = WatchHub::new(0, CancellationToken::new());
+    let hub = WatchHub::new(
+        Bounds { horizon: Position { tick: 0, seq: 0 }, head: 0, epoch: EPOCH },
+        CancellationToken::new(),
+    );
     let uc = WatchUsecase::new(log, hub.clone(), WatchConf { max_watchers: 2, ..conf() });
     let a = uc.watch(everyone(), None).await.unwrap();
     let _b = uc.watch(everyone(), None).await.unwrap();
@@ -262,4 +280,43 @@ async fn too_many_watches_are_refused_and_a_closed_one_frees_its_place() {
     drop(a);
     assert!(uc.watch(everyone(), None).await.is_ok());
     assert_eq!(hub.watchers.load(Ordering::Acquire), 1, "the refused and dropped ones left");
+}
+
+#[tokio::test]
+async fn a_token_of_another_log_is_refused_and_one_ahead_of_the_hub_asks_the_log() {
+    let (log, hub, uc, _) = setup();
+    tick(&log, &hub, 1, vec![change(1, 1, 1, "u", 1)]);
+    let foreign = Some(Resume { epoch: EPOCH + 1, position: Position::end_of(1) });
+    let e = uc.watch(everyone(), foreign).await.err().unwrap();
+    assert_eq!(e.reason(), "RESUME_TOKEN_EXPIRED", "{e}");
+    assert!(e.to_string().contains("another change log"), "{e}");
+    // Another replica handed out tick 2 that this hub has not heard of yet: the log says
+    // the token is good, and the watch waits there.
+    log.append(2, &[change(2, 2, 1, "u", 2)]);
+    let mut ahead = uc.watch(everyone(), at(Position::end_of(2))).await.unwrap();
+    assert_eq!(ahead.position(), Position::end_of(2));
+    hub.publish(2, vec![change(2, 2, 1, "u", 2)]);
+    tick(&log, &hub, 3, vec![change(3, 3, 1, "u", 3)]);
+    assert_eq!(next_change(&mut ahead).await.position, Position { tick: 3, seq: 3 });
+}
+
+#[tokio::test]
+async fn a_burst_of_watches_from_now_settles_the_log_once_or_twice() {
+    let (log, _hub, uc, _) = setup();
+    let uc = Arc::new(uc);
+    let opens: Vec<_> = (0..200)
+        .map(|_| {
+            let uc = uc.clone();
+            tokio::spawn(async move { uc.watch(everyone(), None).await.map(|w| w.position()) })
+        })
+        .collect();
+    for open in opens {
+        assert_eq!(open.await.unwrap().unwrap(), Position::end_of(0));
+    }
+    let settles = *log.settles.lock().unwrap();
+    assert!((1..=3).contains(&settles), "{settles} settles for 200 opens");
+    // A later open settles again: what committed since is behind it.
+    log.append(1, &[change(1, 1, 1, "u", 1)]);
+    assert_eq!(uc.watch(everyone(), None).await.unwrap().position(), Position::end_of(1));
+    assert_eq!(*log.settles.lock().unwrap(), settles + 1);
 }
