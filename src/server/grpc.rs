@@ -61,13 +61,26 @@ impl pb::resource_service_server::ResourceService for ResourceApi {
     ) -> Result<Response<WatchStream>, Status> {
         let (timeout, caller) =
             (deadline(self.timeout, req.metadata()), self.caller(req.metadata())?);
+        let closing = req
+            .extensions()
+            .get::<super::ConnectionClosing>()
+            .map_or_else(CancellationToken::new, |c| c.0.clone());
         let watch = within(timeout, self.svc.watch_resources(&caller, req.into_inner())).await?;
         let first = watch.start();
-        let rest = futures::stream::unfold(Some(watch), |watch| async move {
-            let mut watch = watch?;
-            match watch.next().await {
-                Ok(response) => Some((Ok(response), Some(watch))),
-                Err(e) => Some((Err(to_status(e)), None)),
+        let rest = futures::stream::unfold(Some(watch), move |watch| {
+            let closing = closing.clone();
+            async move {
+                let mut watch = watch?;
+                tokio::select! {
+                    next = watch.next() => match next {
+                        Ok(response) => Some((Ok(response), Some(watch))),
+                        Err(e) => Some((Err(to_status(e)), None)),
+                    },
+                    () = closing.cancelled() => Some((Err(Status::unavailable(
+                        "this connection is closing (server.grpc.max_connection_age, or the service \
+                         stopping); watch again from the last resume_token",
+                    )), None)),
+                }
             }
         });
         Ok(Response::new(Box::pin(futures::stream::once(async { Ok(first) }).chain(rest))))

@@ -111,26 +111,7 @@ impl Servers {
 
         let request_id = axum::http::HeaderName::from_static("x-request-id");
         let limits = &self.conf.connections;
-        let grpc = tonic::transport::Server::builder()
-            .max_connection_age(self.conf.grpc.max_connection_age)
-            .http2_keepalive_interval(Some(limits.keepalive_interval))
-            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-            .max_concurrent_streams(Some(limits.max_streams))
-            .layer(metrics::GrpcMetricsLayer)
-            .layer(edge::GrpcRefusalsLayer { max_message_bytes: self.conf.grpc.max_message_bytes })
-            .layer(edge::SanitizeRequestIdLayer)
-            .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
-            .layer(TraceLayer::new_for_grpc().make_span_with(|req: &axum::http::Request<_>| {
-                let request_id = req
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                tracing::info_span!("grpc", path = %req.uri().path(), request_id = %request_id)
-            }).on_response(DefaultOnResponse::new().level(Level::INFO).latency_unit(LatencyUnit::Micros))
-                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
-            .layer(PropagateRequestIdLayer::new(request_id))
-            .add_service(health_service)
+        let routes = tonic::service::Routes::new(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(
@@ -147,10 +128,27 @@ impl Servers {
                 ))
                 .max_decoding_message_size(self.conf.grpc.max_message_bytes),
             )
-            .serve_with_incoming_shutdown(
-                incoming(self.grpc, conn::Guard::new(limits)),
-                token.clone().cancelled_owned(),
-            );
+            .prepare();
+        let grpc_app = tower::ServiceBuilder::new()
+            .layer(metrics::GrpcMetricsLayer)
+            .layer(edge::GrpcRefusalsLayer { max_message_bytes: self.conf.grpc.max_message_bytes })
+            .layer(edge::SanitizeRequestIdLayer)
+            .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+            .layer(TraceLayer::new_for_grpc().make_span_with(|req: &axum::http::Request<_>| {
+                let request_id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!("grpc", path = %req.uri().path(), request_id = %request_id)
+            }).on_response(DefaultOnResponse::new().level(Level::INFO).latency_unit(LatencyUnit::Micros))
+                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
+            .layer(PropagateRequestIdLayer::new(request_id))
+            .service(routes);
+        let max_age =
+            MaxAge { age: self.conf.grpc.max_connection_age, grace: self.conf.grpc.timeout };
+        let grpc =
+            serve(self.grpc, grpc_app, Protocol::Grpc(max_age), limits.clone(), token.clone());
 
         let state = http::AppState {
             resource: self.services.resource.clone(),
@@ -160,7 +158,11 @@ impl Servers {
             metrics: self.services.metrics.clone(),
         };
         let app = http::router(state, &self.conf.http);
-        let rest = serve_http(self.http, app, self.conf.connections.clone(), token.clone());
+        let app = tower::ServiceExt::map_request(
+            app,
+            |req: axum::http::Request<hyper::body::Incoming>| req.map(axum::body::Body::new),
+        );
+        let rest = serve(self.http, app, Protocol::Http, limits.clone(), token.clone());
 
         tracing::info!(http = %http_addr, grpc = %grpc_addr, "serving");
         let (grpc_result, http_result) = tokio::join!(grpc, rest);
@@ -171,25 +173,52 @@ impl Servers {
     }
 }
 
-/// The accepted connections of `listener`, as tonic takes them.
-fn incoming(
-    listener: TcpListener,
-    guard: conn::Guard,
-) -> impl futures::Stream<Item = std::io::Result<conn::Guarded>> {
-    futures::stream::unfold((listener, guard), |(listener, guard)| async move {
-        let next = guard.accept(&listener).await;
-        Some((next, (listener, guard)))
-    })
+/// How long a gRPC connection may live: at `age` it is told to go (GOAWAY, and its
+/// watches end UNAVAILABLE so their clients reconnect, perhaps to another replica), and
+/// `grace` later it is closed whatever it still runs.
+#[derive(Debug, Clone, Copy)]
+struct MaxAge {
+    age: std::time::Duration,
+    grace: std::time::Duration,
 }
 
-/// Serves `app` on `listener` until `stop`, then lets open requests finish. HTTP/1 and
-/// HTTP/2 (prior knowledge), with hyper's timers set from `limits`.
-async fn serve_http(
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy)]
+enum Protocol {
+    /// HTTP/1 and HTTP/2 (prior knowledge), connections living as long as clients keep
+    /// them.
+    Http,
+    /// HTTP/2 only, connections recycled at their maximum age.
+    Grpc(MaxAge),
+}
+
+/// In each request's extensions: cancelled when the connection it came on is to close
+/// (its maximum age, or the service stopping), so long-lived streams end in time.
+#[derive(Debug, Clone)]
+pub struct ConnectionClosing(pub CancellationToken);
+
+/// Serves `service` on `listener` until `stop`, then lets open requests finish, with
+/// hyper's timers set from `limits`.
+async fn serve<S, B>(
     listener: TcpListener,
-    app: axum::Router,
+    service: S,
+    protocol: Protocol,
     limits: conf::Connections,
     stop: CancellationToken,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    S: tower::Service<
+            axum::http::Request<hyper::body::Incoming>,
+            Response = axum::http::Response<B>,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: axum::body::HttpBody + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     use hyper_util::{
         rt::{TokioExecutor, TokioIo, TokioTimer},
         server::conn::auto::Builder,
@@ -206,6 +235,13 @@ async fn serve_http(
         .keep_alive_interval(limits.keepalive_interval)
         .keep_alive_timeout(limits.keepalive_timeout)
         .max_concurrent_streams(limits.max_streams);
+    let max_age = match protocol {
+        Protocol::Http => None,
+        Protocol::Grpc(max_age) => {
+            builder = builder.http2_only();
+            Some(max_age)
+        }
+    };
     // Each connection holds a receiver; all are gone when every connection has closed.
     let (open_tx, open_rx) = tokio::sync::watch::channel(());
     loop {
@@ -221,22 +257,42 @@ async fn serve_http(
                 }
             },
         };
-        let service = TowerToHyperService::new(app.clone().map_request(
-            |req: axum::http::Request<hyper::body::Incoming>| req.map(axum::body::Body::new),
+        let closing = CancellationToken::new();
+        let tell = closing.clone();
+        let service = TowerToHyperService::new(service.clone().map_request(
+            move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectionClosing(tell.clone()));
+                req
+            },
         ));
         let (builder, stop, open) = (builder.clone(), stop.clone(), open_rx.clone());
         tokio::spawn(async move {
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(conn);
+            let aged = async {
+                match max_age {
+                    Some(m) => tokio::time::sleep(m.age).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 ended = conn.as_mut() => {
                     if let Err(e) = ended {
-                        tracing::debug!(error = %e, "HTTP connection ended");
+                        tracing::debug!(error = %e, "connection ended");
                     }
                 }
                 () = stop.cancelled() => {
+                    closing.cancel();
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
+                }
+                () = aged => {
+                    closing.cancel();
+                    conn.as_mut().graceful_shutdown();
+                    let grace = max_age.map_or_else(Default::default, |m| m.grace);
+                    if tokio::time::timeout(grace, conn).await.is_err() {
+                        tracing::debug!("closed a connection still busy after its maximum age");
+                    }
                 }
             }
             drop(open);
