@@ -197,7 +197,7 @@ async fn prepare(s: &Settings, url: &str) {
     if count != s.rows {
         println!("loading {} instances into {} (once) ...", s.rows, s.database);
         let started = Instant::now();
-        pool.execute("TRUNCATE instance_specs, instances").await.unwrap();
+        pool.execute("TRUNCATE instance_labels, instance_specs, instances").await.unwrap();
         sqlx::query(
             "INSERT INTO instances (instance_id, user_id, name, status, status_reason)
              SELECT $1 + g * $2, 'user-' || (g % 1000), 'instance-' || g,

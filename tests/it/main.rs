@@ -29,3 +29,4 @@ mod stalls;
 mod sync_requests;
 mod tracing;
 mod watch;
+mod watch_adversary;

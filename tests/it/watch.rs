@@ -23,11 +23,12 @@ fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
 }
 
-async fn app(extra: &[(&str, &str)]) -> TestApp {
+/// A service with the environment `extra` besides the test defaults.
+pub(crate) async fn app(extra: &[(&str, &str)]) -> TestApp {
     spawn_app_with(AppOptions { env: env(extra), ..AppOptions::default() }).await
 }
 
-fn spec() -> Value {
+pub(crate) fn spec() -> Value {
     json!({"cpu": 1, "memory": 64, "image": "nginx:1.25"})
 }
 
@@ -375,24 +376,26 @@ async fn a_token_older_than_the_retention_is_refused_and_a_bad_one_is_invalid() 
 
 /// One Server-Sent Event.
 #[derive(Debug, Default)]
-struct Sse {
-    event: String,
-    id: String,
-    data: Value,
+pub(crate) struct Sse {
+    pub(crate) event: String,
+    pub(crate) id: String,
+    pub(crate) data: Value,
 }
 
 /// Reads events from an SSE response body.
-struct SseReader {
+pub(crate) struct SseReader {
     body: reqwest::Response,
     buf: String,
 }
 
 impl SseReader {
-    fn new(response: reqwest::Response) -> Self {
+    pub(crate) fn new(response: reqwest::Response) -> Self {
         Self { body: response, buf: String::new() }
     }
 
-    async fn next(&mut self) -> Sse {
+    /// The next event (an `error` event too); `Err` when none came within `within`, the
+    /// stream failed or ended, or its data is not JSON.
+    pub(crate) async fn read(&mut self, within: Duration) -> Result<Sse, String> {
         loop {
             if let Some(end) = self.buf.find("\n\n") {
                 let raw: String = self.buf.drain(..end + 2).collect();
@@ -403,20 +406,27 @@ impl SseReader {
                         match field {
                             "event" => event.event = value.to_owned(),
                             "id" => event.id = value.to_owned(),
-                            "data" => event.data = serde_json::from_str(value).unwrap(),
+                            "data" => {
+                                event.data = serde_json::from_str(value)
+                                    .map_err(|e| format!("bad data {value}: {e}"))?;
+                            }
                             _ => {}
                         }
                     }
                 }
-                return event;
+                return Ok(event);
             }
-            let chunk = tokio::time::timeout(DELIVERY, self.body.chunk())
+            let chunk = tokio::time::timeout(within, self.body.chunk())
                 .await
-                .expect("an event in time")
-                .expect("no read error")
-                .expect("the stream goes on");
+                .map_err(|_| "no event in time".to_owned())?
+                .map_err(|e| format!("read error: {e}"))?
+                .ok_or_else(|| "the stream ended".to_owned())?;
             self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
         }
+    }
+
+    async fn next(&mut self) -> Sse {
+        self.read(DELIVERY).await.unwrap()
     }
 
     async fn next_change(&mut self) -> Sse {
