@@ -153,3 +153,10 @@ pub fn rss_kib(pid: u32) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// `server.connections.max_streams` of `configs/`: the most streams one HTTP/2 connection
+/// may hold open at once.
+#[allow(dead_code)] // only watch opens many streams per connection.
+pub fn max_streams() -> u32 {
+    resource::conf::load(&configs()).expect("configs/ loads").server.connections.max_streams
+}
