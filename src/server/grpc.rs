@@ -148,7 +148,6 @@ impl pb::resource_service_server::ResourceService for ResourceApi {
         Ok(Response::new(reply))
     }
 
-    // --- Labels (issue 16) ---
     async fn set_resource_labels(
         &self,
         req: Request<pb::SetResourceLabelsRequest>,
@@ -159,7 +158,6 @@ impl pb::resource_service_server::ResourceService for ResourceApi {
             within(timeout, self.svc.set_resource_labels(&caller, req.into_inner())).await?;
         Ok(Response::new(reply))
     }
-    // --- end Labels ---
 
     async fn list_audit_logs(
         &self,

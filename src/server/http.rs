@@ -381,7 +381,6 @@ struct ListParams {
     user_id: Option<String>,
     status: Option<String>,
     name: Option<String>,
-    // --- Filters (issue 16) ---
     label_selector: Option<String>,
     gpu_model: Option<String>,
     image: Option<String>,
@@ -704,7 +703,6 @@ async fn list_audit_logs(
     Ok(ProtoJson(app.resource.list_audit_logs(&caller, req).await?))
 }
 
-// --- Labels (issue 16) ---
 /// `PUT /v1/resources/{instance_id}/labels`: the body is the labels, a JSON object of
 /// strings (`{"team": "a"}`), as the binding's `body: "labels"` says; it replaces them
 /// all (`{}` removes them).
@@ -735,7 +733,6 @@ async fn set_resource_labels(
     let req = pb::SetResourceLabelsRequest { instance_id, labels };
     Ok(ProtoJson(app.resource.set_resource_labels(&caller, req).await?))
 }
-// --- end Labels ---
 
 async fn get_quota(
     State(app): State<AppState>,

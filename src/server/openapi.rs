@@ -108,7 +108,6 @@ fn constraints(field: &str, limits: &Limits) -> Option<Value> {
             "maximum": i64::MAX,
             "pattern": format!("^(\\+?0*({})|-0+)$", decimal_at_most(i64::MAX.unsigned_abs())),
         }),
-        // --- Labels and filters (issue 16) ---
         "resource.v1.Resource.labels"
         | "resource.v1.CreateResourceRequest.labels"
         | "resource.v1.SetResourceLabelsRequest.labels" => labels_schema(),
@@ -123,7 +122,6 @@ fn constraints(field: &str, limits: &Limits) -> Option<Value> {
                 "pattern": NO_CONTROL_CHARACTERS,
             })
         }
-        // --- end Labels and filters ---
         "resource.v1.Explanation.source" => json!({ "enum": ["cluster", "database"] }),
         "resource.v1.Condition.status" => json!({ "enum": ["True", "False", "Unknown"] }),
         _ if field.ends_with(".instance_id") => json!({ "minimum": 1 }),
@@ -131,7 +129,6 @@ fn constraints(field: &str, limits: &Limits) -> Option<Value> {
     })
 }
 
-// --- Labels (issue 16) ---
 /// Label maps exactly as `biz::instance::validate_labels` checks them: at most 64; a key
 /// is an optional lower-case DNS subdomain prefix of at most 234 characters and `/`, then
 /// a name of 1 to 63 of `[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?`, not under the reserved
@@ -156,7 +153,6 @@ fn labels_schema() -> Value {
         "additionalProperties": { "type": "string", "pattern": format!("^(?:{WORD})?$") },
     })
 }
-// --- end Labels ---
 
 /// Fields a request must carry and a response always carries (pbjson writes every
 /// field but an unset message), by message.

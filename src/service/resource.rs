@@ -204,7 +204,6 @@ impl ResourceService {
         Ok(pb::Resource::from(instance))
     }
 
-    // --- Labels (issue 16) ---
     /// `SetResourceLabels`: replaces the labels as a whole.
     ///
     /// # Errors
@@ -224,7 +223,6 @@ impl ResourceService {
             self.instances.act(caller.actor(), caller.request_id.clone(), command).await?;
         Ok(pb::Resource::from(instance))
     }
-    // --- end Labels ---
 
     /// `ListAuditLogs`.
     ///
@@ -560,8 +558,6 @@ impl From<AuditRecord> for pb::AuditEntry {
     }
 }
 
-// --- Labels and filters (issue 16) ---
-
 /// Labels from the wire (validated by the use case).
 fn labels_from(labels: impl IntoIterator<Item = (String, String)>) -> Labels {
     labels.into_iter().collect()
@@ -583,7 +579,6 @@ fn time_from(field: &'static str, t: pbjson_types::Timestamp) -> Result<DateTime
         .and_then(|nanos| DateTime::from_timestamp(t.seconds, nanos))
         .ok_or_else(|| Error::invalid(field, "is not a valid timestamp"))
 }
-// --- end Labels and filters ---
 
 fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)

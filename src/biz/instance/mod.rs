@@ -221,7 +221,6 @@ pub struct ListFilter {
     pub status: Option<InstanceStatus>,
     /// Only with exactly this name.
     pub name: Option<String>,
-    // --- Filters (issue 16) ---
     /// Only those whose labels match this selector.
     pub labels: Option<LabelSelector>,
     /// Only with this GPU type (`GpuType::None`: without a GPU).
