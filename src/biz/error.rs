@@ -79,11 +79,11 @@ pub enum Error {
         "resume_token is older than the {retention_s} s the change log keeps; list again and watch from now"
     )]
     ResumeTokenExpired { retention_s: u64 },
-    /// A watch's resume token names a position in another change log: another
-    /// deployment's, or one the database was restored over. As for an expired token,
-    /// the client lists again.
+    /// A watch's resume token names a position in another change log (another
+    /// deployment's) or past this log's head (the database was restored from before it
+    /// was issued). As for an expired token, the client lists again.
     #[error(
-        "resume_token was issued by another change log (another deployment, or a database restored since); list again and watch from now"
+        "resume_token was issued by another change log, or this one was restored from before it; list again and watch from now"
     )]
     ResumeTokenForeign,
     /// The instance moved on between read and write.

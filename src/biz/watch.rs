@@ -237,8 +237,10 @@ struct Settler {
 }
 
 impl Settler {
-    /// The head after a settle that started after this call did.
-    async fn head(&self, log: &dyn ChangeLog) -> Result<i64, Error> {
+    /// The head after a settle that started after this call did. The round runs as a
+    /// task of its own: a caller that goes away mid-round (its client reset, its deadline)
+    /// neither cuts the tick's transaction short nor wastes the round for the others.
+    async fn head(&self, log: &Arc<dyn ChangeLog>) -> Result<i64, Error> {
         let arrived = self.started.load(Ordering::Acquire);
         let mut done = self.done.lock().await;
         if done.0 > arrived
@@ -247,7 +249,11 @@ impl Settler {
             return result.clone(); // that round started after this call: it covers it
         }
         let round = self.started.fetch_add(1, Ordering::AcqRel) + 1;
-        let result = log.settle().await.map(|b| b.head).map_err(Error::from);
+        let log = log.clone();
+        let result = match tokio::spawn(async move { log.settle().await }).await {
+            Ok(settled) => settled.map(|b| b.head).map_err(Error::from),
+            Err(e) => Err(Error::internal(format!("settling the change log failed: {e}"))),
+        };
         *done = (round, Some(result.clone()));
         result
     }
@@ -298,13 +304,13 @@ impl WatchUsecase {
     /// every watch that opens meanwhile.
     ///
     /// # Errors
-    /// `ResumeTokenExpired` when `from` is behind the retention or in another log,
-    /// `InvalidArgument` when it is ahead of the log, `Unavailable` when the store does
-    /// not answer or too many watches are open.
+    /// `ResumeTokenExpired` when `from` is behind the retention, `ResumeTokenForeign`
+    /// when it is in another log or ahead of this one (restored since), `Unavailable`
+    /// when the store does not answer or too many watches are open.
     pub async fn watch(&self, interest: Interest, from: Option<Resume>) -> Result<Watch, Error> {
         let guard = WatcherGuard::take(&self.hub, self.conf.max_watchers)?;
         let position = match from {
-            None => Position::end_of(self.settler.head(&*self.log).await?.max(self.hub.head())),
+            None => Position::end_of(self.settler.head(&self.log).await?.max(self.hub.head())),
             Some(r) if r.epoch != self.hub.epoch => return Err(Error::ResumeTokenForeign),
             Some(r) if r.position < self.hub.horizon() => return Err(self.expired()),
             Some(r) if r.position.tick > self.hub.head() => {
@@ -314,10 +320,9 @@ impl WatchUsecase {
                     return Err(self.expired());
                 }
                 if r.position.tick > bounds.head.max(self.hub.head()) {
-                    return Err(Error::invalid(
-                        "resume_token",
-                        "names a change this log never had",
-                    ));
+                    // Issued by this log's epoch but past its head: the database was
+                    // restored from before it. The client lists again.
+                    return Err(Error::ResumeTokenForeign);
                 }
                 r.position
             }
