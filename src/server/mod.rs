@@ -145,8 +145,12 @@ impl Servers {
                 .on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
             .layer(PropagateRequestIdLayer::new(request_id))
             .service(routes);
-        let max_age =
-            MaxAge { age: self.conf.grpc.max_connection_age, grace: self.conf.grpc.timeout };
+        // A call accepted just before the GOAWAY still gets its whole deadline, and the
+        // final GOAWAY a ping's round trip.
+        let max_age = MaxAge {
+            age: self.conf.grpc.max_connection_age,
+            grace: self.conf.grpc.timeout + limits.keepalive_timeout,
+        };
         let grpc =
             serve(self.grpc, grpc_app, Protocol::Grpc(max_age), limits.clone(), token.clone());
 
@@ -173,13 +177,23 @@ impl Servers {
     }
 }
 
-/// How long a gRPC connection may live: at `age` it is told to go (GOAWAY, and its
-/// watches end UNAVAILABLE so their clients reconnect, perhaps to another replica), and
-/// `grace` later it is closed whatever it still runs.
+/// How long a gRPC connection may live: at `age` (less up to a tenth, drawn per
+/// connection, so connections opened together are not recycled together) it is told to
+/// go (GOAWAY, and its watches end UNAVAILABLE so their clients reconnect, perhaps to
+/// another replica), and `grace` later it is closed whatever it still runs.
 #[derive(Debug, Clone, Copy)]
 struct MaxAge {
     age: std::time::Duration,
     grace: std::time::Duration,
+}
+
+impl MaxAge {
+    /// The age of the `n`th connection: `age` less a spread of up to a tenth of it.
+    fn of_connection(&self, n: u64) -> std::time::Duration {
+        // A multiplicative hash of the connection's number spreads them evenly.
+        let spread = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as u32; // 0..1024
+        self.age - self.age / 10 * spread / 1024
+    }
 }
 
 /// What a listener speaks.
@@ -244,6 +258,7 @@ where
     };
     // Each connection holds a receiver; all are gone when every connection has closed.
     let (open_tx, open_rx) = tokio::sync::watch::channel(());
+    let mut accepted_so_far = 0u64;
     loop {
         let stream = tokio::select! {
             () = stop.cancelled() => break,
@@ -257,6 +272,8 @@ where
                 }
             },
         };
+        accepted_so_far += 1;
+        let age = max_age.map(|m| (m.of_connection(accepted_so_far), m.grace));
         let closing = CancellationToken::new();
         let tell = closing.clone();
         let service = TowerToHyperService::new(service.clone().map_request(
@@ -267,11 +284,12 @@ where
         ));
         let (builder, stop, open) = (builder.clone(), stop.clone(), open_rx.clone());
         tokio::spawn(async move {
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            // Not `serve_connection_with_upgrades`: it ignores `http2_only`.
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             let aged = async {
-                match max_age {
-                    Some(m) => tokio::time::sleep(m.age).await,
+                match age {
+                    Some((age, _)) => tokio::time::sleep(age).await,
                     None => std::future::pending().await,
                 }
             };
@@ -289,7 +307,7 @@ where
                 () = aged => {
                     closing.cancel();
                     conn.as_mut().graceful_shutdown();
-                    let grace = max_age.map_or_else(Default::default, |m| m.grace);
+                    let grace = age.map_or_else(Default::default, |(_, grace)| grace);
                     if tokio::time::timeout(grace, conn).await.is_err() {
                         tracing::debug!("closed a connection still busy after its maximum age");
                     }
@@ -302,4 +320,22 @@ where
     drop(listener);
     open_tx.closed().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::MaxAge;
+
+    #[test]
+    fn connection_ages_spread_over_the_last_tenth() {
+        let m = MaxAge { age: Duration::from_secs(300), grace: Duration::from_secs(30) };
+        let ages: Vec<Duration> = (1..=1000).map(|n| m.of_connection(n)).collect();
+        assert!(ages.iter().all(|a| *a <= m.age && *a >= Duration::from_secs(270)), "{ages:?}");
+        let (min, max) = (ages.iter().min().unwrap(), ages.iter().max().unwrap());
+        assert!(*max - *min > Duration::from_secs(25), "spread {min:?}..{max:?}");
+        let early = ages.iter().filter(|a| **a < Duration::from_secs(285)).count();
+        assert!((350..650).contains(&early), "{early} of 1000 in the earlier half");
+    }
 }

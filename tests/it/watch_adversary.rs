@@ -570,7 +570,14 @@ async fn try_raw_sse(http: &str) -> Option<tokio::net::TcpStream> {
         .unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&got).contains("\n\n") {
+    // A refusal is whole once its headers are (its body is not waited for: the connection
+    // stays open); a watch once its first event is.
+    loop {
+        let text = String::from_utf8_lossy(&got);
+        let refused = text.contains("\r\n\r\n") && !text.starts_with("HTTP/1.1 200");
+        if refused || text.contains("\n\n") {
+            break;
+        }
         let n = tokio::time::timeout(DELIVERY, socket.read(&mut buf)).await.unwrap().unwrap();
         if n == 0 {
             break;
@@ -736,14 +743,15 @@ async fn odd_requests_on_the_watch_route_get_clean_errors() {
     let (now, _) = s.next(DELIVERY).await.unwrap();
     let (tick, _) = position(&now);
     assert_eq!(forge(&now, position(&now)), now, "forging matches the service");
-    // A token from the future (well-formed, past the head) is 400.
+    // A token from the future (well-formed, past the head: a restored database) is 410,
+    // so the client lists again.
     let r = c
         .get(format!("{url}?resume_token={}", forge(&now, (tick + 1000, 0))))
         .timeout(Duration::from_secs(5))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 400, "a token from the future");
+    assert_eq!(r.status(), 410, "a token from the future");
     // Far beyond i64 ranges of seq at the head: accepted (it names the end of the head tick).
     let r = c
         .get(format!("{url}?resume_token={}", forge(&now, (tick, i64::MAX))))
@@ -865,4 +873,25 @@ async fn a_burst_of_500_watches_opening_while_changes_flow_all_open_and_all_see_
             }
         }
     }
+}
+
+#[tokio::test]
+async fn http1_on_the_grpc_port_is_not_served() {
+    // gRPC over HTTP/1 would lose its trailers and, for a watch, its pings.
+    let app = app(&[]).await;
+    let addr = app.grpc.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /resource.v1.resourceService/WatchResources HTTP/1.1\r\nHost: {addr}\r\n\
+         content-type: application/grpc\r\ncontent-length: 5\r\n\r\n\0\0\0\0\0"
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection was neither answered nor closed");
+    assert!(
+        !String::from_utf8_lossy(&got).starts_with("HTTP/1"),
+        "answered over HTTP/1: {}",
+        String::from_utf8_lossy(&got)
+    );
 }
