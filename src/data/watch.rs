@@ -262,11 +262,10 @@ impl Ticker {
                     }
                 }
                 // Ticks are dense but a pruned one has no rows left: publish them all.
+                let mut by_tick = by_tick.into_iter().peekable();
                 for tick in head + 1..=through {
-                    let batch = match by_tick.first() {
-                        Some((t, _)) if *t == tick => by_tick.remove(0).1,
-                        _ => Vec::new(),
-                    };
+                    let batch =
+                        by_tick.next_if(|(t, _)| *t == tick).map(|(_, b)| b).unwrap_or_default();
                     self.hub.publish(tick, batch);
                 }
             }

@@ -112,11 +112,3 @@ impl AsyncWrite for Guarded {
         self.stream.is_write_vectored()
     }
 }
-
-impl tonic::transport::server::Connected for Guarded {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
-    }
-}
