@@ -5,6 +5,7 @@ use std::{
     future::Future,
     pin::Pin,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use axum::http::{HeaderMap, HeaderValue, Request, Response};
@@ -126,6 +127,62 @@ where
                 let _ = status.add_header(headers);
             }
             Ok(response)
+        })
+    }
+}
+
+/// Answers a call of a method this server does not serve `UNIMPLEMENTED`, as tonic does,
+/// but only once the request has been read to its end (at most `max_message_bytes`,
+/// within `within`). Answered before that, the stream is reset, and h2 closes a
+/// connection after 1,024 resets of its own making (its defence against "MadeYouReset"):
+/// a client calling a method of a newer version would lose its connection.
+#[derive(Clone, Copy)]
+pub struct UnknownMethodsLayer {
+    pub max_message_bytes: usize,
+    pub within: Duration,
+}
+
+impl<S> tower::Layer<S> for UnknownMethodsLayer {
+    type Service = UnknownMethods<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        UnknownMethods { inner, layer: *self }
+    }
+}
+
+/// See [`UnknownMethodsLayer`].
+#[derive(Clone)]
+pub struct UnknownMethods<S> {
+    inner: S,
+    layer: UnknownMethodsLayer,
+}
+
+impl<S, B> tower::Service<Request<B>> for UnknownMethods<S>
+where
+    S: tower::Service<Request<B>, Response = Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    B: axum::body::HttpBody + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if super::metrics::is_served(req.uri().path()) {
+            return Box::pin(self.inner.call(req));
+        }
+        let UnknownMethodsLayer { max_message_bytes, within } = self.layer;
+        Box::pin(async move {
+            // The 5-byte frame header; a larger or slower request is reset after all.
+            let body = http_body_util::Limited::new(req.into_body(), max_message_bytes + 5);
+            let _ = tokio::time::timeout(within, http_body_util::BodyExt::collect(body)).await;
+            Ok(tonic::Status::unimplemented("").into_http())
         })
     }
 }

@@ -123,6 +123,11 @@ fn http_method_label(method: &axum::http::Method) -> &'static str {
 
 /// The label of a gRPC request path: one of the served RPCs, else `other`.
 fn grpc_method_label(path: &str) -> String {
+    if is_served(path) { path.to_owned() } else { "other".to_owned() }
+}
+
+/// Whether `path` names an RPC this server serves.
+pub(super) fn is_served(path: &str) -> bool {
     static KNOWN: OnceLock<HashSet<String>> = OnceLock::new();
     let known = KNOWN.get_or_init(|| {
         let mut known: HashSet<String> = [
@@ -143,7 +148,7 @@ fn grpc_method_label(path: &str) -> String {
         }
         known
     });
-    if known.contains(path) { path.to_owned() } else { "other".to_owned() }
+    known.contains(path)
 }
 
 /// A tower layer counting and timing gRPC calls by method and status code.

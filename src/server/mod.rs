@@ -144,6 +144,10 @@ impl Servers {
             }).on_response(DefaultOnResponse::new().level(Level::INFO).latency_unit(LatencyUnit::Micros))
                 .on_failure(DefaultOnFailure::new().level(Level::DEBUG)))
             .layer(PropagateRequestIdLayer::new(request_id))
+            .layer(edge::UnknownMethodsLayer {
+                max_message_bytes: self.conf.grpc.max_message_bytes,
+                within: self.conf.grpc.timeout,
+            })
             .service(routes);
         // A call accepted just before the GOAWAY still gets its whole deadline, and the
         // final GOAWAY a ping's round trip.
