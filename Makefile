@@ -47,7 +47,8 @@ run: toolchain ## start the service (PostgreSQL and RabbitMQ prepared, database 
 	$(CARGO) run --release --locked -- -conf $(CONF) migrate
 	$(CARGO) run --release --locked -- -conf $(CONF) serve
 
-bench: toolchain deps ## benchmarks with printed figures (ListResources vs pgbench, ...)
+bench: toolchain deps ## benchmarks with printed figures, each beside the reference that bounds it
+	@scripts/bench-deps.sh
 	$(CARGO) bench --locked
 
 image: ## build the container image resource:latest (docker, else podman with local base images)

@@ -21,7 +21,7 @@ use std::{
 use common::{backends, env_or};
 use resource::{
     biz::{GpuType, InstanceId, ListFilter, instance::LabelSelector},
-    pb::resource::v1::{ListResourcesRequest, resource_service_client::ResourceServiceClient},
+    pb::resource::v1::ListResourcesRequest,
     service::page_token,
 };
 use sqlx::{Connection, Executor, PgConnection};
@@ -112,35 +112,52 @@ async fn main() {
     let (child, http, grpc) = start_service(&url).await;
 
     println!(
-        "\n== ListResources: {} rows, page_size {PAGE_SIZE}, {} clients, {} s per run ==",
+        "\n== ListResources: {} rows, page_size {PAGE_SIZE}, {} connections, {} s per run ==",
         s.rows, s.clients, s.seconds
     );
+    // The exact bytes of a page the service answers, served by nginx as a static file:
+    // the cost of HTTP alone, on the same cores.
+    let page = {
+        let token = random_token(s.rows, &Filter::none(), &mut 7);
+        let url = format!("{http}/v1/resources?page_size={PAGE_SIZE}&page_token={token}");
+        let r = test_support::http_client().get(url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap()
+    };
     let pg_before = pgbench(&s, &url);
-    let rest = run_load(&s, Transport::Rest(http.clone()), &Filter::none()).await;
-    let grpc_stats = run_load(&s, Transport::Grpc(grpc.clone()), &Filter::none()).await;
+    let nginx = Nginx::start(&page);
+    let fixed = nginx.wrk(&s);
+    drop(nginx);
+    let rest = rest_load(&s, &http, &Filter::none());
+    let grpc_stats = grpc_load(&s, &grpc, &Filter::none()).await;
     let pg_after = pgbench(&s, &url);
     let pg = (pg_before + pg_after) / 2.0;
+    // Both costs share the same two cores: a page costs the database's time plus HTTP's.
+    let bound = 1.0 / (1.0 / pg + 1.0 / fixed.rate);
 
-    println!("{:<28} {:>10} {:>9} {:>9} {:>9}", "", "pages/s", "p50 ms", "p99 ms", "vs PG");
-    println!(
-        "{:<28} {:>10.0} {:>9} {:>9} {:>9}",
-        "PostgreSQL (pgbench) before", pg_before, "-", "-", "-"
-    );
-    println!(
-        "{:<28} {:>10.0} {:>9} {:>9} {:>9}",
-        "PostgreSQL (pgbench) after", pg_after, "-", "-", "-"
-    );
-    for (name, st) in [("REST GET /v1/resources", &rest), ("gRPC ListResources", &grpc_stats)] {
+    println!("{:<30} {:>10} {:>9} {:>9} {:>9}", "", "pages/s", "p50 ms", "p99 ms", "vs bound");
+    let row = |name: &str, rate: f64, p50: Option<f64>, p99: Option<f64>| {
+        let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
         println!(
-            "{:<28} {:>10.0} {:>9.3} {:>9.3} {:>8.0}%",
-            name,
-            st.rate,
-            st.p50_ms,
-            st.p99_ms,
-            100.0 * st.rate / pg
+            "{name:<30} {rate:>10.0} {:>9} {:>9} {:>8.0}%",
+            ms(p50),
+            ms(p99),
+            100.0 * rate / bound
         );
-    }
-    println!("errors: REST {}, gRPC {}", rest.errors, grpc_stats.errors);
+    };
+    row("PostgreSQL (pgbench) before", pg_before, None, None);
+    row("PostgreSQL (pgbench) after", pg_after, None, None);
+    row("nginx, the page as a file", fixed.rate, Some(fixed.p50_ms), Some(fixed.p99_ms));
+    row("bound 1/(1/pgbench+1/nginx)", bound, None, None);
+    row("REST GET /v1/resources", rest.rate, Some(rest.p50_ms), Some(rest.p99_ms));
+    row("gRPC ListResources", grpc_stats.rate, Some(grpc_stats.p50_ms), Some(grpc_stats.p99_ms));
+    println!(
+        "page {} bytes; errors: nginx {}, REST {}, gRPC {}",
+        page.len(),
+        fixed.errors,
+        rest.errors,
+        grpc_stats.errors
+    );
 
     // Filtered pages (issue 16), against the unfiltered rate of the same transport.
     println!(
@@ -151,11 +168,12 @@ async fn main() {
     for (name, filter) in
         [("label_selector=team=a", Filter::team_a()), ("gpu_model=Tesla A100", Filter::a100())]
     {
-        for (transport, base, unfiltered) in [
-            ("REST", Transport::Rest(http.clone()), &rest),
-            ("gRPC", Transport::Grpc(grpc.clone()), &grpc_stats),
-        ] {
-            let st = run_load(&s, base, &filter).await;
+        for transport in ["REST", "gRPC"] {
+            let (st, unfiltered) = if transport == "REST" {
+                (rest_load(&s, &http, &filter), &rest)
+            } else {
+                (grpc_load(&s, &grpc, &filter).await, &grpc_stats)
+            };
             errors += st.errors;
             println!(
                 "{:<36} {:>10.0} {:>9.3} {:>9.3} {:>12.0}%",
@@ -298,17 +316,11 @@ fn pgbench(s: &Settings, url: &str) -> f64 {
         .expect("pgbench prints tps")
 }
 
-#[derive(Clone)]
-enum Transport {
-    Rest(String),
-    Grpc(String),
-}
-
 struct Stats {
     rate: f64,
     p50_ms: f64,
     p99_ms: f64,
-    errors: usize,
+    errors: u64,
 }
 
 /// A token positioned after a random row at least `filter.min_depth` deep, as a client
@@ -321,72 +333,211 @@ fn random_token(rows: i64, filter: &Filter, seed: &mut u64) -> String {
     page_token::encode(InstanceId::try_from(BASE + n * STEP).unwrap(), &filter.bound)
 }
 
-async fn run_load(s: &Settings, transport: Transport, filter: &Filter) -> Stats {
+/// How many distinct random positions a load cycles through.
+const POSITIONS: usize = 20_000;
+
+fn random_tokens(rows: i64, filter: &Filter) -> Vec<String> {
+    let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
+    (0..POSITIONS).map(|_| random_token(rows, filter, &mut seed)).collect()
+}
+
+/// REST pages at random positions, loaded by wrk like the static file.
+fn rest_load(s: &Settings, base: &str, filter: &Filter) -> Stats {
+    let paths: Vec<String> = random_tokens(s.rows, filter)
+        .into_iter()
+        .map(|t| format!("/v1/resources?page_size={PAGE_SIZE}&page_token={t}{}", filter.query))
+        .collect();
+    let st = wrk(s, base, &paths);
+    // A full page of 50 resources is well over 10 kB; an error body is not.
+    assert!(st.bytes_per_request > 10_000.0, "REST pages of {} bytes", st.bytes_per_request);
+    st.stats
+}
+
+struct WrkRun {
+    stats: Stats,
+    bytes_per_request: f64,
+}
+
+/// wrk with `s.clients` connections (one thread each) for `s.seconds` on `base`, cycling
+/// through `paths` (each thread from its own place in the list).
+fn wrk(s: &Settings, base: &str, paths: &[String]) -> WrkRun {
+    let mut script = String::from("local paths = {\n");
+    for p in paths {
+        script.push_str(&format!("  \"{p}\",\n"));
+    }
+    script.push_str(
+        r#"}
+local threads, n = 0, 0
+function setup(thread)
+  thread:set("start", threads * 7919)
+  threads = threads + 1
+end
+function init(args)
+  n = start
+end
+function request()
+  n = n % #paths + 1
+  return wrk.format("GET", paths[n])
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %d %d %d %d %d %d\n", summary.requests,
+    summary.duration, latency:percentile(50), latency:percentile(99), e.status,
+    e.connect + e.read + e.write + e.timeout, summary.bytes))
+end
+"#,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("load.lua");
+    std::fs::write(&file, script).unwrap();
+    let out = std::process::Command::new("wrk")
+        .arg("-t")
+        .arg(s.clients.to_string())
+        .arg("-c")
+        .arg(s.clients.to_string())
+        .arg("-d")
+        .arg(format!("{}s", s.seconds))
+        .args(["--timeout", "5s", "-s"])
+        .arg(&file)
+        .arg(base)
+        .output()
+        .expect("wrk is on PATH (make bench installs it: scripts/bench-deps.sh)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "wrk failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let f: Vec<f64> = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("wrk printed no result: {stdout}"))
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let (requests, micros) = (f[0], f[1]);
+    WrkRun {
+        stats: Stats {
+            rate: requests / (micros / 1e6),
+            p50_ms: f[2] / 1e3,
+            p99_ms: f[3] / 1e3,
+            errors: (f[4] + f[5]) as u64,
+        },
+        bytes_per_request: f[6] / requests.max(1.0),
+    }
+}
+
+/// nginx serving one file, `/page.json`, from a directory of its own, until dropped.
+struct Nginx {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(body: &[u8]) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Its workers may run as another user.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.path().join("page.json"), body).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let d = dir.path().display();
+        // As production nginx serves static files: sendfile, keep-alive without a limit,
+        // no access log; one worker per core.
+        let conf = format!(
+            "daemon off;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  tcp_nodelay on;\n\
+               keepalive_requests 100000000;\n  keepalive_timeout 60s;\n\
+               client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n\
+               scgi_temp_path {d}/scgi;\n\
+               types {{ application/json json; }}\n\
+               server {{ listen 127.0.0.1:{port}; root {d}; }}\n}}\n"
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let bin = if std::path::Path::new("/usr/sbin/nginx").exists() {
+            "/usr/sbin/nginx"
+        } else {
+            "nginx"
+        };
+        let child = std::process::Command::new(bin)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .spawn()
+            .expect("nginx is installed (make bench installs it: scripts/bench-deps.sh)");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(10), "nginx did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx { child, url: format!("http://127.0.0.1:{port}"), _dir: dir }
+    }
+
+    fn wrk(&self, s: &Settings) -> Stats {
+        let run = wrk(s, &self.url, &["/page.json".to_owned()]);
+        assert!(run.bytes_per_request > 10_000.0, "nginx sent {} bytes", run.bytes_per_request);
+        run.stats
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: nginx's fast shutdown, the workers with it.
+        let _ = std::process::Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+/// gRPC pages at random positions, from a client as lean as wrk: requests encoded ahead,
+/// responses counted, not decoded. One HTTP/2 connection per client.
+async fn grpc_load(s: &Settings, addr: &str, filter: &Filter) -> Stats {
+    use prost::Message;
+    let requests: Arc<Vec<bytes::Bytes>> = Arc::new(
+        random_tokens(s.rows, filter)
+            .into_iter()
+            .map(|t| {
+                ListResourcesRequest {
+                    page_size: PAGE_SIZE,
+                    page_token: t,
+                    ..filter.request.clone()
+                }
+                .encode_to_vec()
+                .into()
+            })
+            .collect(),
+    );
     let deadline = Instant::now() + Duration::from_secs(s.seconds);
-    let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
     for c in 0..s.clients {
-        let transport = transport.clone();
-        let filter = filter.clone();
-        let errors = errors.clone();
-        let rows = s.rows;
+        let (addr, requests, errors) = (addr.to_owned(), requests.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
-            let mut seed = 0x9E37_79B9_7F4A_7C15_u64 ^ (c as u64 + 1);
+            let channel = tonic::transport::Endpoint::from_shared(addr)
+                .unwrap()
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(30))
+                .connect()
+                .await
+                .unwrap();
+            let mut client = tonic::client::Grpc::new(channel);
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/resource.v1.resourceService/ListResources",
+            );
             let mut latencies = Vec::with_capacity(200_000);
-            match transport {
-                Transport::Rest(base) => {
-                    // One keep-alive connection per client.
-                    let client = reqwest::Client::builder()
-                        .pool_max_idle_per_host(1)
-                        .connect_timeout(Duration::from_secs(5))
-                        .timeout(Duration::from_secs(30))
-                        .build()
-                        .unwrap();
-                    while Instant::now() < deadline {
-                        let url = format!(
-                            "{base}/v1/resources?page_size={PAGE_SIZE}&page_token={}{}",
-                            random_token(rows, &filter, &mut seed),
-                            filter.query
-                        );
-                        let t = Instant::now();
-                        let ok = match client.get(&url).send().await {
-                            Ok(r) if r.status() == 200 => {
-                                r.bytes().await.is_ok_and(|b| b.len() > 1000)
-                            }
-                            _ => false,
-                        };
-                        latencies.push(t.elapsed());
-                        if !ok {
-                            errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                }
-                Transport::Grpc(addr) => {
-                    // One HTTP/2 connection per client.
-                    let channel = tonic::transport::Endpoint::from_shared(addr)
-                        .unwrap()
-                        .connect_timeout(Duration::from_secs(5))
-                        .timeout(Duration::from_secs(30))
-                        .connect()
+            let mut n = c * 7919;
+            while Instant::now() < deadline {
+                n = (n + 1) % requests.len();
+                let t = Instant::now();
+                let ok = match client.ready().await {
+                    Ok(()) => client
+                        .unary(tonic::Request::new(requests[n].clone()), path.clone(), Counted)
                         .await
-                        .unwrap();
-                    let mut client = ResourceServiceClient::new(channel);
-                    while Instant::now() < deadline {
-                        let req = ListResourcesRequest {
-                            page_size: PAGE_SIZE,
-                            page_token: random_token(rows, &filter, &mut seed),
-                            ..filter.request.clone()
-                        };
-                        let t = Instant::now();
-                        let ok = client
-                            .list_resources(req)
-                            .await
-                            .is_ok_and(|r| r.get_ref().resources.len() == PAGE_SIZE as usize);
-                        latencies.push(t.elapsed());
-                        if !ok {
-                            errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
+                        .is_ok_and(|r| *r.get_ref() > 2_000),
+                    Err(_) => false,
+                };
+                latencies.push(t.elapsed());
+                if !ok {
+                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
             latencies
@@ -406,6 +557,49 @@ async fn run_load(s: &Settings, transport: Transport, filter: &Filter) -> Stats 
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
         errors: errors.load(std::sync::atomic::Ordering::Relaxed),
+    }
+}
+
+/// Sends encoded messages as they are; receives a message as its length.
+#[derive(Clone, Copy)]
+struct Counted;
+
+impl tonic::codec::Codec for Counted {
+    type Encode = bytes::Bytes;
+    type Decode = usize;
+    type Encoder = Counted;
+    type Decoder = Counted;
+    fn encoder(&mut self) -> Counted {
+        Counted
+    }
+    fn decoder(&mut self) -> Counted {
+        Counted
+    }
+}
+
+impl tonic::codec::Encoder for Counted {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: bytes::Bytes,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Counted {
+    type Item = usize;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<usize>, tonic::Status> {
+        let n = bytes::Buf::remaining(buf);
+        bytes::Buf::advance(buf, n);
+        Ok(Some(n))
     }
 }
 
